@@ -1,0 +1,1 @@
+"""Shipped job configs (YAML). ``papo train --config NAME`` finds ``NAME.yaml`` here."""

@@ -1,0 +1,168 @@
+"""Config: presets resolve to PAPO.md's values; bad input fails naming the field; baselines stay baselines."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import yaml
+
+from trainer.config import (
+    PRESETS, ConfigError, ConfigWarning, JobConfig, dump_config, named_config, parse_override, resolve_config,
+)
+
+# PAPO.md "Presets" table, written out independently of trainer/config.py.
+PAPER = {
+    #          beta  gamma  eta1  eta2  clip_low clip_high dual  dynamic sampling
+    "grpo":   (0.01, 0.0,  0.0,  0.0,  0.2,     0.3,      3.0,  False),
+    "papo":   (0.01, 0.02, 0.0,  0.0,  0.2,     0.3,      3.0,  False),
+    "dapo":   (0.0,  0.0,  0.0,  0.0,  0.2,     0.28,     3.0,  True),
+    "papo_d": (0.0,  0.01, 0.03, 0.03, 0.2,     0.28,     3.0,  True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_preset_resolves_to_paper_values(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        cfg = resolve_config(overrides=[f"algo.name={name}"])
+    a = cfg.algo
+    assert (a.beta, a.gamma, a.eta1, a.eta2, a.clip_low, a.clip_high, a.clip_dual, a.dynamic_sampling) == PAPER[name]
+    assert a.loss_avg == "token" and a.kl_kind == "low_var_kl" and a.perception_kl_kind == "low_var_kl"
+    assert cfg.rollout.n == 5 and cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 0.99
+    assert cfg.corruption.patch_size == 14 and cfg.corruption.prob == 0.6
+    assert cfg.learner.lr == 1e-6 and cfg.learner.weight_decay == 1e-2 and cfg.learner.grad_clip == 1.0
+    assert cfg.needs_reference == (PAPER[name][0] > 0)
+    assert cfg.needs_masked_pass == (PAPER[name][1] > 0)
+
+
+def test_default_algorithm_is_papo_and_overrides_beat_the_preset():
+    cfg = resolve_config(overrides=["algo.gamma=0.01", "algo.beta=0.05"])
+    assert cfg.algo.name == "papo" and cfg.algo.gamma == 0.01 and cfg.algo.beta == 0.05
+    assert cfg.algo.clip_high == 0.3  # from the preset
+
+
+def test_yaml_files_merge_in_order_then_overrides(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"algo": {"name": "dapo"}, "rollout": {"n": 4, "temperature": 0.7}}))
+    b.write_text(yaml.safe_dump({"rollout": {"n": 6}}))
+    cfg = resolve_config([a, b], ["rollout.temperature=0.9", "learner.mini_batch_size=384"])
+    assert cfg.algo.name == "dapo" and cfg.algo.clip_high == 0.28 and cfg.algo.beta == 0.0
+    assert cfg.rollout.n == 6 and cfg.rollout.temperature == 0.9
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo"])
+@pytest.mark.parametrize("term", ["gamma=0.02", "eta2=0.03"])
+def test_baseline_with_a_papo_term_fails(name, term):
+    with pytest.raises(ConfigError) as e:
+        resolve_config(overrides=[f"algo.name={name}", f"algo.{term}"])
+    msg = str(e.value)
+    assert f"algo.{term.split('=')[0]}" in msg and name in msg and "baseline" in msg
+
+
+def test_baseline_with_diagnostic_is_fine():
+    cfg = resolve_config(overrides=["algo.name=grpo", "perception.diagnostic=true"])
+    assert cfg.algo.gamma == 0 and cfg.needs_masked_pass
+
+
+@pytest.mark.parametrize("override, field, allowed", [
+    ("algo.gamma=-0.1", "algo.gamma", "0 <= x"),
+    ("corruption.prob=1.5", "corruption.prob", "0 <= x <= 1"),
+    ("corruption.prob=-0.01", "corruption.prob", "0 <= x <= 1"),
+    ("algo.clip_low=1.0", "algo.clip_low", "0 <= x < 1"),
+    ("algo.clip_dual=1.0", "algo.clip_dual", "1 < x"),
+    ("corruption.patch_size=0", "corruption.patch_size", "1 <= x"),
+    ("rollout.n=1", "rollout.n", "2 <= x"),
+    ("rollout.top_p=0", "rollout.top_p", "0 < x <= 1"),
+    ("learner.zero_stage=4", "learner.zero_stage", "0 <= x <= 3"),
+    ("algo.loss_avg=mean", "algo.loss_avg", "'token', 'seq', 'token_global'"),
+    ("rollout.n=abc", "rollout.n", "2 <= x"),
+    ("perception.masked_logp=gpu", "perception.masked_logp", "'pool', 'learner', 'learner_grad'"),
+])
+def test_bad_values_name_field_and_range(override, field, allowed):
+    with pytest.raises(ConfigError) as e:
+        resolve_config(overrides=[override])
+    line = next(p for p in e.value.problems if p.startswith(field))
+    assert allowed in line, line
+    assert "got" in line
+
+
+def test_unknown_keys_are_rejected_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        resolve_config(overrides=["algo.gama=0.01"])
+    assert "algo.gama: unknown key" in str(e.value) and "'algo.gamma'" in str(e.value)
+    f = tmp_path / "c.yaml"
+    f.write_text("rollouts:\n  n: 4\n")
+    with pytest.raises(ConfigError, match="rollouts: unknown key; did you mean 'rollout'"):
+        resolve_config([f])
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        resolve_config(overrides=["algo.gamma=-1", "corruption.prob=2", "rollout.n=1"])
+    assert len(e.value.problems) == 3
+
+
+def test_cross_field_checks_name_fields():
+    with pytest.raises(ConfigError, match=r"learner.mini_batch_size=100"):
+        resolve_config(overrides=["rollout.batch_size=16", "rollout.n=8", "learner.mini_batch_size=100"])
+    with pytest.raises(ConfigError, match=r"micro_batch_size \* learner.num_ranks"):
+        resolve_config(overrides=["learner.micro_batch_size=7"])
+    with pytest.raises(ConfigError, match=r"model.min_pixels=20000 > model.max_pixels=10000"):
+        resolve_config(overrides=["model.min_pixels=20000", "model.max_pixels=10000"])
+    with pytest.raises(ConfigError, match=r"algo.name: 'ppo' is not a preset"):
+        resolve_config(overrides=["algo.name=ppo"])
+
+
+@pytest.mark.parametrize("bad", ["algo.gamma", "=3", "algo..gamma=1", "algo.gamma=[1"])
+def test_malformed_overrides(bad):
+    with pytest.raises(ConfigError, match="override"):
+        parse_override(bad)
+
+
+def test_override_into_a_value_fails():
+    with pytest.raises(ConfigError, match="algo.gamma is a value, not a section"):
+        resolve_config(overrides=["algo.gamma=0.01", "algo.gamma.x=1"])
+    with pytest.raises(ConfigError, match="algo.gamma: Input should be a valid number"):
+        resolve_config(overrides=["algo.gamma.x=1"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_config([tmp_path / "missing.yaml"])
+    f = tmp_path / "list.yaml"
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        resolve_config([f])
+    with pytest.raises(ConfigError, match="not a shipped config"):
+        named_config("no-such-config")
+
+
+def test_eta2_without_gradient_warns():
+    with pytest.warns(ConfigWarning, match="algo.eta2=0.03 has no effect with perception.masked_logp='pool'"):
+        resolve_config(overrides=["algo.name=papo_d"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        cfg = resolve_config(overrides=["algo.name=papo_d", "perception.masked_logp=learner_grad"])
+    assert cfg.algo.eta2 == 0.03
+
+
+def test_pixel_limits_are_one_field():
+    fields = [name for name, f in JobConfig.model_fields.items()]
+    pixel_fields = [f"{sec}.{k}" for sec in fields
+                    for k in getattr(JobConfig.model_fields[sec].annotation, "model_fields", {})
+                    if "pixels" in k and k in ("min_pixels", "max_pixels")]
+    assert pixel_fields == ["model.min_pixels", "model.max_pixels"]
+
+
+def test_demo_config_resolves_and_round_trips(tmp_path):
+    cfg = resolve_config([named_config("demo")])
+    assert cfg.algo.name == "papo" and cfg.algo.gamma == 0.02 and cfg.algo.beta == 0.04
+    assert cfg.model.max_pixels == 112 * 112
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(dump_config(cfg))
+    assert resolve_config([dumped]) == cfg
+
+
+def test_presets_cover_every_algo_name():
+    assert set(PRESETS) == {"grpo", "dapo", "papo", "papo_d"}

