@@ -84,7 +84,8 @@ class AlgoConfig(_Section):
     gamma: float = Field(0.02, ge=0, description="Implicit Perception Loss coefficient (KL maximised); >= 0.04 collapses")
     gamma_schedule: Literal["fixed", "linear"] = "fixed"
     gamma_end: float = Field(0.0, ge=0, description="final gamma of the linear schedule")
-    gamma_anneal_ratio: float = Field(1.0, gt=0, le=1, description="fraction of total steps over which gamma anneals")
+    gamma_anneal_ratio: float = Field(0.5, gt=0, le=1, description="fraction of total steps over which gamma "
+                                      "anneals (official AnnealingKLController default 0.5)")
     beta: float = Field(0.01, ge=0, description="reference-KL coefficient; 0 means no reference model")
     eta1: float = Field(0.0, ge=0, description="Double Entropy Loss, original image")
     eta2: float = Field(0.0, ge=0, description="Double Entropy Loss, masked image")
@@ -127,6 +128,9 @@ class PerceptionConfig(_Section):
         "pool", description="pool: own worker pool, no grad; learner: official serial order, no grad; "
                             "learner_grad: recomputed in the loss with grad (eta2 acts)")
     diagnostic: bool = Field(False, description="run the masked pass under grpo/dapo too and log its KL")
+    kl_masked_grad: bool = Field(
+        False, description="learner_grad only: let the perception KL back-propagate through the masked branch too "
+                           "(the official recompute switch does); default: only the eta2 term gets that gradient")
     num_workers: int = Field(1, ge=1, description="perception-pool workers (masked_logp=pool)")
 
 
@@ -299,6 +303,9 @@ def config_warnings(cfg: JobConfig) -> list[str]:
             f"algo.eta2={cfg.algo.eta2} has no effect with perception.masked_logp="
             f"{cfg.perception.masked_logp!r}: the masked log-probs carry no gradient there (as in the official "
             "default); set perception.masked_logp=learner_grad for the masked entropy term to act")
+    if cfg.perception.kl_masked_grad and cfg.perception.masked_logp != "learner_grad":
+        out.append("perception.kl_masked_grad=true has no effect unless perception.masked_logp=learner_grad "
+                   "(elsewhere the masked log-probs carry no gradient)")
     if cfg.algo.gamma >= 0.04:
         out.append(f"algo.gamma={cfg.algo.gamma}: the paper reports collapse for gamma >= 0.04 without "
                    "the double entropy loss")

@@ -166,3 +166,8 @@ def test_demo_config_resolves_and_round_trips(tmp_path):
 
 def test_presets_cover_every_algo_name():
     assert set(PRESETS) == {"grpo", "dapo", "papo", "papo_d"}
+
+
+def test_kl_masked_grad_outside_learner_grad_warns():
+    with pytest.warns(ConfigWarning, match="perception.kl_masked_grad=true has no effect"):
+        resolve_config(overrides=["perception.kl_masked_grad=true"])
