@@ -140,7 +140,7 @@ class CorruptionConfig(_Section):
     strategy: CorruptionStrategy = "patch_blackening"
     patch_size: int = Field(14, ge=1, description="cell size in raw-image pixels")
     prob: float = Field(0.6, ge=0, le=1, description="probability that a cell is blackened")
-    noise_std: float = Field(0.5, ge=0, description="std of the noise strategy, in units of the pixel range")
+    noise_std: float = Field(0.25, ge=0, description="std of the noise strategy, as a fraction of the intensity range")
     num_workers: int = Field(1, ge=1)
 
 
@@ -169,7 +169,7 @@ class DataConfig(_Section):
     image_key: str = "images"
     format_prompt: Optional[str] = PAPO_FORMAT_PROMPT
     max_prompt_length: int = Field(4096, ge=1, description="tokens, after image-token expansion")
-    max_raw_pixels: int = Field(64 * 1024 * 1024, ge=1, description="reject raw images above this (decompression bombs)")
+    max_raw_pixels: int = Field(8192 * 8192, ge=1, description="reject raw images above this (decompression bombs)")
     shuffle: bool = True
     val_size: Optional[int] = Field(None, ge=1, description="evaluate on the first N validation rows")
 
