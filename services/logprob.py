@@ -1,0 +1,212 @@
+"""Forward-only log-prob pools: the perception pool (masked images) and the reference pool.
+
+This module owns
+- :class:`LogProbWorker`, a plain class (no Ray): a transformers model in eval mode, no optimiser,
+  scoring a :class:`~trainer.batch.RolloutBatch`'s response tokens with
+  :func:`trainer.modeling.response_logprobs` (the same function the learner's ``old_logp`` uses, so
+  the two can only differ by weights);
+- :class:`LogProbPool`: N workers as Ray actors with fractional CPUs, each batch split over them in
+  contiguous chunks;
+- :func:`load_hf_named_weights`: copies published weights (the names ``save_pretrained`` writes,
+  see ``trainer/weights.py``) into a live transformers model in place.
+
+Roles (DESIGN.md steps 4 and 6):
+- ``perception``: computes ``masked_logp`` from ``masked_image_refs`` with the rollout policy's
+  weights; it follows the policy through ``receive_weights(handle)`` and reports the version it
+  holds, so the driver can check the contract that ``masked_logp`` uses the version that generated
+  the rollouts.
+- ``reference``: computes ``ref_logp`` from ``image_refs`` with the frozen initial weights (version
+  0 for ever); ``receive_weights`` is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+import torch
+
+from trainer.batch import RolloutBatch
+from trainer.modeling import load_model, load_processor, response_logprobs
+from trainer.weights import WeightsHandle, unpack_state_dict
+
+Role = Literal["perception", "reference"]
+ROLES: tuple[str, ...] = ("perception", "reference")
+
+
+def hf_name_map(model: torch.nn.Module) -> dict[str, str]:
+    """saved (``save_pretrained``) name -> the model's own ``state_dict`` name, for every saved tensor.
+
+    Built with transformers' own save-time transforms (tie removal, reverted load-time renames)
+    applied to the model's live tensors, then matched back by storage, so it is exactly the
+    inverse of what ``save_pretrained`` and ``Learner.publish_weights`` do.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    sd = model.state_dict()
+    by_ptr = {}
+    for name, t in sd.items():
+        by_ptr.setdefault(t.data_ptr(), name)
+    saved = revert_weight_conversion(model, remove_tied_weights_from_state_dict(dict(sd), model))
+    out = {}
+    for name, t in saved.items():
+        internal = by_ptr.get(t.data_ptr())
+        if internal is None:
+            raise RuntimeError(f"saved tensor {name!r} is a converted copy, not a renamed parameter; "
+                               "in-place weight loading does not support this model's weight conversions")
+        out[name] = internal
+    return out
+
+
+@torch.no_grad()
+def load_hf_named_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor],
+                          name_map: Optional[dict[str, str]] = None) -> None:
+    """Copy ``weights`` (saved names) into ``model``'s tensors in place; every tensor must be covered.
+
+    Tied parameters share storage, so writing the saved one updates its aliases too.
+    """
+    name_map = name_map or hf_name_map(model)
+    missing = sorted(set(name_map) - set(weights))
+    unknown = sorted(set(weights) - set(name_map))
+    if missing or unknown:
+        raise ValueError(f"published weights do not match the model: missing {missing[:5]}, unknown {unknown[:5]}")
+    sd = model.state_dict()
+    for name, tensor in weights.items():
+        target = sd[name_map[name]]
+        if target.shape != tensor.shape:
+            raise ValueError(f"{name}: published shape {tuple(tensor.shape)}, model has {tuple(target.shape)}")
+        target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+
+
+class LogProbWorker:
+    """One forward-only scorer: a transformers model, its processor, a role and a weight version."""
+
+    def __init__(self, model_path: str, *, role: Role = "perception", dtype: str = "float32",
+                 min_pixels: int = 56 * 56, max_pixels: int = 1280 * 28 * 28, temperature: float = 1.0,
+                 micro_batch_size: int = 8, trust_remote_code: bool = False, get_timeout_s: float = 900.0) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.role = role
+        self.temperature = float(temperature)
+        self.micro_batch_size = micro_batch_size
+        self.timeout = get_timeout_s
+        self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.processor = load_processor(model_path, min_pixels=min_pixels, max_pixels=max_pixels,
+                                        trust_remote_code=trust_remote_code)
+        self._name_map = hf_name_map(self.model)
+        self.version = 0  # the initial weights of model_path
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def get_version(self) -> int:
+        return self.version
+
+    def compute_logprobs(self, batch: RolloutBatch, images: Sequence[Sequence[Any]]) -> torch.Tensor:
+        """No-grad log-probs (N, R) of the response tokens under ``images`` (same interface as the learner's)."""
+        logp, _ = response_logprobs(self.model, self.processor.image_processor, batch, images,
+                                    temperature=self.temperature, micro_batch_size=self.micro_batch_size)
+        return logp.float()
+
+    def compute_from_refs(self, batch: RolloutBatch, masked: bool) -> tuple[torch.Tensor, int]:
+        """Resolve the batch's image refs (``masked_image_refs`` if ``masked``) and score; returns (logp, version)."""
+        from trainer.learner import resolve_image_refs
+
+        refs = batch.masked_image_refs if masked else batch.image_refs
+        if refs is None:
+            raise ValueError("batch has no masked_image_refs (filled by the corruption service)")
+        return self.compute_logprobs(batch, resolve_image_refs(refs, self.timeout)), self.version
+
+    def receive_weights(self, handle: WeightsHandle) -> int:
+        """Load a published policy version (perception role only); returns the version now held."""
+        if self.role == "reference":
+            raise RuntimeError("the reference pool holds the frozen initial weights; it does not receive updates")
+        if handle.transport != "object_store":
+            raise NotImplementedError(f"transport {handle.transport!r}: only object_store is implemented")
+        blob = handle.ref
+        with contextlib.suppress(ImportError):
+            import ray
+
+            if isinstance(blob, ray.ObjectRef):
+                blob = ray.get(blob, timeout=self.timeout)
+        weights = unpack_state_dict(blob, expected_digest=handle.digest)
+        load_hf_named_weights(self.model, weights, self._name_map)
+        self.version = int(handle.version)
+        return self.version
+
+
+class LogProbPool:
+    """N :class:`LogProbWorker` Ray actors of one role; each batch is split over them in contiguous chunks."""
+
+    def __init__(self, model_path: str, *, role: Role = "perception", num_workers: int = 1, num_cpus: float = 0.5,
+                 num_gpus: float = 0.0, dtype: str = "float32", min_pixels: int = 56 * 56,
+                 max_pixels: int = 1280 * 28 * 28, temperature: float = 1.0, micro_batch_size: int = 8,
+                 get_timeout_s: float = 900.0, omp_threads: int = 1, max_restarts: int = 0) -> None:
+        import ray
+
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self._ray = ray
+        self.role = role
+        self.timeout = get_timeout_s
+        actor_cls = ray.remote(LogProbWorker).options(
+            num_cpus=float(num_cpus), num_gpus=float(num_gpus), max_restarts=max_restarts,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(omp_threads), "TOKENIZERS_PARALLELISM": "false"}})
+        self.actors = [actor_cls.remote(model_path, role=role, dtype=dtype, min_pixels=min_pixels,
+                                        max_pixels=max_pixels, temperature=temperature,
+                                        micro_batch_size=micro_batch_size, get_timeout_s=get_timeout_s)
+                       for _ in range(num_workers)]
+        try:
+            self.pids = ray.get([a.ping.remote() for a in self.actors], timeout=get_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _chunks(self, n: int) -> list[list[int]]:
+        k = min(len(self.actors), max(n, 1))
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+
+    def submit(self, batch: RolloutBatch, *, masked: bool = False) -> list[Any]:
+        """Start scoring ``batch`` (``masked``: under ``masked_image_refs``); returns per-chunk ObjectRefs."""
+        return [actor.compute_from_refs.remote(batch.select(rows), masked)
+                for actor, rows in zip(self.actors, self._chunks(len(batch))) if rows]
+
+    def collect(self, batch: RolloutBatch, refs: list[Any]) -> tuple[torch.Tensor, set[int]]:
+        """(logp (N, R) aligned with ``batch``, the weight versions that computed it)."""
+        parts = self._ray.get(refs, timeout=self.timeout)
+        width = batch.response_ids.shape[1]
+        logp = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p, _ in parts])
+        return logp, {v for _, v in parts}
+
+    def compute_logprobs(self, batch: RolloutBatch, *, masked: bool = False,
+                         expected_version: Optional[int] = None) -> torch.Tensor:
+        """Log-probs of every response; with ``expected_version``, fail loudly if a worker held another."""
+        logp, versions = self.collect(batch, self.submit(batch, masked=masked))
+        if expected_version is not None and versions != {expected_version}:
+            raise RuntimeError(f"{self.role} pool computed with weight versions {sorted(versions)}, "
+                               f"expected {expected_version}")
+        return logp
+
+    def receive_weights(self, handle: WeightsHandle) -> list[int]:
+        """Every worker loads ``handle``; returns their versions (perception role only)."""
+        if self.role == "reference":
+            raise RuntimeError("the reference pool holds the frozen initial weights; it does not receive updates")
+        return self._ray.get([a.receive_weights.remote(handle) for a in self.actors], timeout=self.timeout)
+
+    def versions(self) -> list[int]:
+        return self._ray.get([a.get_version.remote() for a in self.actors], timeout=self.timeout)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            with contextlib.suppress(Exception):
+                self._ray.kill(a)
+        self.actors = []
