@@ -32,6 +32,8 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trainer.data import PAPO_FORMAT_PROMPT
+
 logger = logging.getLogger(__name__)
 
 AlgoName = Literal["grpo", "dapo", "papo", "papo_d"]
@@ -40,11 +42,6 @@ AvgMode = Literal["token", "seq", "token_global"]
 MaskedLogpPlacement = Literal["pool", "learner", "learner_grad"]
 CorruptionStrategy = Literal["patch_blackening", "full", "noise", "precomputed"]
 DType = Literal["float32", "bfloat16", "float16"]
-
-PAPO_FORMAT_PROMPT = (
-    "You first think through the reasoning process as an internal monologue, enclosed within "
-    "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
-)
 
 # PAPO.md "Presets": every algo.* value a preset decides. All use token averaging, k3 estimators.
 PRESETS: dict[str, dict[str, Any]] = {
