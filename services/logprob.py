@@ -29,7 +29,7 @@ import torch
 
 from trainer.batch import RolloutBatch
 from trainer.modeling import load_model, load_processor, response_logprobs
-from trainer.weights import WeightsHandle, unpack_state_dict
+from trainer.weights import WeightsHandle, load_handle
 
 Role = Literal["perception", "reference"]
 ROLES: tuple[str, ...] = ("perception", "reference")
@@ -127,15 +127,7 @@ class LogProbWorker:
         """Load a published policy version (perception role only); returns the version now held."""
         if self.role == "reference":
             raise RuntimeError("the reference pool holds the frozen initial weights; it does not receive updates")
-        if handle.transport != "object_store":
-            raise NotImplementedError(f"transport {handle.transport!r}: only object_store is implemented")
-        blob = handle.ref
-        with contextlib.suppress(ImportError):
-            import ray
-
-            if isinstance(blob, ray.ObjectRef):
-                blob = ray.get(blob, timeout=self.timeout)
-        weights = unpack_state_dict(blob, expected_digest=handle.digest)
+        weights = load_handle(handle, self.timeout)
         load_hf_named_weights(self.model, weights, self._name_map)
         self.version = int(handle.version)
         return self.version

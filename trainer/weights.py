@@ -53,3 +53,26 @@ def unpack_state_dict(blob: bytes, expected_digest: Optional[str] = None) -> dic
 
 def digest(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
+
+
+def fetch_blob(handle: WeightsHandle, timeout_s: Optional[float] = None) -> bytes:
+    """The serialised weights of an ``object_store`` handle.
+
+    ``handle.ref`` is an ObjectRef when the publisher runs under Ray (the product path) and the
+    blob itself when it does not (a plain-process learner); both are accepted.
+    """
+    if handle.transport != "object_store":
+        raise NotImplementedError(f"transport {handle.transport!r}: only object_store is implemented")
+    ref = handle.ref
+    if ref is None:
+        raise ValueError(f"object_store handle of version {handle.version} has no ref")
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        return bytes(ref)
+    import ray
+
+    return ray.get(ref, timeout=timeout_s)
+
+
+def load_handle(handle: WeightsHandle, timeout_s: Optional[float] = None) -> dict[str, torch.Tensor]:
+    """Fetch and verify a handle's weights: HF-named tensors."""
+    return unpack_state_dict(fetch_blob(handle, timeout_s), expected_digest=handle.digest)

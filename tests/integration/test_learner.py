@@ -12,7 +12,7 @@ import torch
 from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, make_batch, write_model
 from trainer.learner import LearnerGroup
 from trainer.modeling import load_processor
-from trainer.weights import unpack_state_dict
+from trainer.weights import load_handle
 
 TIMEOUT = 300.0
 STEPS = 3
@@ -60,7 +60,7 @@ def runs(ray_cluster, tmp_path_factory):
                 res["metrics"].append(g.train_step(b))
                 res["digests"].append(g.param_digests())
             res["handle"] = g.publish_weights(version=STEPS)
-            res["weights"] = unpack_state_dict(ray.get(res["handle"].ref, timeout=TIMEOUT), res["handle"].digest)
+            res["weights"] = load_handle(res["handle"], TIMEOUT)
             res["batch"] = b
         finally:
             g.shutdown()

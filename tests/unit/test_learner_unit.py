@@ -18,7 +18,7 @@ from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, m
 from trainer.algos import papo_loss
 from trainer.learner import CHECKPOINT_MARKER, Learner, LossSettings, lr_factor, prune_checkpoints
 from trainer.modeling import load_model, load_processor, model_inputs, token_logprobs
-from trainer.weights import unpack_state_dict
+from trainer.weights import load_handle
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_published_weights_carry_save_pretrained_names_and_the_trained_values(ti
     learner.train_step(filled(learner, batch, images, masked), images)
     handle = learner.publish_weights(version=7)
     assert handle.version == 7 and handle.transport == "object_store"
-    weights = unpack_state_dict(handle.ref, expected_digest=handle.digest)
+    weights = load_handle(handle, timeout_s=60)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         saved_names = set(f.keys())
     assert set(weights) == saved_names  # e.g. "model.layers.0...", "visual.blocks.0...", no lm_head
