@@ -3,9 +3,9 @@
 #
 # Two layers, so that fresh clones on one machine (CI's, a developer's) share one 4 GB stack:
 #   ~/.cache/papo/stack-<hash>   a venv with the pinned CPU stack of requirements/cpu.txt. The hash
-#                                covers the pins, this script, the torchvision patch and the Python
-#                                version, so a change to any of them builds a new stack and an
-#                                unchanged one is reused (a second run takes about a second).
+#                                covers the pins, the torchvision patch, STACK_RECIPE below and the
+#                                Python version, so a change to any of them builds a new stack and
+#                                an unchanged one is reused (a second run takes about a second).
 #   <clone>/.venv                a thin venv (no packages of its own) whose site-packages chains to
 #                                the stack through a .pth file, holds papo as an editable install
 #                                and has the stack's console scripts (ray, deepspeed, vllm, ...)
@@ -20,7 +20,9 @@ PY=${PAPO_PYTHON:-python3.11}
 command -v "$PY" >/dev/null || { echo "bootstrap: $PY not found (papo's CPU stack needs Python 3.11)" >&2; exit 1; }
 PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 CACHE=${PAPO_CACHE:-$HOME/.cache/papo}
-KEY=$( { cat requirements/cpu.txt scripts/bootstrap.sh scripts/patch_torchvision.py; "$PY" -VV; } | sha256sum | cut -c1-16)
+# Bump when build_stack() changes what ends up in the stack.
+STACK_RECIPE=2
+KEY=$( { echo "$STACK_RECIPE"; cat requirements/cpu.txt scripts/patch_torchvision.py; "$PY" -VV; } | sha256sum | cut -c1-16)
 STACK="$CACHE/stack-$KEY"
 mkdir -p "$CACHE"
 
@@ -53,8 +55,26 @@ exec 9>"$STACK.lock"
 flock 9
 [ -f "$STACK/.papo-complete" ] || build_stack
 
+touch "$STACK/.papo-complete"  # its age says when a clone last used this stack
+
+# Remove half-built stacks that no builder holds (an interrupted first run leaves one behind) and
+# finished ones that no clone has used for PAPO_STACK_TTL_DAYS (default 14) days.
+TTL_DAYS=${PAPO_STACK_TTL_DAYS:-14}
+for other in "$CACHE"/stack-*/; do
+  other=${other%/}
+  [ "$other" = "$STACK" ] && continue
+  if [ -f "$other/.papo-complete" ] && [ -z "$(find "$other/.papo-complete" -mtime +"$TTL_DAYS")" ]; then
+    continue
+  fi
+  if ( flock -n 8 || exit 1; rm -rf "$other" ) 8>"$other.lock"; then
+    rm -f "$other.lock"
+    echo "bootstrap: removed the unfinished or unused stack $other"
+  fi
+done
+
 # This clone's overlay venv; rebuilt when the stack or the package metadata changes.
-OVERLAY_KEY=$( { echo "$STACK"; cat pyproject.toml; } | sha256sum | cut -c1-16)
+# (Top-level packages enter the key: an editable install only maps the packages it saw.)
+OVERLAY_KEY=$( { echo "$STACK"; cat pyproject.toml; ls -- */__init__.py; } | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.papo-overlay 2>/dev/null)" != "$OVERLAY_KEY" ]; then
   rm -rf .venv
   "$PY" -m venv --without-pip .venv
