@@ -31,7 +31,6 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", "-c", action="append", default=None, metavar="NAME|FILE",
                    help="shipped config name (demo) or YAML file; repeat to merge (default: demo)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--resume", metavar="DIR", help="continue from the last checkpoint in a run directory")
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f"trainer.resume={args.resume}"] if args.resume else [])
-    cfg = resolve_config([named_config(c) for c in (args.config or ["demo"])], overrides)
+    cfg = resolve_config([named_config(c) for c in (args.config or ["demo"])], list(args.overrides))
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
@@ -65,7 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     driver = _load_optional("trainer.driver", "evaluation (trainer/driver.py)")
-    if driver is None:
+    if driver is None or not hasattr(driver, "evaluate_checkpoint"):
+        print("papo eval: evaluating a saved checkpoint is not part of this build yet; `papo train` evaluates "
+              "every trainer.eval_every steps", file=sys.stderr)
         return 1
     return int(driver.evaluate_checkpoint(args.checkpoint, args.overrides) or 0)
 

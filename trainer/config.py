@@ -248,7 +248,6 @@ class TrainerConfig(_Section):
     eval_k: int = Field(8, ge=1, description="samples per prompt for avg@k")
     save_every: int = Field(50, ge=0, description="0 = only the final checkpoint")
     keep_last: int = Field(2, ge=1)
-    resume: Optional[str] = None
     tensorboard: bool = True
     plot: bool = True
 

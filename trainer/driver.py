@@ -1,0 +1,409 @@
+"""The training loop: the only place that knows the order of a PAPO step (DESIGN.md, "One training step").
+
+Read :meth:`Trainer.step` top to bottom: sample prompts and put their images into the object
+store once; mask them (corruption pool) while the rollout pool generates; grade; (DAPO) keep
+informative groups; masked / reference / old log-probs in parallel; advantages; learner update;
+weight sync with a version check; metrics. Everything heavy runs in the services; this module
+only orders calls and moves ObjectRefs.
+
+Not yet here (issue "papo train"): the demo's supervised warm start, resume from a checkpoint,
+fault drills and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from trainer.algos import group_advantages, perception_coefs
+from trainer.batch import RolloutBatch
+from trainer.config import JobConfig, dump_config
+from trainer.data import PromptExample, load_image, load_split
+from trainer.metrics import CURVES_FILE, MetricsWriter, StepLine, plot_curves
+
+logger = logging.getLogger(__name__)
+
+DEMO_PREFIX = "demo://"
+
+
+def demo_assets_dir() -> Path:
+    return Path(os.environ.get("PAPO_CACHE", Path.home() / ".cache" / "papo")) / "demo-assets"
+
+
+def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
+    """Replace ``demo://`` paths by the demo assets, building them (cached) when needed."""
+    paths = [cfg.model.path, cfg.data.train_path, cfg.data.val_path or ""]
+    if not any(p.startswith(DEMO_PREFIX) for p in paths):
+        return cfg
+    from trainer.demo import build_demo_assets
+
+    assets = build_demo_assets(demo_assets_dir(), seed=0, min_pixels=cfg.model.min_pixels,
+                               max_pixels=cfg.model.max_pixels)
+    root = {"model": assets.model_dir, "data": assets.data_dir}
+
+    def sub(p: Optional[str]) -> Optional[str]:
+        if p is None or not p.startswith(DEMO_PREFIX):
+            return p
+        name = p[len(DEMO_PREFIX):]
+        if name not in root:
+            raise ValueError(f"{p!r}: demo:// paths are demo://model and demo://data")
+        return str(root[name])
+
+    out = cfg.model_copy(deep=True)
+    out.model.path = sub(cfg.model.path)
+    out.data.train_path = sub(cfg.data.train_path)
+    out.data.val_path = sub(cfg.data.val_path)
+    return out
+
+
+class PromptSampler:
+    """Seeded epoch-wise shuffling: the (epoch, position) pair fully determines the next prompts."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        if n == 0:
+            raise ValueError("the training split has no usable rows")
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def take(self, k: int) -> list[tuple[int, int]]:
+        """``k`` (index, epoch) pairs."""
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            out.append((int(self._order[self.pos]), self.epoch))
+            self.pos += 1
+        return out
+
+
+@dataclass
+class Services:
+    rollout: Any
+    learner: Any
+    reward: Any  # rewards.client.RewardClient
+    corruption: Any = None
+    perception: Any = None
+    reference: Any = None
+    serve_started: bool = False
+
+    def shutdown(self) -> None:
+        for pool in (self.rollout, self.perception, self.reference, self.corruption, self.learner):
+            if pool is not None:
+                try:
+                    pool.shutdown()
+                except Exception:  # shutting down the rest matters more than one failure
+                    logger.exception("shutdown of %s failed", type(pool).__name__)
+        if self.reward is not None:
+            self.reward.close()
+        if self.serve_started:
+            from services.reward_server import stop_ray_serve
+
+            stop_ray_serve()
+
+
+class Trainer:
+    """One PAPO/GRPO/DAPO run on a Ray cluster; ``run()`` trains ``trainer.total_steps`` steps."""
+
+    def __init__(self, cfg: JobConfig):
+        import ray
+
+        self.cfg = cfg = resolve_demo_paths(cfg)
+        self.run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.train_set = load_split(cfg.data.train_path, cfg.data.train_split, prompt_key=cfg.data.prompt_key,
+                                    answer_key=cfg.data.answer_key, image_key=cfg.data.image_key,
+                                    format_prompt=cfg.data.format_prompt)
+        self.val_set = None
+        if cfg.data.val_path:
+            self.val_set = load_split(cfg.data.val_path, cfg.data.val_split, prompt_key=cfg.data.prompt_key,
+                                      answer_key=cfg.data.answer_key, image_key=cfg.data.image_key,
+                                      format_prompt=cfg.data.format_prompt)
+        self.sampler = PromptSampler(len(self.train_set.examples), cfg.seed, cfg.data.shuffle)
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus if not cfg.cluster.address else None,
+                     include_dashboard=False, log_to_driver=False)
+        self.version = 0
+        self.services = self._start_services()
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def _start_services(self) -> Services:
+        from rewards.client import RewardClient
+        from services.corruption import CorruptionPool
+        from services.logprob import LogProbPool
+        from services.rollout import RolloutPool
+        from trainer.learner import LearnerGroup
+
+        cfg = self.cfg
+        timeout = cfg.cluster.get_timeout_s
+        services = Services(rollout=None, learner=None, reward=None)
+        try:
+            serve_started = False
+            url = cfg.reward.url
+            if url is None:
+                from services.reward_server import start_ray_serve
+
+                url = start_ray_serve(fn=cfg.reward.fn, workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s,
+                                      format_weight=cfg.reward.format_weight, replicas=cfg.reward.replicas,
+                                      token=cfg.reward.token, num_cpus=cfg.reward.num_cpus,
+                                      user_functions=cfg.reward.user_functions)
+                serve_started = True
+            services.serve_started = serve_started
+            services.reward = RewardClient(url, token=cfg.reward.token)
+            services.rollout = RolloutPool.from_config(cfg.rollout, cfg.model, cfg.cluster, seed=cfg.seed)
+            steps_per_rollout = cfg.learner.ppo_epochs * (cfg.rollout.batch_size * cfg.rollout.n
+                                                          // cfg.learner.mini_batch_size)
+            services.learner = LearnerGroup(
+                cfg.model.path, cfg.learner, cfg.algo, masked_logp=cfg.perception.masked_logp,
+                min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
+                temperature=cfg.rollout.temperature, total_optimizer_steps=cfg.trainer.total_steps * steps_per_rollout,
+                seed=cfg.seed, get_timeout_s=timeout, omp_threads=cfg.cluster.omp_threads_per_actor)
+            pool_kwargs = dict(num_cpus=cfg.logprob.num_cpus, num_gpus=cfg.logprob.num_gpus, dtype=cfg.model.dtype,
+                               min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
+                               temperature=cfg.rollout.temperature, micro_batch_size=cfg.logprob.micro_batch_size,
+                               get_timeout_s=timeout, omp_threads=cfg.cluster.omp_threads_per_actor)
+            if cfg.needs_masked_pass:
+                c = cfg.corruption
+                services.corruption = CorruptionPool(strategy=c.strategy, patch_size=c.patch_size, prob=c.prob,
+                                                     max_pixels=cfg.data.max_raw_pixels, noise_std=c.noise_std,
+                                                     num_workers=c.num_workers)
+                if cfg.perception.masked_logp == "pool":
+                    services.perception = LogProbPool(cfg.model.path, role="perception",
+                                                      num_workers=cfg.perception.num_workers, **pool_kwargs)
+            if cfg.needs_reference:
+                services.reference = LogProbPool(cfg.model.ref_path or cfg.model.path, role="reference",
+                                                 num_workers=cfg.logprob.reference_workers, **pool_kwargs)
+        except BaseException:
+            services.shutdown()
+            raise
+        return services
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def _requests(self, picks: list[tuple[int, int]], black: bool = False, examples=None) -> tuple[list, list]:
+        """RolloutRequests whose images are ObjectRefs (one put per prompt) and MaskRequests for them."""
+        import ray
+
+        from services.corruption import MaskRequest
+        from services.rollout import RolloutRequest
+
+        examples = examples or self.train_set.examples
+        rollout_reqs, mask_reqs = [], []
+        for index, epoch in picks:
+            ex: PromptExample = examples[index]
+            images = [load_image(p) for p in ex.image_paths]
+            if black:
+                from PIL import Image
+
+                images = [Image.new("RGB", im.size) for im in images]
+            refs = [ray.put(im) for im in images]
+            rollout_reqs.append(RolloutRequest.from_example(ex, images=refs, epoch=epoch))
+            mask_reqs.append(MaskRequest(images=refs, run_seed=self.cfg.seed, row_id=ex.row_id, epoch=epoch))
+        return rollout_reqs, mask_reqs
+
+    def _grade(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        scores = self.services.reward.score(list(zip(batch.response_text, batch.answers)))
+        overall = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
+        accuracy = torch.tensor([s["accuracy"] for s in scores], dtype=torch.float32)
+        return overall, accuracy, sum(1 for s in scores if s.get("error"))
+
+    def _generate(self, step: int, timings: dict[str, float]) -> tuple[RolloutBatch, dict[str, float]]:
+        """Steps 1-3: prompts, masks alongside generation, rewards, DAPO group filter (bounded tries)."""
+        from services.rollout import SamplingSpec
+
+        cfg, svc = self.cfg, self.services
+        algo = cfg.algo
+        spec = SamplingSpec.from_config(cfg.rollout, seed=cfg.seed * 1_000_003 + step * 7919)
+        kept: list[RolloutBatch] = []
+        stats = {"generated_groups": 0, "kept_groups": 0, "grading_errors": 0, "request_errors": 0}
+        for attempt in range(algo.dynamic_sampling_max_tries if algo.dynamic_sampling else 1):
+            need = cfg.rollout.batch_size - sum(len(b.groups()) for b in kept)
+            if need <= 0:
+                break
+            rollout_reqs, mask_reqs = self._requests(self.sampler.take(cfg.rollout.batch_size if
+                                                                        algo.dynamic_sampling else need))
+            t = time.perf_counter()
+            masked_refs = svc.corruption.submit(mask_reqs) if svc.corruption is not None else None
+            timings["timing/corruption_submit"] = timings.get("timing/corruption_submit", 0) + time.perf_counter() - t
+            t = time.perf_counter()
+            result = svc.rollout.generate(rollout_reqs, spec)
+            timings["timing/gen"] = timings.get("timing/gen", 0) + time.perf_counter() - t
+            stats["request_errors"] += len(result.errors)
+            if result.batch is None:
+                raise RuntimeError(f"the rollout pool served none of {len(rollout_reqs)} prompts: "
+                                   f"{list(result.errors.values())[:3]}")
+            batch = result.batch
+            if masked_refs is not None:
+                batch.masked_image_refs = [masked_refs[g] for g in batch.group_ids.tolist()]
+            t = time.perf_counter()
+            batch.rewards, batch.accuracy, errors = self._grade(batch)
+            timings["timing/reward"] = timings.get("timing/reward", 0) + time.perf_counter() - t
+            stats["grading_errors"] += errors
+            groups = batch.groups()
+            stats["generated_groups"] += len(groups)
+            if algo.dynamic_sampling:
+                # DAPO: only groups whose accuracy varies carry a gradient.
+                keep = [g for g in groups if algo.dynamic_sampling_acc_low < float(batch.accuracy[g].mean())
+                        < algo.dynamic_sampling_acc_high][:need]
+                if not keep:
+                    continue
+                batch = batch.select(torch.cat(keep))
+            kept.append(batch)
+        else:
+            if algo.dynamic_sampling and sum(len(b.groups()) for b in kept) < cfg.rollout.batch_size:
+                raise RuntimeError(
+                    f"dynamic sampling kept {sum(len(b.groups()) for b in kept)} of {cfg.rollout.batch_size} groups "
+                    f"after algo.dynamic_sampling_max_tries={algo.dynamic_sampling_max_tries} tries: nearly every "
+                    "group is all-correct or all-wrong; lower rollout.batch_size or raise the tries")
+        batch = RolloutBatch.concat(kept).renumber_groups() if len(kept) > 1 else kept[0]
+        stats["kept_groups"] = len(batch.groups())
+        return batch, stats
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, svc = self.cfg, self.services
+        timings: dict[str, float] = {}
+        t_step = time.perf_counter()
+
+        batch, stats = self._generate(step, timings)
+        if batch.weight_versions != {self.version}:
+            raise RuntimeError(f"rollouts carry weight versions {sorted(batch.weight_versions)}, "
+                               f"expected {self.version}: the rollout pool missed a weight sync")
+
+        # Step 4: masked (perception pool), reference and old log-probs in parallel.
+        t = time.perf_counter()
+        masked_refs = svc.perception.submit(batch, masked=True) if svc.perception is not None else None
+        ref_refs = svc.reference.submit(batch) if svc.reference is not None else None
+        batch.old_logp = svc.learner.compute_logprobs(batch)
+        if cfg.needs_masked_pass and cfg.perception.masked_logp == "learner":
+            batch.masked_logp = svc.learner.compute_logprobs(batch, masked=True)  # the official serial order
+        if masked_refs is not None:
+            batch.masked_logp, versions = svc.perception.collect(batch, masked_refs)
+            if versions != batch.weight_versions:
+                raise RuntimeError(f"masked_logp computed with weight versions {sorted(versions)} but the rollouts "
+                                   f"came from {sorted(batch.weight_versions)} (DESIGN.md contract)")
+        if ref_refs is not None:
+            batch.ref_logp, _ = svc.reference.collect(batch, ref_refs)
+        timings["timing/logprobs"] = time.perf_counter() - t
+        mask = batch.response_mask
+        rollout_logp_diff = float((batch.rollout_logp - batch.old_logp).abs()[mask].mean()) if mask.any() else 0.0
+
+        # Step 5: advantages and all optimiser steps of this rollout batch.
+        batch.advantages = group_advantages(batch.rewards, cfg.rollout.n, eps=cfg.algo.adv_eps)
+        gamma, eta1, eta2 = perception_coefs(
+            step - 1, cfg.trainer.total_steps, gamma=cfg.algo.gamma, eta1=cfg.algo.eta1, eta2=cfg.algo.eta2,
+            schedule=cfg.algo.gamma_schedule, gamma_end=cfg.algo.gamma_end, anneal_ratio=cfg.algo.gamma_anneal_ratio)
+        t = time.perf_counter()
+        learn = svc.learner.train_step(batch, gamma=gamma, eta1=eta1, eta2=eta2)
+        timings["timing/update"] = time.perf_counter() - t
+
+        # Step 6: weight sync; the receivers report the version they now hold.
+        t = time.perf_counter()
+        self.version += 1
+        handle = svc.learner.publish_weights(self.version)
+        held = set(svc.rollout.receive_weights(handle))
+        if svc.perception is not None:
+            held |= set(svc.perception.receive_weights(handle))
+        if held != {self.version}:
+            raise RuntimeError(f"after publishing version {self.version} the pools hold {sorted(held)}")
+        timings["timing/sync"] = time.perf_counter() - t
+        timings["timing/step"] = time.perf_counter() - t_step
+
+        metrics = {
+            "train/reward": float(batch.rewards.mean()),
+            "train/accuracy": float(batch.accuracy.mean()),
+            "train/response_length": float(batch.response_lengths.float().mean()),
+            "train/rollout_logp_diff": rollout_logp_diff,
+            "train/gamma": gamma,
+            "train/weight_version": float(self.version),
+            "train/epoch": float(self.sampler.epoch),
+            **{f"train/{k}": float(v) for k, v in stats.items()},
+            **{f"train/{k}": float(v) for k, v in learn.items()},
+            **timings,
+        }
+        return metrics
+
+    # ---- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy on the validation rows, with the real images and with black ones."""
+        from services.rollout import SamplingSpec
+
+        if self.val_set is None:
+            return {}
+        examples = self.val_set.examples[: self.cfg.data.val_size or len(self.val_set.examples)]
+        spec = SamplingSpec.from_config(self.cfg.rollout, seed=self.cfg.seed, validation=True)
+        out = {}
+        for key, black in (("eval/accuracy", False), ("eval/black_accuracy", True)):
+            reqs, _ = self._requests([(i, 0) for i in range(len(examples))], black=black, examples=examples)
+            result = self.services.rollout.generate(reqs, spec)
+            if result.batch is None:
+                raise RuntimeError(f"evaluation: no validation prompt was served: {list(result.errors.values())[:3]}")
+            _, accuracy, _ = self._grade(result.batch)
+            out[key] = float(accuracy.sum()) / len(examples)  # unserved prompts count as wrong
+        out["eval/vision_gap"] = out["eval/accuracy"] - out["eval/black_accuracy"]
+        return out
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        line = StepLine(cfg.trainer.total_steps, keys=("train/reward", "train/accuracy", "eval/accuracy"))
+        with MetricsWriter(self.run_dir, tensorboard=cfg.trainer.tensorboard) as writer:
+            start = self.evaluate()
+            writer.log(0, start)
+            logger.info("step 0: %s", start)
+            last_eval = start
+            for step in range(1, cfg.trainer.total_steps + 1):
+                metrics = self.step(step)
+                if cfg.trainer.eval_every and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.total_steps):
+                    last_eval = self.evaluate()
+                    metrics.update(last_eval)
+                if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+                    self.services.learner.save_checkpoint(self.run_dir / "checkpoints" / f"step_{step:06d}",
+                                                          keep_last=cfg.trainer.keep_last)
+                writer.log(step, metrics)
+                if step % cfg.trainer.log_every == 0 or step == cfg.trainer.total_steps:
+                    print(line(step, metrics), flush=True)
+        if cfg.trainer.plot:
+            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / CURVES_FILE,
+                        keys=("train/reward", "eval/accuracy", "train/perception_kl", "train/entropy"))
+        summary = {"run_dir": str(self.run_dir), "wall_s": time.perf_counter() - t0,
+                   "start": start, "end": last_eval}
+        print(f"done in {summary['wall_s']:.0f} s | eval accuracy {start.get('eval/accuracy', float('nan')):.3f} -> "
+              f"{last_eval.get('eval/accuracy', float('nan')):.3f} | black-image accuracy "
+              f"{last_eval.get('eval/black_accuracy', float('nan')):.3f} | run directory {self.run_dir}", flush=True)
+        return summary
+
+    def close(self) -> None:
+        import ray
+
+        self.services.shutdown()
+        if self.started_ray:
+            ray.shutdown()
+
+
+def train(cfg: JobConfig) -> int:
+    """``papo train``: build the services, run every step, shut everything down."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return 0
