@@ -89,6 +89,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per reward request drowns the step line
     if argv and argv[0] in DELEGATED:
         module = importlib.import_module(DELEGATED[argv[0]][0])
         return int(module.cli_main(argv[1:]) or 0)
