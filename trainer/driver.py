@@ -43,9 +43,12 @@ def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
     if not any(p.startswith(DEMO_PREFIX) for p in paths):
         return cfg
     from trainer.demo import build_demo_assets
+    from trainer.warmstart import SFTWarmStart
 
     assets = build_demo_assets(demo_assets_dir(), seed=0, min_pixels=cfg.model.min_pixels,
-                               max_pixels=cfg.model.max_pixels)
+                               max_pixels=cfg.model.max_pixels,
+                               warm_start=SFTWarmStart(min_pixels=cfg.model.min_pixels,
+                                                       max_pixels=cfg.model.max_pixels))
     root = {"model": assets.model_dir, "data": assets.data_dir}
 
     def sub(p: Optional[str]) -> Optional[str]:

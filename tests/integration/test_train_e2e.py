@@ -14,17 +14,23 @@ TINY = ["rollout.batch_size=4", "rollout.n=4", "rollout.max_tokens=8", "learner.
         "trainer.eval_every=2", "trainer.save_every=0", "trainer.tensorboard=false"]
 
 
-@pytest.fixture()
-def demo_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PAPO_CACHE", str(tmp_path_factory.getbasetemp() / "papo-cache"))
+@pytest.fixture(scope="module")
+def small_assets(tmp_path_factory):
+    """Small demo assets without the warm start: this test is about the machinery, not learning."""
+    from trainer.demo import DatasetSizes, build_demo_assets
+
+    assets = build_demo_assets(tmp_path_factory.mktemp("e2e") / "assets", seed=0,
+                               sizes=DatasetSizes(train=64, validation=16, sft=16))
+    return [f"model.path={assets.model_dir}", f"data.train_path={assets.data_dir}", f"data.val_path={assets.data_dir}"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["papo", "grpo"])
-def test_train_runs_the_real_step(ray_cluster, demo_cache, tmp_path, algo):
+def test_train_runs_the_real_step(ray_cluster, small_assets, tmp_path, algo):
     from trainer.driver import Trainer
 
-    cfg = resolve_config([named_config("demo")], TINY + [f"algo.name={algo}", f"trainer.output_dir={tmp_path}"])
+    cfg = resolve_config([named_config("demo")],
+                         TINY + small_assets + [f"algo.name={algo}", f"trainer.output_dir={tmp_path}"])
     trainer = Trainer(cfg)
     try:
         summary = trainer.run()
