@@ -66,8 +66,8 @@ for other in "$CACHE"/stack-*/; do
   if [ -f "$other/.papo-complete" ] && [ -z "$(find "$other/.papo-complete" -mtime +"$TTL_DAYS")" ]; then
     continue
   fi
+  # (Lock files are never deleted: unlinking one while another process opens it breaks the lock.)
   if ( flock -n 8 || exit 1; rm -rf "$other" ) 8>"$other.lock"; then
-    rm -f "$other.lock"
     echo "bootstrap: removed the unfinished or unused stack $other"
   fi
 done

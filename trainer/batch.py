@@ -199,7 +199,10 @@ class RolloutBatch:
 
         Padding columns that no selected row uses are trimmed.
         """
-        idx = torch.as_tensor(index, dtype=torch.long)
+        idx = torch.as_tensor(index)
+        if idx.dtype == torch.bool:
+            raise ValueError("select() takes row indices, not a boolean mask (use mask.nonzero().flatten())")
+        idx = idx.long()
         li = idx.tolist()
         kw: dict[str, Any] = {}
         for name in _TENSOR_FIELDS:

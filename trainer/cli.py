@@ -94,7 +94,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         module = importlib.import_module(DELEGATED[argv[0]][0])
         return int(module.cli_main(argv[1:]) or 0)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may stand anywhere among the options (argparse's nargs="*" positional only takes
+    # one contiguous run): collect the stray KEY=VALUE words that parse_known_args leaves over.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if "=" in e and not e.startswith("-")]
+    unknown = [e for e in extra if e not in stray]
+    if unknown or (stray and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or stray)}")
+    if stray:
+        args.overrides = list(args.overrides) + stray
     if args.command is None:
         parser.print_help()
         return 2

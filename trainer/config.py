@@ -94,6 +94,9 @@ class AlgoConfig(_Section):
     loss_avg: AvgMode = "token"
     perception_top_p: Optional[float] = Field(None, gt=0, le=1, description="keep top-p tokens by perception KL")
     perception_kl_clip: Optional[float] = Field(None, gt=0, description="clamp per-token perception KL to [0, clip]")
+    perception_kl_masked_grad: bool = Field(
+        False, description="with perception.masked_logp=learner_grad, let the perception KL back-propagate through "
+                           "the masked branch too (the official recompute switch does); default: only eta2 does")
     adv_eps: float = Field(1e-6, gt=0)
     dynamic_sampling: bool = False
     dynamic_sampling_max_tries: int = Field(20, ge=1)
@@ -104,6 +107,8 @@ class AlgoConfig(_Section):
     def _baselines_stay_baselines(self) -> "AlgoConfig":
         if self.name in BASELINES:
             on = [f"algo.{k}={getattr(self, k)}" for k in ("gamma", "eta2") if getattr(self, k) != 0]
+            if self.gamma_schedule == "linear" and self.gamma_end != 0:
+                on.append(f"algo.gamma_end={self.gamma_end} (linear schedule)")
             if on:
                 raise ValueError(
                     f"{', '.join(on)} switches on a PAPO term, but algo.name={self.name!r} is a baseline; "
@@ -125,9 +130,6 @@ class PerceptionConfig(_Section):
         "pool", description="pool: own worker pool, no grad; learner: official serial order, no grad; "
                             "learner_grad: recomputed in the loss with grad (eta2 acts)")
     diagnostic: bool = Field(False, description="run the masked pass under grpo/dapo too and log its KL")
-    kl_masked_grad: bool = Field(
-        False, description="learner_grad only: let the perception KL back-propagate through the masked branch too "
-                           "(the official recompute switch does); default: only the eta2 term gets that gradient")
     num_workers: int = Field(1, ge=1, description="perception-pool workers (masked_logp=pool)")
 
 
@@ -282,6 +284,13 @@ class JobConfig(_Section):
                 f"learner.num_ranks = {micro} * {ranks}")
         return self
 
+    @model_validator(mode="after")
+    def _diagnostic_has_a_pass(self) -> "JobConfig":
+        if self.perception.diagnostic and not self.algo.uses_perception and self.perception.masked_logp == "learner_grad":
+            raise ValueError("perception.diagnostic=true under a baseline needs a no-grad masked pass: set "
+                             "perception.masked_logp to pool or learner (learner_grad recomputes only for a PAPO loss)")
+        return self
+
     @property
     def needs_masked_pass(self) -> bool:
         return self.algo.uses_perception or self.perception.diagnostic
@@ -299,8 +308,8 @@ def config_warnings(cfg: JobConfig) -> list[str]:
             f"algo.eta2={cfg.algo.eta2} has no effect with perception.masked_logp="
             f"{cfg.perception.masked_logp!r}: the masked log-probs carry no gradient there (as in the official "
             "default); set perception.masked_logp=learner_grad for the masked entropy term to act")
-    if cfg.perception.kl_masked_grad and cfg.perception.masked_logp != "learner_grad":
-        out.append("perception.kl_masked_grad=true has no effect unless perception.masked_logp=learner_grad "
+    if cfg.algo.perception_kl_masked_grad and cfg.perception.masked_logp != "learner_grad":
+        out.append("algo.perception_kl_masked_grad=true has no effect unless perception.masked_logp=learner_grad "
                    "(elsewhere the masked log-probs carry no gradient)")
     if cfg.algo.gamma >= 0.04:
         out.append(f"algo.gamma={cfg.algo.gamma}: the paper reports collapse for gamma >= 0.04 without "

@@ -139,10 +139,16 @@ class Trainer:
         self.sampler = PromptSampler(len(self.train_set.examples), cfg.seed, cfg.data.shuffle)
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
-            ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus if not cfg.cluster.address else None,
+            address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")  # ray.init reads it too
+            ray.init(address=address, num_cpus=None if address else cfg.cluster.num_cpus,
                      include_dashboard=False, log_to_driver=False)
         self.version = 0
-        self.services = self._start_services()
+        try:
+            self.services = self._start_services()
+        except BaseException:
+            if self.started_ray:
+                ray.shutdown()
+            raise
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -267,15 +273,20 @@ class Trainer:
                 if not keep:
                     continue
                 batch = batch.select(torch.cat(keep))
-            kept.append(batch)
+            # Group ids restart at 0 in every try: make them unique before concatenating.
+            kept.append(batch.renumber_groups(start=sum(len(b.groups()) for b in kept)))
         else:
             if algo.dynamic_sampling and sum(len(b.groups()) for b in kept) < cfg.rollout.batch_size:
                 raise RuntimeError(
                     f"dynamic sampling kept {sum(len(b.groups()) for b in kept)} of {cfg.rollout.batch_size} groups "
                     f"after algo.dynamic_sampling_max_tries={algo.dynamic_sampling_max_tries} tries: nearly every "
                     "group is all-correct or all-wrong; lower rollout.batch_size or raise the tries")
-        batch = RolloutBatch.concat(kept).renumber_groups() if len(kept) > 1 else kept[0]
+        batch = RolloutBatch.concat(kept) if len(kept) > 1 else kept[0]
         stats["kept_groups"] = len(batch.groups())
+        if stats["kept_groups"] != cfg.rollout.batch_size:
+            raise RuntimeError(f"the rollout pool served {stats['kept_groups']} of {cfg.rollout.batch_size} prompts "
+                               f"({stats['request_errors']} request errors, e.g. {list(result.errors.values())[:3]}); "
+                               "the step needs whole batches (learner.mini_batch_size divides them)")
         return batch, stats
 
     def step(self, step: int) -> dict[str, float]:
@@ -368,7 +379,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         line = StepLine(cfg.trainer.total_steps, keys=("train/reward", "train/accuracy", "eval/accuracy"))
-        with MetricsWriter(self.run_dir, tensorboard=cfg.trainer.tensorboard) as writer:
+        with MetricsWriter(self.run_dir, tensorboard=cfg.trainer.tensorboard, append=False) as writer:
             start = self.evaluate()
             writer.log(0, start)
             logger.info("step 0: %s", start)
@@ -378,7 +389,7 @@ class Trainer:
                 if cfg.trainer.eval_every and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.total_steps):
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
-                if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+                if step == cfg.trainer.total_steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                     self.services.learner.save_checkpoint(self.run_dir / "checkpoints" / f"step_{step:06d}",
                                                           keep_last=cfg.trainer.keep_last)
                 writer.log(step, metrics)

@@ -101,13 +101,15 @@ class LossSettings:
     avg: str = "token"
     perception_top_p: Optional[float] = None
     perception_kl_clip: Optional[float] = None
+    perception_kl_masked_grad: bool = False
 
     @classmethod
     def from_algo(cls, algo: AlgoConfig) -> "LossSettings":
         return cls(gamma=algo.gamma, beta=algo.beta, eta1=algo.eta1, eta2=algo.eta2, clip_low=algo.clip_low,
                    clip_high=algo.clip_high, clip_dual=algo.clip_dual, kl_kind=algo.kl_kind,
                    perception_kl_kind=algo.perception_kl_kind, avg=algo.loss_avg,
-                   perception_top_p=algo.perception_top_p, perception_kl_clip=algo.perception_kl_clip)
+                   perception_top_p=algo.perception_top_p, perception_kl_clip=algo.perception_kl_clip,
+                   perception_kl_masked_grad=algo.perception_kl_masked_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +548,8 @@ class Learner:
             clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, clip_dual=loss_cfg.clip_dual,
             kl_kind=loss_cfg.kl_kind, avg=loss_cfg.avg, grad_accum=1, num_tokens=num_tokens,
             perception_kl_kind=loss_cfg.perception_kl_kind, perception_top_p=loss_cfg.perception_top_p,
-            perception_kl_clip=loss_cfg.perception_kl_clip)
+            perception_kl_clip=loss_cfg.perception_kl_clip,
+            perception_kl_masked_grad=loss_cfg.perception_kl_masked_grad)
         if loss_cfg.avg == "token_global":
             # engine.backward divides by grad_accum and the DP reduction averages over ranks;
             # token_global is already normalised by the mini-batch's global token count.

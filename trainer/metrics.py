@@ -33,17 +33,18 @@ def _scalar(value: Any) -> Optional[float]:
 class MetricsWriter:
     """Appends step metrics to ``run_dir/metrics.jsonl`` and (optionally) TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, append: bool = True):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
-        self._fh = open(self.path, "a", encoding="utf-8")
         self.non_finite = 0
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        # A new run truncates (one run per file); appending is for continuing the same run.
+        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Optional[float]]:
         """Write one step; returns what was written (None where a value was not finite)."""

@@ -85,3 +85,14 @@ def test_validation_names_the_field():
                                     image_refs=[[]], answers=["a"])
     with pytest.raises(ValueError, match="missing old_logp, advantages"):
         make_batch().require("old_logp", "advantages")
+
+
+def test_chunks_renumbered_with_an_offset_stay_distinct_groups():
+    # DAPO keeps groups from several tries, each numbered from 0: a group kept last in one try and
+    # first in the next may share an id; offsets keep them apart.
+    a = make_batch().select([2, 3])  # group 1 of try 1
+    b = make_batch().select([2, 3, 0, 1])  # groups 1 and 0 of try 2
+    c = RolloutBatch.concat([a.renumber_groups(0), b.renumber_groups(len(a.groups()))])
+    assert c.group_ids.tolist() == [0, 0, 1, 1, 2, 2] and len(c.groups()) == 3
+    with pytest.raises(ValueError, match="not a boolean mask"):
+        make_batch().select(torch.tensor([True, False, True, False]))

@@ -44,3 +44,12 @@ def test_bad_override_exits_2_naming_the_field():
 def test_missing_milestone_module_is_reported_not_faked(capsys):
     assert cli._load_optional("trainer.no_such_module", "the thing") is None
     assert "the thing is not part of this build yet" in capsys.readouterr().err
+
+
+def test_overrides_may_stand_between_options():
+    out = run_papo("train", "rollout.n=16", "--config", "demo", "algo.gamma=0.01", "--print-config")
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    assert printed["rollout"]["n"] == 16 and printed["algo"]["gamma"] == 0.01
+    bad = run_papo("train", "--print-config", "--no-such-flag")
+    assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr

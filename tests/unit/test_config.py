@@ -169,5 +169,12 @@ def test_presets_cover_every_algo_name():
 
 
 def test_kl_masked_grad_outside_learner_grad_warns():
-    with pytest.warns(ConfigWarning, match="perception.kl_masked_grad=true has no effect"):
-        resolve_config(overrides=["perception.kl_masked_grad=true"])
+    with pytest.warns(ConfigWarning, match="algo.perception_kl_masked_grad=true has no effect"):
+        resolve_config(overrides=["algo.perception_kl_masked_grad=true"])
+
+
+def test_annealed_gamma_and_learner_grad_diagnostic_are_refused_for_baselines():
+    with pytest.raises(ConfigError, match=r"algo.gamma_end=0.02 \(linear schedule\)"):
+        resolve_config(overrides=["algo.name=grpo", "algo.gamma_schedule=linear", "algo.gamma_end=0.02"])
+    with pytest.raises(ConfigError, match="diagnostic=true under a baseline needs a no-grad masked pass"):
+        resolve_config(overrides=["algo.name=dapo", "perception.diagnostic=true", "perception.masked_logp=learner_grad"])

@@ -254,3 +254,14 @@ def test_a_plain_process_leaves_no_rank_variables_behind(tiny):
 
     assert init_distributed() == (0, 1) and dist.is_initialized()
     assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
+
+
+def test_every_loss_field_of_the_config_reaches_the_loss_settings():
+    from trainer.config import resolve_config
+    from trainer.learner import LossSettings
+
+    algo = resolve_config(overrides=["algo.perception_kl_masked_grad=true", "algo.perception_top_p=0.2",
+                                     "algo.perception_kl_clip=0.2", "algo.loss_avg=seq"], warn=False).algo
+    s = LossSettings.from_algo(algo)
+    assert s.perception_kl_masked_grad and s.perception_top_p == 0.2 and s.perception_kl_clip == 0.2
+    assert s.avg == "seq" and (s.gamma, s.beta) == (algo.gamma, algo.beta)
