@@ -167,7 +167,6 @@ class DataConfig(_Section):
     answer_key: str = "answer"
     image_key: str = "images"
     format_prompt: Optional[str] = PAPO_FORMAT_PROMPT
-    max_prompt_length: int = Field(4096, ge=1, description="tokens, after image-token expansion")
     max_raw_pixels: int = Field(8192 * 8192, ge=1, description="reject raw images above this (decompression bombs)")
     shuffle: bool = True
     val_size: Optional[int] = Field(None, ge=1, description="evaluate on the first N validation rows")
@@ -247,7 +246,6 @@ class TrainerConfig(_Section):
     total_steps: int = Field(100, ge=1)
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(10, ge=0, description="0 = no periodic eval")
-    eval_k: int = Field(8, ge=1, description="samples per prompt for avg@k")
     save_every: int = Field(50, ge=0, description="0 = only the final checkpoint")
     keep_last: int = Field(2, ge=1)
     tensorboard: bool = True
