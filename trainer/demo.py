@@ -44,6 +44,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from trainer.checkpoint import replace_dir
 from trainer.data import IMAGE_PLACEHOLDER, PAPO_FORMAT_PROMPT
 
 #: Bump whenever the output of a given set of arguments changes (model, tokenizer, data): the
@@ -831,13 +832,7 @@ def build_demo_assets(
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             _normalise_permissions(tmp)
-            old = None
-            if root.exists():
-                old = root.parent / f".{root.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-                root.rename(old)
-            tmp.rename(root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -65,6 +65,7 @@ import torch
 
 from trainer.algos import papo_loss
 from trainer.batch import RolloutBatch
+from trainer.checkpoint import replace_dir
 from trainer.config import AlgoConfig, LearnerConfig, MaskedLogpPlacement
 from trainer.modeling import load_model, load_processor, model_inputs, token_logprobs
 from trainer.weights import WeightsHandle, digest, pack_state_dict
@@ -685,13 +686,7 @@ class Learner:
             (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         self._barrier()
         if self.rank == 0:
-            old = None
-            if final.exists():
-                old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-                final.rename(old)
-            tmp.rename(final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, final)
             if keep_last is not None:
                 prune_checkpoints(final.parent, keep_last)
         self._barrier()
