@@ -66,6 +66,27 @@ def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
     return out
 
 
+class BadPrompt(ValueError):
+    """A prompt whose images cannot be used (missing, unreadable, above data.max_raw_pixels)."""
+
+
+def prompt_images(example: PromptExample, max_raw_pixels: int) -> list[Any]:
+    """Decode a prompt's images, checking each header against ``max_raw_pixels`` before decoding."""
+    from PIL import Image
+
+    images = []
+    for path in example.image_paths:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+            if w * h > max_raw_pixels:
+                raise BadPrompt(f"row {example.row_id}: {path} has {w}x{h} pixels > data.max_raw_pixels={max_raw_pixels}")
+            images.append(load_image(path))
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise BadPrompt(f"row {example.row_id}: {path}: {e.__class__.__name__}: {e}") from None
+    return images
+
+
 class PromptSampler:
     """Seeded epoch-wise shuffling: the (epoch, position) pair fully determines the next prompts."""
 
@@ -143,6 +164,7 @@ class Trainer:
             ray.init(address=address, num_cpus=None if address else cfg.cluster.num_cpus,
                      include_dashboard=False, log_to_driver=False)
         self.version = 0
+        self.bad_prompts = 0
         try:
             self.services = self._start_services()
         except BaseException:
@@ -205,8 +227,14 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def _requests(self, picks: list[tuple[int, int]], black: bool = False, examples=None) -> tuple[list, list]:
-        """RolloutRequests whose images are ObjectRefs (one put per prompt) and MaskRequests for them."""
+    def _requests(self, picks: list[tuple[int, int]], black: bool = False, examples=None,
+                  replace_bad: bool = True) -> tuple[list, list]:
+        """RolloutRequests whose images are ObjectRefs (one put per prompt) and MaskRequests for them.
+
+        A prompt whose images cannot be used is counted in ``self.bad_prompts`` and, when
+        ``replace_bad``, replaced by the sampler's next prompt (so the batch stays whole);
+        otherwise it is left out.
+        """
         import ray
 
         from services.corruption import MaskRequest
@@ -214,9 +242,20 @@ class Trainer:
 
         examples = examples or self.train_set.examples
         rollout_reqs, mask_reqs = [], []
-        for index, epoch in picks:
+        picks = list(picks)
+        while picks:
+            index, epoch = picks.pop(0)
             ex: PromptExample = examples[index]
-            images = [load_image(p) for p in ex.image_paths]
+            try:
+                images = prompt_images(ex, self.cfg.data.max_raw_pixels)
+            except BadPrompt as e:
+                self.bad_prompts += 1
+                logger.warning("skipping a prompt (%d so far): %s", self.bad_prompts, e)
+                if self.bad_prompts > max(100, len(examples) // 10):
+                    raise RuntimeError(f"{self.bad_prompts} prompts had unusable images; last: {e}") from None
+                if replace_bad:
+                    picks.extend(self.sampler.take(1))
+                continue
             if black:
                 from PIL import Image
 
@@ -346,6 +385,7 @@ class Trainer:
             "train/gamma": gamma,
             "train/weight_version": float(self.version),
             "train/epoch": float(self.sampler.epoch),
+            "train/bad_prompts": float(self.bad_prompts),
             **{f"train/{k}": float(v) for k, v in stats.items()},
             **{f"train/{k}": float(v) for k, v in learn.items()},
             **timings,
@@ -364,7 +404,8 @@ class Trainer:
         spec = SamplingSpec.from_config(self.cfg.rollout, seed=self.cfg.seed, validation=True)
         out = {}
         for key, black in (("eval/accuracy", False), ("eval/black_accuracy", True)):
-            reqs, _ = self._requests([(i, 0) for i in range(len(examples))], black=black, examples=examples)
+            reqs, _ = self._requests([(i, 0) for i in range(len(examples))], black=black, examples=examples,
+                                     replace_bad=False)
             result = self.services.rollout.generate(reqs, spec)
             if result.batch is None:
                 raise RuntimeError(f"evaluation: no validation prompt was served: {list(result.errors.values())[:3]}")
