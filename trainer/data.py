@@ -113,6 +113,25 @@ def load_image(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
+class BadPrompt(ValueError):
+    """A prompt whose images cannot be used (missing, unreadable, above data.max_raw_pixels)."""
+
+
+def prompt_images(example: PromptExample, max_raw_pixels: int) -> list[Any]:
+    """Decode a prompt's images, checking each header against ``max_raw_pixels`` before decoding."""
+    images = []
+    for path in example.image_paths:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+            if w * h > max_raw_pixels:
+                raise BadPrompt(f"row {example.row_id}: {path} has {w}x{h} pixels > data.max_raw_pixels={max_raw_pixels}")
+            images.append(load_image(path))
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise BadPrompt(f"row {example.row_id}: {path}: {e.__class__.__name__}: {e}") from None
+    return images
+
+
 def resolve_split_files(data_dir: str | Path, split: str) -> list[Path]:
     """The parquet file(s) holding ``split`` under ``data_dir``, or the file ``data_dir`` itself.
 

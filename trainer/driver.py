@@ -25,7 +25,7 @@ import torch
 from trainer.algos import group_advantages, perception_coefs
 from trainer.batch import RolloutBatch
 from trainer.config import JobConfig, dump_config
-from trainer.data import PromptExample, load_image, load_split
+from trainer.data import BadPrompt, PromptExample, load_split, prompt_images
 from trainer.metrics import CURVES_FILE, MetricsWriter, StepLine, plot_curves
 
 logger = logging.getLogger(__name__)
@@ -64,27 +64,6 @@ def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
     out.data.train_path = sub(cfg.data.train_path)
     out.data.val_path = sub(cfg.data.val_path)
     return out
-
-
-class BadPrompt(ValueError):
-    """A prompt whose images cannot be used (missing, unreadable, above data.max_raw_pixels)."""
-
-
-def prompt_images(example: PromptExample, max_raw_pixels: int) -> list[Any]:
-    """Decode a prompt's images, checking each header against ``max_raw_pixels`` before decoding."""
-    from PIL import Image
-
-    images = []
-    for path in example.image_paths:
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-            if w * h > max_raw_pixels:
-                raise BadPrompt(f"row {example.row_id}: {path} has {w}x{h} pixels > data.max_raw_pixels={max_raw_pixels}")
-            images.append(load_image(path))
-        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-            raise BadPrompt(f"row {example.row_id}: {path}: {e.__class__.__name__}: {e}") from None
-    return images
 
 
 class PromptSampler:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data import PromptExample
-from trainer.driver import BadPrompt, PromptSampler, prompt_images
+from trainer.data import BadPrompt, PromptExample, prompt_images
+from trainer.driver import PromptSampler
 
 
 def example(tmp_path, name: str, size=(56, 56)) -> PromptExample:
