@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from trainer.config import ConfigError, dump_config, named_config, resolve_config
@@ -19,6 +20,7 @@ from trainer.config import ConfigError, dump_config, named_config, resolve_confi
 DELEGATED: dict[str, tuple[str, str]] = {
     "reward-server": ("services.reward_server", "serve the rule-based reward HTTP API (uvicorn)"),
     "demo-assets": ("trainer.demo", "write the tiny Qwen2.5-VL demo model and the synthetic VQA dataset"),
+    "submit": ("trainer.submit", "submit `papo train` as a Ray job to a running cluster (--wait follows it)"),
 }
 
 
@@ -31,12 +33,29 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", "-c", action="append", default=None, metavar="NAME|FILE",
                    help="shipped config name (demo) or YAML file; repeat to merge (default: demo)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue a run from its newest checkpoint (DIR: runs/<name> or one checkpoint folder); "
+                        "without --config the run's own config.yaml is used, overrides apply on top")
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint (greedy, avg@k, black-image accuracy)")
-    p.add_argument("--checkpoint", required=True, metavar="DIR")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint (greedy, black- and masked-image accuracy, avg@k)",
+        description="Evaluate a checkpoint in-process (local rollout worker, in-process grading; no Ray): greedy "
+                    "accuracy, accuracy with black and with training-style masked images, their gaps, and avg@k / "
+                    "pass@k. Prints a markdown table and writes eval.json + eval.md (default: in the checkpoint).")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="model folder: runs/<name>/checkpoints/step_XXXXXX or any HF model folder")
+    p.add_argument("--data", action="append", default=None, metavar="FILE",
+                   help="dataset file or folder (its validation split); repeat for one table row each "
+                        "(default: the config's validation split)")
+    p.add_argument("--k", type=int, default=8, help="samples per prompt for avg@k / pass@k (0: none; default 8)")
+    p.add_argument("--config", "-c", action="append", default=None, metavar="NAME|FILE",
+                   help="shipped config name or YAML file (default: the run's config.yaml beside the checkpoint, "
+                        "else demo)")
+    p.add_argument("--out", metavar="PATH", help="output folder, or a .json/.md path (default: the checkpoint folder)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N prompts of each dataset")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,23 +70,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = resolve_config([named_config(c) for c in (args.config or ["demo"])], list(args.overrides))
+    if args.config:
+        files = [named_config(c) for c in args.config]
+    elif args.resume:
+        files = [_run_config(Path(args.resume))]
+    else:
+        files = [named_config("demo")]
+    cfg = resolve_config(files, list(args.overrides))
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
     driver = _load_optional("trainer.driver", "the training step (trainer/driver.py)")
     if driver is None:
         return 1
-    return int(driver.train(cfg) or 0)
+    return int(driver.train(cfg, resume=args.resume) or 0)
+
+
+def _run_config(resume: Path) -> Path:
+    """The ``config.yaml`` of the run that ``--resume`` points into (the run folder or one of its checkpoints)."""
+    for folder in (resume, resume.parent, resume.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    raise ConfigError([f"--resume {resume}: no config.yaml in it or its parent run directory; pass --config"])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    driver = _load_optional("trainer.driver", "evaluation (trainer/driver.py)")
-    if driver is None or not hasattr(driver, "evaluate_checkpoint"):
-        print("papo eval: evaluating a saved checkpoint is not part of this build yet; `papo train` evaluates "
-              "every trainer.eval_every steps", file=sys.stderr)
+    from trainer.evaluate import EvalError, NothingServed, check_checkpoint, evaluate_checkpoint, report_paths, \
+        write_report
+
+    try:
+        report_paths(check_checkpoint(args.checkpoint), args.out)  # a read-only destination fails now, not later
+        report = evaluate_checkpoint(args.checkpoint, data=args.data or [], k=args.k, config=args.config,
+                                     overrides=list(args.overrides), limit=args.limit)
+    except EvalError as e:
+        print(f"papo eval: {e}", file=sys.stderr)
+        return 2
+    except NothingServed as e:
+        print(f"papo eval: {e}", file=sys.stderr)
         return 1
-    return int(driver.evaluate_checkpoint(args.checkpoint, args.overrides) or 0)
+    print(report.to_markdown(), end="")
+    json_path, md_path = write_report(report, args.out)
+    print(f"wrote {json_path} and {md_path}")
+    return 0
 
 
 def _load_optional(module: str, what: str):

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.data import PAPO_FORMAT_PROMPT
 
@@ -131,6 +131,8 @@ class PerceptionConfig(_Section):
                             "learner_grad: recomputed in the loss with grad (eta2 acts)")
     diagnostic: bool = Field(False, description="run the masked pass under grpo/dapo too and log its KL")
     num_workers: int = Field(1, ge=1, description="perception-pool workers (masked_logp=pool)")
+    num_cpus: Optional[float] = Field(None, ge=0, description="Ray CPUs per perception worker; default logprob.num_cpus")
+    num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per perception worker; default logprob.num_gpus")
 
 
 class CorruptionConfig(_Section):
@@ -141,6 +143,7 @@ class CorruptionConfig(_Section):
     prob: float = Field(0.6, ge=0, le=1, description="probability that a cell is blackened")
     noise_std: float = Field(0.25, ge=0, description="std of the noise strategy, as a fraction of the intensity range")
     num_workers: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, gt=0, description="Ray CPUs per corruption worker")
 
 
 class ModelConfig(_Section):
@@ -159,17 +162,64 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    train_path: str = Field("demo://data", min_length=1)
+    """Where prompts come from and how they are formatted (``trainer/data.py``).
+
+    Paths are a parquet/jsonl file or folder, a ``datasets.save_to_disk`` folder, or a hub id
+    ``owner/name[@split]``; ``demo://data`` is the demo dataset.
+    """
+
+    train_path: str = Field("demo://data", min_length=1, description="file, folder, save_to_disk folder or hub id")
     val_path: Optional[str] = "demo://data"
     train_split: str = "train"
     val_split: str = "validation"
     prompt_key: str = "problem"
     answer_key: str = "answer"
-    image_key: str = "images"
+    image_key: Optional[str] = Field("images", description="image column; null for a text-only dataset")
+    masked_image_key: Optional[str] = Field(
+        None, description="column of pre-masked images (one per image; PAPO's 'images_masked'), for "
+                          "corruption.strategy=precomputed; when set, the column must exist")
+    id_key: str = Field("id", min_length=1, description="row-id column; rows are numbered when it is absent")
+    image_root: Optional[str] = Field(None, description="folder relative image paths resolve against; default: "
+                                                        "the dataset folder (or the file's folder)")
     format_prompt: Optional[str] = PAPO_FORMAT_PROMPT
+    prompt_template: Optional[str] = Field(
+        None, description="Jinja prompt template rendered with `content` = the question: a shipped name "
+                          "(papo_math) or a .jinja file; replaces format_prompt")
+    max_prompt_length: Optional[int] = Field(
+        None, ge=1, description="drop prompts longer than this many tokens after image expansion (needs the "
+                                "model's processor); null = keep all")
+    verify_images: bool = Field(False, description="decode every image at load time (catches truncated files)")
     max_raw_pixels: int = Field(8192 * 8192, ge=1, description="reject raw images above this (decompression bombs)")
     shuffle: bool = True
     val_size: Optional[int] = Field(None, ge=1, description="evaluate on the first N validation rows")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _template_replaces_format_prompt(cls, values: Any) -> Any:
+        # A template holds the whole user turn: format_prompt's default must not be appended as
+        # well, so it is cleared when only the template is given (explicit both is an error below).
+        if isinstance(values, dict) and values.get("prompt_template") is not None and "format_prompt" not in values:
+            values = {**values, "format_prompt": None}
+        return values
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_exists(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            from trainer.data import DataError, load_prompt_template
+
+            try:
+                load_prompt_template(value)  # resolves, compiles and test-renders it
+            except DataError as e:
+                raise ValueError(str(e)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_prompt_format(self) -> "DataConfig":
+        if self.prompt_template is not None and self.format_prompt is not None:
+            raise ValueError(f"data.prompt_template={self.prompt_template!r} and data.format_prompt are both set; "
+                             "the template holds the whole prompt: set data.format_prompt=null")
+        return self
 
 
 class RolloutConfig(_Section):
@@ -219,7 +269,16 @@ class LearnerConfig(_Section):
     micro_batch_size: int = Field(4, ge=1, description="responses per forward/backward on one rank")
     gradient_checkpointing: bool = False
     freeze_vision_tower: bool = False
+    freeze_language_model: bool = Field(False, description="train only the vision tower and its merger (the "
+                                                           "language model keeps its weights: its format cannot drift)")
     cpu_offload: bool = False
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> "LearnerConfig":
+        if self.freeze_vision_tower and self.freeze_language_model:
+            raise ValueError("learner.freeze_vision_tower and learner.freeze_language_model are both true: "
+                             "nothing would train")
+        return self
 
 
 class LogProbConfig(_Section):
@@ -246,6 +305,9 @@ class TrainerConfig(_Section):
     total_steps: int = Field(100, ge=1)
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(10, ge=0, description="0 = no periodic eval")
+    eval_k: int = Field(0, ge=0, description="samples per prompt for avg@k / pass@k in the periodic eval (at the "
+                        "rollout temperature); 0 = greedy, black- and masked-image accuracy only, which keeps "
+                        "the demo's eval cheap. `papo eval --k` (default 8) sets it for a checkpoint")
     save_every: int = Field(50, ge=0, description="0 = only the final checkpoint")
     keep_last: int = Field(2, ge=1)
     tensorboard: bool = True
@@ -470,13 +532,20 @@ def configs_dir() -> Path:
     return Path(configs.__file__).parent
 
 
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs: ``demo``, ``paper/qwen2_5_vl_7b``, ... (subfolders included)."""
+    root = configs_dir()
+    return sorted(q.relative_to(root).with_suffix("").as_posix() for q in root.rglob("*.yaml"))
+
+
 def named_config(name: str) -> Path:
-    """``demo`` -> the shipped ``configs/demo.yaml``; a path to a file is returned unchanged."""
+    """``demo`` -> the shipped ``configs/demo.yaml``, ``paper/papo`` -> ``configs/paper/papo.yaml``;
+    a path to a file is returned unchanged."""
     p = Path(name)
     if p.suffix in (".yaml", ".yml") or p.exists():
         return p
     shipped = configs_dir() / f"{name}.yaml"
     if not shipped.is_file():
-        names = sorted(q.stem for q in configs_dir().glob("*.yaml"))
-        raise ConfigError([f"--config {name!r}: no such file, and not a shipped config ({', '.join(names)})"])
+        raise ConfigError([f"--config {name!r}: no such file, and not a shipped config "
+                           f"({', '.join(shipped_configs())})"])
     return shipped

@@ -12,8 +12,12 @@ fault drills and the benchmarks.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +29,8 @@ import torch
 from trainer.algos import group_advantages, perception_coefs
 from trainer.batch import RolloutBatch
 from trainer.config import JobConfig, dump_config
-from trainer.data import BadPrompt, PromptExample, load_split, prompt_images
-from trainer.metrics import CURVES_FILE, MetricsWriter, StepLine, plot_curves
+from trainer.data import BadPrompt, DataError, PromptExample, load_split_from_config, prompt_images
+from trainer.metrics import CURVES_FILE, MetricsWriter, StepLine, plot_curves, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,48 @@ def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
     return out
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_paths(cfg: JobConfig) -> None:
+    """Fail before any Ray work when a model path is neither a model folder nor a hub id."""
+    for field, value in (("model.path", cfg.model.path), ("model.ref_path", cfg.model.ref_path)):
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{field}={value}: the folder has no config.json (not a model folder)")
+        elif path.exists() or not _HUB_ID.match(value):
+            raise FileNotFoundError(f"{field}={value}: no such model folder (and not a hub id like org/name)")
+
+
+def latest_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint ``papo train --resume PATH`` continues from.
+
+    ``PATH`` is a checkpoint folder (it holds the learner's marker file) or a run directory, whose
+    newest complete checkpoint under ``checkpoints/`` (by the driver step it recorded) is taken.
+    Half-written saves never carry the marker (saves are atomic), so they are never picked.
+    """
+    from trainer.learner import CHECKPOINT_MARKER, TRAINER_STATE
+
+    folder = Path(path)
+    if (folder / CHECKPOINT_MARKER).is_file():
+        if not (folder / TRAINER_STATE).is_file():
+            raise FileNotFoundError(f"{folder} is a learner checkpoint without {TRAINER_STATE} (not written by "
+                                    "`papo train`): it cannot be resumed")
+        return folder
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--resume {folder}: no such run directory or checkpoint")
+    found = []
+    for d in (folder / "checkpoints").glob("*"):
+        if (d / CHECKPOINT_MARKER).is_file() and (d / TRAINER_STATE).is_file():
+            found.append((json.loads((d / TRAINER_STATE).read_text())["step"], d))
+    if not found:
+        raise FileNotFoundError(f"--resume {folder}: no complete checkpoint under {folder / 'checkpoints'}")
+    return max(found)[1]
+
+
 class PromptSampler:
     """Seeded epoch-wise shuffling: the (epoch, position) pair fully determines the next prompts."""
 
@@ -80,6 +126,18 @@ class PromptSampler:
         if not self.shuffle:
             return np.arange(self.n)
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"n": self.n, "seed": self.seed, "shuffle": int(self.shuffle), "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue exactly where a saved sampler stopped (same dataset size and seed required)."""
+        if (state["n"], state["seed"], bool(state["shuffle"])) != (self.n, self.seed, self.shuffle):
+            raise ValueError(f"the checkpoint's sampler ran over {state['n']} rows with seed {state['seed']} "
+                             f"(shuffle={bool(state['shuffle'])}); this run has {self.n} rows, seed {self.seed} "
+                             f"(shuffle={self.shuffle}): resuming would not continue the same data order")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._permutation(self.epoch)
 
     def take(self, k: int) -> list[tuple[int, int]]:
         """``k`` (index, epoch) pairs."""
@@ -121,21 +179,19 @@ class Services:
 class Trainer:
     """One PAPO/GRPO/DAPO run on a Ray cluster; ``run()`` trains ``trainer.total_steps`` steps."""
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, resume: Optional[str | os.PathLike] = None):
         import ray
 
         self.cfg = cfg = resolve_demo_paths(cfg)
+        check_model_paths(cfg)
         self.run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        self.train_set = load_split(cfg.data.train_path, cfg.data.train_split, prompt_key=cfg.data.prompt_key,
-                                    answer_key=cfg.data.answer_key, image_key=cfg.data.image_key,
-                                    format_prompt=cfg.data.format_prompt)
+        # data.max_prompt_length, when set, loads the model's processor to count prompt tokens.
+        self.train_set = load_split_from_config(cfg.data, cfg.data.train_path, cfg.data.train_split, model=cfg.model)
         self.val_set = None
         if cfg.data.val_path:
-            self.val_set = load_split(cfg.data.val_path, cfg.data.val_split, prompt_key=cfg.data.prompt_key,
-                                      answer_key=cfg.data.answer_key, image_key=cfg.data.image_key,
-                                      format_prompt=cfg.data.format_prompt)
+            self.val_set = load_split_from_config(cfg.data, cfg.data.val_path, cfg.data.val_split, model=cfg.model)
         self.sampler = PromptSampler(len(self.train_set.examples), cfg.seed, cfg.data.shuffle)
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
@@ -144,9 +200,16 @@ class Trainer:
                      include_dashboard=False, log_to_driver=False)
         self.version = 0
         self.bad_prompts = 0
+        self.start_step = 0  # the last finished step (a resumed run continues after it)
+        self.best: dict[str, Any] = {"step": None, "accuracy": float("-inf")}
+        self.resumed_from: Optional[Path] = None
         try:
             self.services = self._start_services()
+            if resume is not None:
+                self._restore(latest_checkpoint(resume))
         except BaseException:
+            if getattr(self, "services", None) is not None:
+                self.services.shutdown()
             if self.started_ray:
                 ray.shutdown()
             raise
@@ -176,6 +239,8 @@ class Trainer:
                 serve_started = True
             services.serve_started = serve_started
             services.reward = RewardClient(url, token=cfg.reward.token)
+            if not serve_started:
+                services.reward.health()  # an external server that is down fails here, before any engine starts
             services.rollout = RolloutPool.from_config(cfg.rollout, cfg.model, cfg.cluster, seed=cfg.seed)
             steps_per_rollout = cfg.learner.ppo_epochs * (cfg.rollout.batch_size * cfg.rollout.n
                                                           // cfg.learner.mini_batch_size)
@@ -192,10 +257,12 @@ class Trainer:
                 c = cfg.corruption
                 services.corruption = CorruptionPool(strategy=c.strategy, patch_size=c.patch_size, prob=c.prob,
                                                      max_pixels=cfg.data.max_raw_pixels, noise_std=c.noise_std,
-                                                     num_workers=c.num_workers)
+                                                     num_workers=c.num_workers, num_cpus=c.num_cpus)
                 if cfg.perception.masked_logp == "pool":
-                    services.perception = LogProbPool(cfg.model.path, role="perception",
-                                                      num_workers=cfg.perception.num_workers, **pool_kwargs)
+                    p = cfg.perception
+                    sizing = {k: v for k, v in (("num_cpus", p.num_cpus), ("num_gpus", p.num_gpus)) if v is not None}
+                    services.perception = LogProbPool(cfg.model.path, role="perception", num_workers=p.num_workers,
+                                                      **{**pool_kwargs, **sizing})
             if cfg.needs_reference:
                 services.reference = LogProbPool(cfg.model.ref_path or cfg.model.path, role="reference",
                                                  num_workers=cfg.logprob.reference_workers, **pool_kwargs)
@@ -203,6 +270,42 @@ class Trainer:
             services.shutdown()
             raise
         return services
+
+    # ---- checkpoint and resume ---------------------------------------------------------------
+
+    def _trainer_state(self, step: int) -> dict[str, Any]:
+        return {"step": step, "weight_version": self.version, "sampler": self.sampler.state_dict(),
+                "bad_prompts": self.bad_prompts, "best": self.best}
+
+    def save(self, step: int) -> Path:
+        """Learner state and driver state (step, sampler position, best eval) in one atomic folder."""
+        return self.services.learner.save_checkpoint(self.run_dir / "checkpoints" / f"step_{step:06d}",
+                                                     keep_last=self.cfg.trainer.keep_last,
+                                                     extra=self._trainer_state(step))
+
+    def _restore(self, ckpt: Path) -> None:
+        """Continue from ``ckpt``: learner (weights, optimiser, counters, RNG), the pools' weights, the
+        sampler position and the step. Rollout seeds and mask seeds are functions of (run seed, step)
+        and (run seed, row, epoch), so the resumed run sees the same prompts, samples and masks."""
+        from trainer.learner import TRAINER_STATE
+
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
+        if state["step"] >= self.cfg.trainer.total_steps:
+            raise ValueError(f"{ckpt} is at step {state['step']}, trainer.total_steps={self.cfg.trainer.total_steps}:"
+                             " nothing left to train (raise trainer.total_steps to continue)")
+        self.services.learner.load_checkpoint(ckpt)
+        self.sampler.load_state_dict(state["sampler"])
+        self.start_step, self.version = int(state["step"]), int(state["weight_version"])
+        self.bad_prompts = int(state.get("bad_prompts", 0))
+        self.best = dict(state.get("best") or self.best)
+        handle = self.services.learner.publish_weights(self.version)
+        held = set(self.services.rollout.receive_weights(handle))
+        if self.services.perception is not None:
+            held |= set(self.services.perception.receive_weights(handle))
+        if held != {self.version}:
+            raise RuntimeError(f"resuming: the pools hold weight versions {sorted(held)}, expected {self.version}")
+        self.resumed_from = ckpt
+        logger.info("resumed from %s at step %d (weight version %d)", ckpt, self.start_step, self.version)
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -321,7 +424,11 @@ class Trainer:
         t = time.perf_counter()
         masked_refs = svc.perception.submit(batch, masked=True) if svc.perception is not None else None
         ref_refs = svc.reference.submit(batch) if svc.reference is not None else None
-        batch.old_logp = svc.learner.compute_logprobs(batch)
+        # On-policy (one epoch, one mini-batch) the update's own forward gives the old log-probs
+        # (ratio 1, same gradient, as verl does): the separate no-grad pass would be pure overhead.
+        on_policy = cfg.learner.ppo_epochs == 1 and len(batch) == cfg.learner.mini_batch_size
+        if not on_policy:
+            batch.old_logp = svc.learner.compute_logprobs(batch)
         if cfg.needs_masked_pass and cfg.perception.masked_logp == "learner":
             batch.masked_logp = svc.learner.compute_logprobs(batch, masked=True)  # the official serial order
         if masked_refs is not None:
@@ -333,7 +440,9 @@ class Trainer:
             batch.ref_logp, _ = svc.reference.collect(batch, ref_refs)
         timings["timing/logprobs"] = time.perf_counter() - t
         mask = batch.response_mask
-        rollout_logp_diff = float((batch.rollout_logp - batch.old_logp).abs()[mask].mean()) if mask.any() else 0.0
+        rollout_logp_diff = None
+        if batch.old_logp is not None:
+            rollout_logp_diff = float((batch.rollout_logp - batch.old_logp).abs()[mask].mean()) if mask.any() else 0.0
 
         # Step 5: advantages and all optimiser steps of this rollout batch.
         batch.advantages = group_advantages(batch.rewards, cfg.rollout.n, eps=cfg.algo.adv_eps)
@@ -360,13 +469,14 @@ class Trainer:
             "train/reward": float(batch.rewards.mean()),
             "train/accuracy": float(batch.accuracy.mean()),
             "train/response_length": float(batch.response_lengths.float().mean()),
-            "train/rollout_logp_diff": rollout_logp_diff,
             "train/gamma": gamma,
             "train/weight_version": float(self.version),
             "train/epoch": float(self.sampler.epoch),
             "train/bad_prompts": float(self.bad_prompts),
+            "perf/driver_rss_mb": _rss_mb(),
             **{f"train/{k}": float(v) for k, v in stats.items()},
             **{f"train/{k}": float(v) for k, v in learn.items()},
+            **({} if rollout_logp_diff is None else {"train/rollout_logp_diff": rollout_logp_diff}),
             **timings,
         }
         return metrics
@@ -374,56 +484,83 @@ class Trainer:
     # ---- evaluation --------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy on the validation rows, with the real images and with black ones."""
-        from services.rollout import SamplingSpec
+        """The eval/* metrics on the validation rows (trainer/evaluate.py): greedy accuracy with the
+        real, black and training-style masked images, their gaps, and avg@k / pass@k when
+        ``trainer.eval_k > 0``, on the rollout pool and the reward server."""
+        import ray
+
+        from trainer.evaluate import evaluate_examples
 
         if self.val_set is None:
             return {}
+        t = time.perf_counter()
         examples = self.val_set.examples[: self.cfg.data.val_size or len(self.val_set.examples)]
-        spec = SamplingSpec.from_config(self.cfg.rollout, seed=self.cfg.seed, validation=True)
-        out = {}
-        for key, black in (("eval/accuracy", False), ("eval/black_accuracy", True)):
-            reqs, _ = self._requests([(i, 0) for i in range(len(examples))], black=black, examples=examples,
-                                     replace_bad=False)
-            result = self.services.rollout.generate(reqs, spec)
-            if result.batch is None:
-                raise RuntimeError(f"evaluation: no validation prompt was served: {list(result.errors.values())[:3]}")
-            _, accuracy, _ = self._grade(result.batch)
-            out[key] = float(accuracy.sum()) / len(examples)  # unserved prompts count as wrong
-        out["eval/vision_gap"] = out["eval/accuracy"] - out["eval/black_accuracy"]
-        return out
+        result = evaluate_examples(examples, generate=self.services.rollout.generate,
+                                   grade=self.services.reward.score, cfg=self.cfg, put=ray.put,
+                                   name=self.cfg.data.val_split, source=str(self.val_set.source))
+        return {**result.metrics(), "timing/eval": time.perf_counter() - t}
 
     # ---- the loop ----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        line = StepLine(cfg.trainer.total_steps, keys=("train/reward", "train/accuracy", "eval/accuracy"))
-        with MetricsWriter(self.run_dir, tensorboard=cfg.trainer.tensorboard, append=False) as writer:
-            start = self.evaluate()
-            writer.log(0, start)
-            logger.info("step 0: %s", start)
+        line = StepLine(cfg.trainer.total_steps - self.start_step,
+                        keys=("train/reward", "train/accuracy", "eval/accuracy"))
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if self.start_step:
+            # Rows logged after the checkpoint (a crash between saves) are about to be redone.
+            rows = [r for r in read_metrics(metrics_path) if r["step"] <= self.start_step] if metrics_path.exists() else []
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            start = {k: v for k, v in (rows[0] if rows and rows[0]["step"] == 0 else {}).items() if k.startswith("eval/")}
+        with MetricsWriter(self.run_dir, tensorboard=cfg.trainer.tensorboard, append=bool(self.start_step)) as writer:
+            if not self.start_step:
+                start = self.evaluate()
+                writer.log(0, start)
+                logger.info("step 0: %s", start)
             last_eval = start
-            for step in range(1, cfg.trainer.total_steps + 1):
+            for step in range(self.start_step + 1, cfg.trainer.total_steps + 1):
                 metrics = self.step(step)
-                if cfg.trainer.eval_every and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.total_steps):
+                last = step == cfg.trainer.total_steps
+                if cfg.trainer.eval_every and (step % cfg.trainer.eval_every == 0 or last):
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
-                if step == cfg.trainer.total_steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
-                    self.services.learner.save_checkpoint(self.run_dir / "checkpoints" / f"step_{step:06d}",
-                                                          keep_last=cfg.trainer.keep_last)
+                    if last_eval.get("eval/accuracy", float("-inf")) > self.best["accuracy"]:
+                        self.best = {"step": step, "accuracy": last_eval["eval/accuracy"], **last_eval}
+                        self.services.learner.save_checkpoint(self.run_dir / "best",
+                                                              extra=self._trainer_state(step))
+                if last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
+                    self.save(step)
                 writer.log(step, metrics)
-                if step % cfg.trainer.log_every == 0 or step == cfg.trainer.total_steps:
-                    print(line(step, metrics), flush=True)
+                if step % cfg.trainer.log_every == 0 or last:
+                    print(line(step - self.start_step, metrics), flush=True)
         if cfg.trainer.plot:
-            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / CURVES_FILE,
+            plot_curves(metrics_path, self.run_dir / CURVES_FILE,
                         keys=("train/reward", "eval/accuracy", "train/perception_kl", "train/entropy"))
         summary = {"run_dir": str(self.run_dir), "wall_s": time.perf_counter() - t0,
-                   "start": start, "end": last_eval}
-        print(f"done in {summary['wall_s']:.0f} s | eval accuracy {start.get('eval/accuracy', float('nan')):.3f} -> "
-              f"{last_eval.get('eval/accuracy', float('nan')):.3f} | black-image accuracy "
-              f"{last_eval.get('eval/black_accuracy', float('nan')):.3f} | run directory {self.run_dir}", flush=True)
+                   "start": start, "end": last_eval, "best": self.best}
+        self._print_summary(summary, metrics_path)
         return summary
+
+    def _print_summary(self, summary: dict[str, Any], metrics_path: Path) -> None:
+        rows = read_metrics(metrics_path)
+        kls = [r["train/perception_kl"] for r in rows if r.get("train/perception_kl") is not None]
+        start, end, best = summary["start"], summary["end"], summary["best"]
+
+        def acc(d: dict[str, Any], key: str = "eval/accuracy") -> str:
+            v = d.get(key)
+            return "n/a" if v is None else f"{v:.3f}"
+
+        lines = [f"done in {summary['wall_s']:.0f} s; run directory {self.run_dir}",
+                 f"  eval accuracy        {acc(start)} -> {acc(end)} (best {acc(best)} at step {best.get('step')}, "
+                 f"checkpoint {self.run_dir / 'best'})",
+                 f"  black-image accuracy {acc(start, 'eval/black_accuracy')} -> {acc(end, 'eval/black_accuracy')}"]
+        if "eval/masked_accuracy" in end:
+            lines.append(f"  masked-image accuracy {acc(start, 'eval/masked_accuracy')} -> "
+                         f"{acc(end, 'eval/masked_accuracy')}")
+        if kls:
+            lines.append(f"  perception KL        {kls[0]:.4f} (first step) -> {kls[-1]:.4f} (last step)")
+        print("\n".join(lines), flush=True)
 
     def close(self) -> None:
         import ray
@@ -433,11 +570,68 @@ class Trainer:
             ray.shutdown()
 
 
-def train(cfg: JobConfig) -> int:
-    """``papo train``: build the services, run every step, shut everything down."""
-    trainer = Trainer(cfg)
+def _rss_mb() -> float:
+    """This (driver) process's resident memory: flat over a run unless something accumulates."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so the same clean shutdown as Ctrl-C runs."""
+
+
+_terminated = False  # set by the handler: Ray's ray.get re-raises interrupts as plain KeyboardInterrupt
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _terminated
+    _terminated = True
+    raise Terminated(f"signal {signum}")
+
+
+def train(cfg: JobConfig, resume: Optional[str | os.PathLike] = None) -> int:
+    """``papo train``: build the services, run every step, shut everything down.
+
+    Ctrl-C and SIGTERM stop the run between or inside steps; engines are stopped and the Ray
+    cluster we started is shut down; checkpoints are atomic, so the last one stays intact.
+    A reward server that stays unreachable ends the run with that error (exit 1): no step
+    trains on missing rewards.
+    """
+    from rewards.client import RewardServerError
+
+    global _terminated
+    _terminated = False
+    trainer, previous = None, None
     try:
+        try:
+            trainer = Trainer(cfg, resume=resume)
+        except (FileNotFoundError, DataError) as e:  # a bad model, dataset or checkpoint path, named
+            print(f"papo train: {e}", file=sys.stderr, flush=True)
+            return 2
+        # After ray.init, which installs its own driver handler (sys.exit) for SIGTERM.
+        if _main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         trainer.run()
+        return 0
+    except RewardServerError as e:
+        print(f"papo train: stopped: the reward server failed: {e}. No step trained on missing rewards; "
+              f"the last checkpoint is under {Path(cfg.trainer.output_dir) / cfg.trainer.name / 'checkpoints'}",
+              file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated) or _terminated
+        print(f"papo train: {'SIGTERM' if term else 'interrupted'}: shutting down (checkpoints written so far are "
+              "intact)", file=sys.stderr, flush=True)
+        return 143 if term else 130
     finally:
-        trainer.close()
-    return 0
+        if trainer is not None:
+            trainer.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -74,6 +74,8 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_MARKER = "papo_checkpoint.json"
+#: The driver's state (step, sampler position, best eval) inside a checkpoint, written with it atomically.
+TRAINER_STATE = "trainer_state.json"
 _DS_SUBDIR = "deepspeed"
 _DS_TAG = "state"
 # Files of a model folder that are weights (rewritten from the trained parameters on save);
@@ -307,6 +309,11 @@ class Learner:
         if learner.freeze_vision_tower:
             for p in model.model.visual.parameters():
                 p.requires_grad_(False)
+        if learner.freeze_language_model:
+            visual = {id(p) for p in model.model.visual.parameters()}
+            for p in model.parameters():
+                if id(p) not in visual:
+                    p.requires_grad_(False)
         if learner.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -445,7 +452,10 @@ class Learner:
 
     def _check_inputs(self, batch: RolloutBatch, masked_images: Optional[Sequence[Sequence[Any]]],
                       loss: LossSettings) -> None:
-        batch.require("old_logp", "advantages")
+        batch.require("advantages")
+        if batch.old_logp is None and not self.on_policy(len(batch)):
+            raise ValueError("the batch has no old_logp: only an on-policy update (learner.ppo_epochs=1 and one "
+                             "mini-batch per rollout batch) may take them from its own forward")
         if loss.beta != 0.0:
             batch.require("ref_logp")
         needs_masked = loss.gamma != 0.0 or loss.eta2 != 0.0
@@ -458,6 +468,12 @@ class Learner:
         if len(batch) % self.rows_per_mini_batch:
             raise ValueError(f"{len(batch)} rows on this rank do not split into mini-batches of "
                              f"{self.rows_per_mini_batch} (learner.mini_batch_size / world size)")
+
+    def on_policy(self, rows: int) -> bool:
+        """One optimiser step over ``rows`` rows of this rank: the policy that scores them is the one
+        that is updated, so the old log-probs are the update's own forward, detached (ratio 1,
+        the same gradient), and the separate old-log-prob pass can be skipped."""
+        return self.cfg.ppo_epochs == 1 and rows == self.rows_per_mini_batch
 
     def train_step(self, batch: RolloutBatch, images: Sequence[Sequence[Any]],
                    masked_images: Optional[Sequence[Sequence[Any]]] = None, *,
@@ -539,11 +555,13 @@ class Learner:
         """
         logp, entropy = self._logp(micro, images, with_entropy=True)
         dev = logp.device
+        # On-policy (checked in _check_inputs): the old log-probs are this forward's, detached.
+        old_logp = micro.old_logp.to(dev) if micro.old_logp is not None else logp.detach()
         masked_lp = None if micro.masked_logp is None else micro.masked_logp.to(dev)
         if masked_images is not None:
             masked_lp, _ = self._logp(micro, masked_images)
         loss, metrics = papo_loss(
-            logp, micro.old_logp.to(dev), micro.advantages.to(dev), micro.response_mask.to(dev),
+            logp, old_logp, micro.advantages.to(dev), micro.response_mask.to(dev),
             masked_logp=masked_lp, ref_logp=None if micro.ref_logp is None else micro.ref_logp.to(dev),
             gamma=loss_cfg.gamma, beta=loss_cfg.beta, eta1=loss_cfg.eta1, eta2=loss_cfg.eta2,
             clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, clip_dual=loss_cfg.clip_dual,
@@ -567,6 +585,11 @@ class Learner:
         # Exact entropy of the temperature-scaled distribution, token mean after weighting.
         n_tok = max(metrics["response_tokens"], 1.0)
         metrics["exact_entropy"] = float(entropy.detach().sum()) / n_tok if entropy is not None else float("nan")
+        if micro.old_logp is None and micro.rollout_logp is not None:
+            # The weights that generated these rollouts scored them here: the engine/learner gap.
+            mask = micro.response_mask.to(dev)
+            diff = (micro.rollout_logp.to(dev) - old_logp).abs() * mask
+            metrics["rollout_logp_diff"] = float(diff.sum()) / n_tok
         return metrics
 
     def _boundary_step(self) -> tuple[float, float]:
@@ -652,8 +675,13 @@ class Learner:
                 shutil.copy2(f, folder / f.name)
         save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
-    def save_checkpoint(self, path: str | os.PathLike, *, keep_last: Optional[int] = None) -> Path:
+    def save_checkpoint(self, path: str | os.PathLike, *, keep_last: Optional[int] = None,
+                        extra: Optional[dict[str, Any]] = None) -> Path:
         """Write a checkpoint folder at ``path`` atomically. Collective: every rank calls it.
+
+        ``extra`` (JSON-serialisable, e.g. the driver's step and sampler position) is written by
+        rank 0 as ``trainer_state.json`` inside the same atomic folder, so a checkpoint never has
+        learner state without the matching driver state.
 
         The folder is an HF model folder (``model.safetensors`` + config + processor: loads with
         ``from_pretrained``/``AutoProcessor``/vLLM) plus ``deepspeed/`` (module, optimizer and
@@ -680,6 +708,8 @@ class Learner:
         if self.rank == 0:
             assert sd is not None
             self._write_hf_folder(tmp, sd)
+            if extra is not None:
+                (tmp / TRAINER_STATE).write_text(json.dumps(extra, indent=2) + "\n")
             marker = {"optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
                       "train_steps": self.train_steps, "weight_version": self.weight_version,
                       "world_size": self.world_size, "zero_stage": self.zero_stage, "time": time.time()}
@@ -926,10 +956,11 @@ class LearnerGroup:
         """Rank 0's handle of the full HF-named weights (every rank takes part in the gather)."""
         return self._all("publish_weights", version)[0]
 
-    def save_checkpoint(self, path: str | os.PathLike, *, keep_last: Optional[int] = None) -> Path:
+    def save_checkpoint(self, path: str | os.PathLike, *, keep_last: Optional[int] = None,
+                        extra: Optional[dict[str, Any]] = None) -> Path:
         """Every rank writes its part; rank 0 renames the finished folder into place (see Learner)."""
         # Absolute here: the actors' working directory need not be the driver's.
-        return self._all("save_checkpoint", Path(path).absolute(), keep_last=keep_last)[0]
+        return self._all("save_checkpoint", Path(path).absolute(), keep_last=keep_last, extra=extra)[0]
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         return self._all("load_checkpoint", Path(path).absolute())[0]

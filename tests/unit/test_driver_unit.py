@@ -37,3 +37,66 @@ def test_sampler_is_a_seeded_permutation_per_epoch():
     assert [i for i, _ in PromptSampler(4, seed=0, shuffle=False).take(4)] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="no usable rows"):
         PromptSampler(0, seed=0)
+
+
+def test_sampler_state_round_trip_continues_the_same_order():
+    straight = PromptSampler(7, seed=11)
+    expected = straight.take(20)  # crosses two epoch boundaries
+    first = PromptSampler(7, seed=11)
+    head = first.take(9)
+    resumed = PromptSampler(7, seed=11)
+    resumed.load_state_dict(first.state_dict())
+    assert head + resumed.take(11) == expected
+    with pytest.raises(ValueError, match="would not continue the same data order"):
+        PromptSampler(7, seed=12).load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="over 7 rows"):
+        PromptSampler(8, seed=11).load_state_dict(first.state_dict())
+
+
+def _checkpoint(folder, step: int, state: bool = True):
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "papo_checkpoint.json").write_text("{}")
+    if state:
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    return folder
+
+
+def test_latest_checkpoint_picks_the_newest_complete_one(tmp_path):
+    from trainer.driver import latest_checkpoint
+
+    run = tmp_path / "run"
+    _checkpoint(run / "checkpoints" / "step_000010", 10)
+    newest = _checkpoint(run / "checkpoints" / "step_000020", 20)
+    (run / "checkpoints" / ".step_000030.tmp-abcd1234").mkdir()  # a crashed save: no marker
+    _checkpoint(run / "checkpoints" / "step_000025", 25, state=False)  # not written by papo train
+    assert latest_checkpoint(run) == newest
+    assert latest_checkpoint(newest) == newest
+    with pytest.raises(FileNotFoundError, match="without trainer_state.json"):
+        latest_checkpoint(run / "checkpoints" / "step_000025")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint under"):
+        latest_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        latest_checkpoint(tmp_path / "missing")
+
+
+def test_check_model_paths_accepts_model_folders_and_hub_ids(tmp_path):
+    from trainer.config import resolve_config
+    from trainer.driver import check_model_paths
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+
+    def check(path: str) -> None:
+        check_model_paths(resolve_config([], [f"model.path={path}"]))
+
+    check(str(tmp_path / "model"))
+    check("Qwen/Qwen2.5-VL-3B-Instruct")  # a hub id: loaded (or refused offline) by from_pretrained later
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        check(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        check(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        check("./relative/typo")
