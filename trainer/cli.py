@@ -88,6 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _run_config(resume: Path) -> Path:
     """The ``config.yaml`` of the run that ``--resume`` points into (the run folder or one of its checkpoints)."""
+    if not resume.exists():
+        raise ConfigError([f"--resume {resume}: no such run directory or checkpoint"])
     for folder in (resume, resume.parent, resume.parent.parent):
         if (folder / "config.yaml").is_file():
             return folder / "config.yaml"

@@ -351,6 +351,13 @@ class JobConfig(_Section):
                              "perception.masked_logp to pool or learner (learner_grad recomputes only for a PAPO loss)")
         return self
 
+    @model_validator(mode="after")
+    def _precomputed_masks_have_a_column(self) -> "JobConfig":
+        if self.corruption.strategy == "precomputed" and self.data.masked_image_key is None:
+            raise ValueError("corruption.strategy=precomputed reads each row's pre-masked images: set "
+                             "data.masked_image_key to their column (e.g. images_masked)")
+        return self
+
     @property
     def needs_masked_pass(self) -> bool:
         return self.algo.uses_perception or self.perception.diagnostic

@@ -598,14 +598,18 @@ def _row_id(value: Any) -> int | None:
         return None
     if isinstance(value, bool):
         return int(value)
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
-    text = str(value)
-    if text.lstrip("-").isdigit():
-        return int(text)
-    # Python's hash() is salted per process; the row id must be the same in every run.
+        value = int(value)
+    if isinstance(value, int):
+        text = str(value)
+    else:
+        text = str(value)
+        if text.isdigit():
+            return int(text)
+    if isinstance(value, int) and value >= 0:
+        return value
+    # Negative ids and strings: a stable 63-bit hash (mask seeds need non-negative ids; Python's
+    # hash() is salted per process, and the row id must be the same in every run).
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 

@@ -82,7 +82,10 @@ def check_model_paths(cfg: JobConfig) -> None:
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"{field}={value}: the folder has no config.json (not a model folder)")
-        elif path.exists() or not _HUB_ID.match(value):
+        elif path.exists():
+            raise FileNotFoundError(f"{field}={value}: is a file, not a model folder")
+        elif not _HUB_ID.match(value) or Path(value.split("/")[0]).is_dir():
+            # "models/qwen" with a local models/ folder is a typo'd path, not a hub id.
             raise FileNotFoundError(f"{field}={value}: no such model folder (and not a hub id like org/name)")
 
 
@@ -110,6 +113,33 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
     if not found:
         raise FileNotFoundError(f"--resume {folder}: no complete checkpoint under {folder / 'checkpoints'}")
     return max(found)[1]
+
+
+class ResumeError(ValueError):
+    """A checkpoint this config cannot continue (finished, other data order, other world size)."""
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/step_X`` or ``<run>/best``)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def archive_earlier_run(run_dir: Path) -> Optional[Path]:
+    """A new run under the name of an earlier one moves the earlier one aside (nothing is deleted,
+    and its checkpoints can neither be pruned as "newer" nor resumed by mistake)."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(run_dir.stat().st_mtime))
+    target = run_dir.with_name(f"{run_dir.name}.prev-{stamp}")
+    k = 1
+    while target.exists():
+        k += 1
+        target = run_dir.with_name(f"{run_dir.name}.prev-{stamp}-{k}")
+    run_dir.rename(target)
+    logger.warning("%s held an earlier run: moved it to %s (use --resume %s to continue a run instead)",
+                   run_dir, target, run_dir)
+    print(f"papo train: an earlier run in {run_dir} was moved to {target}", file=sys.stderr, flush=True)
+    return target
 
 
 class PromptSampler:
@@ -179,34 +209,45 @@ class Services:
 class Trainer:
     """One PAPO/GRPO/DAPO run on a Ray cluster; ``run()`` trains ``trainer.total_steps`` steps."""
 
-    def __init__(self, cfg: JobConfig, resume: Optional[str | os.PathLike] = None):
+    def __init__(self, cfg: JobConfig, resume: Optional[str | os.PathLike] = None,
+                 on_ray_init: Optional[Any] = None):
         import ray
 
         self.cfg = cfg = resolve_demo_paths(cfg)
         check_model_paths(cfg)
-        self.run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.name
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         # data.max_prompt_length, when set, loads the model's processor to count prompt tokens.
         self.train_set = load_split_from_config(cfg.data, cfg.data.train_path, cfg.data.train_split, model=cfg.model)
         self.val_set = None
         if cfg.data.val_path:
             self.val_set = load_split_from_config(cfg.data, cfg.data.val_path, cfg.data.val_split, model=cfg.model)
         self.sampler = PromptSampler(len(self.train_set.examples), cfg.seed, cfg.data.shuffle)
-        self.started_ray = not ray.is_initialized()
-        if self.started_ray:
-            address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")  # ray.init reads it too
-            ray.init(address=address, num_cpus=None if address else cfg.cluster.num_cpus,
-                     include_dashboard=False, log_to_driver=False)
         self.version = 0
         self.bad_prompts = 0
         self.start_step = 0  # the last finished step (a resumed run continues after it)
-        self.best: dict[str, Any] = {"step": None, "accuracy": float("-inf")}
+        self.best: dict[str, Any] = {"step": None, "accuracy": None}
         self.resumed_from: Optional[Path] = None
+        # Everything about a resume that can be wrong is checked before Ray and the engines start.
+        resume_state = None
+        if resume is not None:
+            self.resumed_from = latest_checkpoint(resume)
+            resume_state = self._check_resume(self.resumed_from)
+            self.run_dir = run_dir_of(self.resumed_from)
+        else:
+            self.run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.name
+            archive_earlier_run(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.started_ray = not ray.is_initialized()
         try:
+            if self.started_ray:
+                address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")  # ray.init reads it too
+                ray.init(address=address, num_cpus=None if address else cfg.cluster.num_cpus,
+                         include_dashboard=False, log_to_driver=False)
+                if on_ray_init is not None:
+                    on_ray_init()  # ray.init installs its own SIGTERM handler; the caller re-installs its own
             self.services = self._start_services()
-            if resume is not None:
-                self._restore(latest_checkpoint(resume))
+            if resume_state is not None:
+                self._restore(self.resumed_from, resume_state)
         except BaseException:
             if getattr(self, "services", None) is not None:
                 self.services.shutdown()
@@ -274,8 +315,8 @@ class Trainer:
     # ---- checkpoint and resume ---------------------------------------------------------------
 
     def _trainer_state(self, step: int) -> dict[str, Any]:
-        return {"step": step, "weight_version": self.version, "sampler": self.sampler.state_dict(),
-                "bad_prompts": self.bad_prompts, "best": self.best}
+        return {"step": step, "total_steps": self.cfg.trainer.total_steps, "weight_version": self.version,
+                "sampler": self.sampler.state_dict(), "bad_prompts": self.bad_prompts, "best": self.best}
 
     def save(self, step: int) -> Path:
         """Learner state and driver state (step, sampler position, best eval) in one atomic folder."""
@@ -283,17 +324,33 @@ class Trainer:
                                                      keep_last=self.cfg.trainer.keep_last,
                                                      extra=self._trainer_state(step))
 
-    def _restore(self, ckpt: Path) -> None:
-        """Continue from ``ckpt``: learner (weights, optimiser, counters, RNG), the pools' weights, the
-        sampler position and the step. Rollout seeds and mask seeds are functions of (run seed, step)
-        and (run seed, row, epoch), so the resumed run sees the same prompts, samples and masks."""
+    def _check_resume(self, ckpt: Path) -> dict[str, Any]:
+        """The checkpoint's driver state, if this config can continue it (else ``ResumeError``)."""
         from trainer.learner import TRAINER_STATE
 
         state = json.loads((ckpt / TRAINER_STATE).read_text())
-        if state["step"] >= self.cfg.trainer.total_steps:
-            raise ValueError(f"{ckpt} is at step {state['step']}, trainer.total_steps={self.cfg.trainer.total_steps}:"
-                             " nothing left to train (raise trainer.total_steps to continue)")
-        self.services.learner.load_checkpoint(ckpt)
+        total = self.cfg.trainer.total_steps
+        if state["step"] >= total:
+            raise ResumeError(f"{ckpt} is at step {state['step']} and trainer.total_steps={total}: nothing left to "
+                              f"train (raise trainer.total_steps to continue, e.g. trainer.total_steps={2 * total})")
+        try:
+            PromptSampler(self.sampler.n, self.sampler.seed, self.sampler.shuffle).load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise ResumeError(f"{ckpt}: {e}") from None
+        if state.get("total_steps", total) != total:
+            logger.warning("resuming a run planned for %s steps with trainer.total_steps=%d: step-dependent "
+                           "schedules (learner.lr_scheduler, algo.gamma_schedule) follow the new total from here",
+                           state["total_steps"], total)
+        return state
+
+    def _restore(self, ckpt: Path, state: dict[str, Any]) -> None:
+        """Continue from ``ckpt``: learner (weights, optimiser, counters, RNG), the pools' weights, the
+        sampler position and the step. Rollout seeds and mask seeds are functions of (run seed, step)
+        and (run seed, row, epoch), so the resumed run sees the same prompts, samples and masks."""
+        try:
+            self.services.learner.load_checkpoint(ckpt)
+        except ValueError as e:  # e.g. another world size
+            raise ResumeError(str(e)) from None
         self.sampler.load_state_dict(state["sampler"])
         self.start_step, self.version = int(state["step"]), int(state["weight_version"])
         self.bad_prompts = int(state.get("bad_prompts", 0))
@@ -304,7 +361,6 @@ class Trainer:
             held |= set(self.services.perception.receive_weights(handle))
         if held != {self.version}:
             raise RuntimeError(f"resuming: the pools hold weight versions {sorted(held)}, expected {self.version}")
-        self.resumed_from = ckpt
         logger.info("resumed from %s at step %d (weight version %d)", ckpt, self.start_step, self.version)
 
     # ---- one step ----------------------------------------------------------------------------
@@ -344,7 +400,8 @@ class Trainer:
                 images = [Image.new("RGB", im.size) for im in images]
             refs = [ray.put(im) for im in images]
             rollout_reqs.append(RolloutRequest.from_example(ex, images=refs, epoch=epoch))
-            mask_reqs.append(MaskRequest(images=refs, run_seed=self.cfg.seed, row_id=ex.row_id, epoch=epoch))
+            mask_reqs.append(MaskRequest(images=refs, run_seed=self.cfg.seed, row_id=ex.row_id, epoch=epoch,
+                                         precomputed=ex.images_masked))
         return rollout_reqs, mask_reqs
 
     def _grade(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -427,8 +484,12 @@ class Trainer:
         # On-policy (one epoch, one mini-batch) the update's own forward gives the old log-probs
         # (ratio 1, same gradient, as verl does): the separate no-grad pass would be pure overhead.
         on_policy = cfg.learner.ppo_epochs == 1 and len(batch) == cfg.learner.mini_batch_size
+        # Each phase's time is what the driver waits for it after the previous one (the pools
+        # work concurrently: a pool's wait is the part of it left on the critical path).
+        lap = t
         if not on_policy:
             batch.old_logp = svc.learner.compute_logprobs(batch)
+            timings["timing/old_logp"], lap = time.perf_counter() - lap, time.perf_counter()
         if cfg.needs_masked_pass and cfg.perception.masked_logp == "learner":
             batch.masked_logp = svc.learner.compute_logprobs(batch, masked=True)  # the official serial order
         if masked_refs is not None:
@@ -436,8 +497,11 @@ class Trainer:
             if versions != batch.weight_versions:
                 raise RuntimeError(f"masked_logp computed with weight versions {sorted(versions)} but the rollouts "
                                    f"came from {sorted(batch.weight_versions)} (DESIGN.md contract)")
+        if cfg.needs_masked_pass and cfg.perception.masked_logp != "learner_grad":
+            timings["timing/masked_logp"], lap = time.perf_counter() - lap, time.perf_counter()
         if ref_refs is not None:
             batch.ref_logp, _ = svc.reference.collect(batch, ref_refs)
+            timings["timing/ref_logp"], lap = time.perf_counter() - lap, time.perf_counter()
         timings["timing/logprobs"] = time.perf_counter() - t
         mask = batch.response_mask
         rollout_logp_diff = None
@@ -505,13 +569,14 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        line = StepLine(cfg.trainer.total_steps - self.start_step,
-                        keys=("train/reward", "train/accuracy", "eval/accuracy"))
+        line = StepLine(cfg.trainer.total_steps, keys=("train/reward", "train/accuracy", "eval/accuracy"))
         metrics_path = self.run_dir / "metrics.jsonl"
         if self.start_step:
             # Rows logged after the checkpoint (a crash between saves) are about to be redone.
             rows = [r for r in read_metrics(metrics_path) if r["step"] <= self.start_step] if metrics_path.exists() else []
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, metrics_path)
             start = {k: v for k, v in (rows[0] if rows and rows[0]["step"] == 0 else {}).items() if k.startswith("eval/")}
         with MetricsWriter(self.run_dir, tensorboard=cfg.trainer.tensorboard, append=bool(self.start_step)) as writer:
             if not self.start_step:
@@ -525,15 +590,16 @@ class Trainer:
                 if cfg.trainer.eval_every and (step % cfg.trainer.eval_every == 0 or last):
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
-                    if last_eval.get("eval/accuracy", float("-inf")) > self.best["accuracy"]:
-                        self.best = {"step": step, "accuracy": last_eval["eval/accuracy"], **last_eval}
-                        self.services.learner.save_checkpoint(self.run_dir / "best",
-                                                              extra=self._trainer_state(step))
-                if last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
-                    self.save(step)
+                # The row goes out before the checkpoints: a stop during a save loses no logged step.
                 writer.log(step, metrics)
                 if step % cfg.trainer.log_every == 0 or last:
-                    print(line(step - self.start_step, metrics), flush=True)
+                    print(line(step, metrics), flush=True)
+                accuracy = last_eval.get("eval/accuracy") if "eval/accuracy" in metrics else None
+                if accuracy is not None and (self.best["accuracy"] is None or accuracy > self.best["accuracy"]):
+                    self.best = {"step": step, "accuracy": accuracy, **last_eval}
+                    self.services.learner.save_checkpoint(self.run_dir / "best", extra=self._trainer_state(step))
+                if last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
+                    self.save(step)
         if cfg.trainer.plot:
             plot_curves(metrics_path, self.run_dir / CURVES_FILE,
                         keys=("train/reward", "eval/accuracy", "train/perception_kl", "train/entropy"))
@@ -593,30 +659,35 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def train(cfg: JobConfig, resume: Optional[str | os.PathLike] = None) -> int:
     """``papo train``: build the services, run every step, shut everything down.
 
-    Ctrl-C and SIGTERM stop the run between or inside steps; engines are stopped and the Ray
-    cluster we started is shut down; checkpoints are atomic, so the last one stays intact.
-    A reward server that stays unreachable ends the run with that error (exit 1): no step
-    trains on missing rewards.
+    Ctrl-C and SIGTERM stop the run between or inside steps (also during start-up); engines are
+    stopped and the Ray cluster we started is shut down; checkpoints are atomic, so the last one
+    stays intact. A reward server that stays unreachable ends the run with that error (exit 1):
+    no step trains on missing rewards. Bad paths and impossible resumes exit 2 before Ray starts.
     """
     from rewards.client import RewardServerError
 
     global _terminated
     _terminated = False
-    trainer, previous = None, None
+    main = _main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+
+    def install() -> None:
+        if main:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+
+    trainer = None
     try:
+        install()
         try:
-            trainer = Trainer(cfg, resume=resume)
-        except (FileNotFoundError, DataError) as e:  # a bad model, dataset or checkpoint path, named
+            trainer = Trainer(cfg, resume=resume, on_ray_init=install)
+        except (FileNotFoundError, DataError, ResumeError) as e:  # a bad model, dataset or checkpoint path, named
             print(f"papo train: {e}", file=sys.stderr, flush=True)
             return 2
-        # After ray.init, which installs its own driver handler (sys.exit) for SIGTERM.
-        if _main_thread():
-            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         trainer.run()
         return 0
     except RewardServerError as e:
         print(f"papo train: stopped: the reward server failed: {e}. No step trained on missing rewards; "
-              f"the last checkpoint is under {Path(cfg.trainer.output_dir) / cfg.trainer.name / 'checkpoints'}",
+              f"checkpoints so far are under {trainer.run_dir / 'checkpoints' if trainer else cfg.trainer.output_dir}",
               file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt as e:
@@ -625,10 +696,14 @@ def train(cfg: JobConfig, resume: Optional[str | os.PathLike] = None) -> int:
               "intact)", file=sys.stderr, flush=True)
         return 143 if term else 130
     finally:
-        if trainer is not None:
-            trainer.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        try:
+            if trainer is not None:
+                trainer.close()
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _main_thread() -> bool:

@@ -68,10 +68,14 @@ def test_resume_continues_the_same_run_and_survives_a_killed_rollout_worker(ray_
     assert latest_checkpoint(tmp_path / "a" / "demo").name == "step_000004"
     assert json.loads((half / "trainer_state.json").read_text())["step"] == 2
 
+    # Resume a copy of the run from its middle checkpoint: the run continues in its own folder.
+    shutil.copytree(tmp_path / "a" / "demo", tmp_path / "b" / "demo")
+    half = tmp_path / "b" / "demo" / "checkpoints" / "step_000002"
     # The resumed run talks to an external reward server (the path other trainers use too), so
-    # the test can take it away afterwards.
+    # the test can take it away afterwards. Its output_dir points elsewhere: the run folder comes
+    # from the checkpoint.
     with LocalRewardServer(fn="exact", workers=1) as url:
-        resumed = Trainer(config(small_assets, tmp_path / "b", *steps, f"reward.url={url}"), resume=half)
+        resumed = Trainer(config(small_assets, tmp_path / "elsewhere", *steps, f"reward.url={url}"), resume=half)
         try:
             assert (resumed.start_step, resumed.version) == (2, 2)
             assert resumed.services.rollout.versions() == [2]
@@ -99,8 +103,10 @@ def test_resume_continues_the_same_run_and_survives_a_killed_rollout_worker(ray_
     finally:
         resumed.close()
 
-    b_rows = {r["step"]: r for r in read_metrics(tmp_path / "b" / "demo" / "metrics.jsonl")}
-    assert sorted(b_rows) == [3, 4]
+    assert resumed.run_dir == tmp_path / "b" / "demo" and not (tmp_path / "elsewhere").exists()
+    rows = read_metrics(tmp_path / "b" / "demo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # steps 3-4 were dropped, then redone once
+    b_rows = {r["step"]: r for r in rows}
     for s in (3, 4):
         a, b = a_rows[s], b_rows[s]
         # Same prompts and samples (seeded per step, same weights after the restore) ...
@@ -180,6 +186,18 @@ def test_sigterm_shuts_down_cleanly_and_keeps_the_last_checkpoint(small_assets, 
 
     last = latest_checkpoint(run)
     assert (last / "papo_checkpoint.json").is_file() and (last / "model.safetensors").is_file()
+    done = json.loads((last / "trainer_state.json").read_text())["step"]
+
+    # `papo train --resume RUN` continues it with the run's own config.yaml (overrides on top).
+    cmd = [sys.executable, "-m", "trainer.cli", "train", "--resume", str(run), f"trainer.total_steps={done + 1}"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
+    assert steps == list(range(done + 2)), steps  # no gap, no duplicate
+    # Resuming a finished run says what to do, before any engine starts.
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "nothing left to train" in out.stderr
+    assert "Started a local Ray instance" not in out.stderr + out.stdout
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -572,11 +572,11 @@ def test_data_config_errors_name_the_field(tmp_path: Path) -> None:
 
 def test_readme_example_writes_a_dataset_that_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
-    """docs/data_and_paper.md "Bring your own data": its two Python blocks run as written, and
+    """README "Bring your own data": its two Python blocks run as written, and
     the dataset they write loads with the documented images and answers."""
     import re
 
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "data_and_paper.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = doc.split("## Bring your own data", 1)[1].split("\n## ", 1)[0]
     write, check = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:2]
     assert len(write.strip().splitlines()) <= 12  # "a ten-line example"

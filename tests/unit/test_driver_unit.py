@@ -100,3 +100,32 @@ def test_check_model_paths_accepts_model_folders_and_hub_ids(tmp_path):
         check(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="no such model folder"):
         check("./relative/typo")
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        check(f"{tmp_path}/missing/model")
+    (tmp_path / "model" / "weights.bin").write_text("")
+    with pytest.raises(FileNotFoundError, match="is a file, not a model folder"):
+        check(str(tmp_path / "model" / "weights.bin"))
+
+
+def test_check_model_paths_treats_org_name_with_a_local_first_folder_as_a_typo(tmp_path, monkeypatch):
+    from trainer.config import resolve_config
+    from trainer.driver import check_model_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(FileNotFoundError, match="models/qwen: no such model folder"):
+        check_model_paths(resolve_config([], ["model.path=models/qwen"]))
+
+
+def test_a_new_run_moves_an_earlier_run_of_the_same_name_aside(tmp_path):
+    from trainer.driver import archive_earlier_run, run_dir_of
+
+    run = tmp_path / "demo"
+    assert archive_earlier_run(run) is None  # nothing there
+    _checkpoint(run / "checkpoints" / "step_000250", 250)
+    moved = archive_earlier_run(run)
+    assert moved is not None and moved.name.startswith("demo.prev-") and not run.exists()
+    assert (moved / "checkpoints" / "step_000250" / "trainer_state.json").is_file()  # nothing deleted
+    _checkpoint(run / "checkpoints" / "step_000010", 10)
+    assert archive_earlier_run(run) != moved  # a second earlier run gets its own name
+    assert run_dir_of(run / "checkpoints" / "step_000010") == run and run_dir_of(run / "best") == run
