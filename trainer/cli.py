@@ -80,9 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    driver = _load_optional("trainer.driver", "the training step (trainer/driver.py)")
-    if driver is None:
-        return 1
+    from trainer import driver  # imported here: --print-config must not pay for torch and Ray
+
     return int(driver.train(cfg, resume=args.resume) or 0)
 
 
@@ -114,19 +113,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     json_path, md_path = write_report(report, args.out)
     print(f"wrote {json_path} and {md_path}")
     return 0
-
-
-def _load_optional(module: str, what: str):
-    """Import a module that a later milestone adds; say so plainly instead of pretending to run."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        print(f"papo: {what} is not part of this build yet ({module} is missing). This build can resolve and "
-              "print configs (papo train --print-config), build the demo assets (papo demo-assets DIR) and "
-              "serve rewards (papo reward-server).", file=sys.stderr)
-        return None
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "eval": cmd_eval}

@@ -7,7 +7,6 @@ import sys
 
 import yaml
 
-from trainer import cli
 from trainer.config import resolve_config
 
 
@@ -39,11 +38,6 @@ def test_bad_override_exits_2_naming_the_field():
     assert out.returncode == 2
     assert "corruption.prob" in out.stderr and "0 <= x <= 1" in out.stderr
     assert "Traceback" not in out.stderr
-
-
-def test_missing_milestone_module_is_reported_not_faked(capsys):
-    assert cli._load_optional("trainer.no_such_module", "the thing") is None
-    assert "the thing is not part of this build yet" in capsys.readouterr().err
 
 
 def test_overrides_may_stand_between_options():
