@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,29 +37,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import machine_info  # noqa: E402
+from bench._common import warn_if_loaded as _warn_if_loaded  # noqa: E402
+
 # The tiny job of the end-to-end tests: many cheap steps.
 TINY = ["rollout.batch_size=4", "rollout.n=4", "rollout.max_tokens=8", "learner.mini_batch_size=16",
         "learner.micro_batch_size=8", "logprob.micro_batch_size=16", "data.val_size=16"]
 RSS_KEY = "perf/driver_rss_mb"
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU count and load: the context the run's timings (not its RSS) must be read in."""
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()), "cuda": torch.cuda.is_available()}
-
-
 def warn_if_loaded(when: str) -> Optional[str]:
-    """A warning line when the 1-minute load average exceeds the core count (the run is then slow;
-    RSS itself does not depend on load)."""
-    load1, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    if load1 > cpus:
-        msg = f"WARNING ({when}): 1-min load average {load1:.1f} > {cpus} CPUs: the machine is shared, the run is slow"
-        print(msg, flush=True)
-        return msg
-    return None
+    return _warn_if_loaded(when, "the run is slow")
 
 
 def slope_per_100(steps: Sequence[float], values: Sequence[float]) -> float:

@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +47,9 @@ from typing import Any, Optional, Sequence
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import machine_info  # noqa: E402
+from bench._common import warn_if_loaded as _warn_if_loaded  # noqa: E402
 
 # The tiny job of the end-to-end tests with a small validation set, for checking the script; it
 # keeps the config's rollout.max_tokens (24 in the demo): eval uses it too, and 8 tokens cut the
@@ -64,23 +66,8 @@ SUMMARY_KEYS = ("start_accuracy", "final_accuracy", "best_accuracy", "gain_final
                 "final_masked_accuracy", "perception_kl_last", "perception_kl_tail")
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU count and load: the context the wall times must be read in."""
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()), "cuda": torch.cuda.is_available()}
-
-
 def warn_if_loaded(when: str) -> Optional[str]:
-    """A warning line when the 1-minute load average exceeds the core count: runs take longer than
-    the sizing above assumes."""
-    load1, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    if load1 > cpus:
-        msg = f"WARNING ({when}): 1-min load average {load1:.1f} > {cpus} CPUs: the machine is shared, runs are slow"
-        print(msg, flush=True)
-        return msg
-    return None
+    return _warn_if_loaded(when, "runs are slow")
 
 
 def _get(d: dict[str, Any], key: str) -> Optional[float]:

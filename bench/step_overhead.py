@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,6 +51,9 @@ from typing import Any, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import machine_info  # noqa: E402
+from bench._common import warn_if_loaded as _warn_if_loaded  # noqa: E402
 
 # The tiny job of the end-to-end tests: a step in a couple of seconds, for checking the script.
 TINY = ["rollout.batch_size=4", "rollout.n=4", "rollout.max_tokens=8", "learner.mini_batch_size=16",
@@ -71,25 +73,8 @@ PHASES = ["gen", "corruption_submit", "reward", "logprobs", "update", "sync", "s
 SHORT = {"corruption_submit": "corrupt_sub"}  # table headers are 11 wide
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU count and load: the context every timing here must be read in."""
-    import torch
-
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()), "cuda": torch.cuda.is_available(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-
-
 def warn_if_loaded(when: str) -> Optional[str]:
-    """A warning line when the 1-minute load average exceeds the core count (timings are then
-    inflated by other processes, and unevenly across variants)."""
-    load1, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    if load1 > cpus:
-        msg = (f"WARNING ({when}): 1-min load average {load1:.1f} > {cpus} CPUs: the machine is shared, "
-               "timings are noisy and variants measured at different times are not comparable")
-        print(msg, flush=True)
-        return msg
-    return None
+    return _warn_if_loaded(when, "timings are noisy and variants measured at different times are not comparable")
 
 
 def run_variant(name: str, base: list[str], args: argparse.Namespace, out_dir: Path, rnd: int) -> dict[str, Any]:

@@ -1,0 +1,28 @@
+"""What every benchmark records about the machine it ran on, and its warning for a shared one."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any, Optional
+
+
+def machine_info() -> dict[str, Any]:
+    """Platform, CPU count, load average and device: the context a benchmark's numbers are read in."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()), "cuda": cuda,
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+
+
+def warn_if_loaded(when: str, consequence: str) -> Optional[str]:
+    """Print and return a warning when the 1-minute load average exceeds the core count (other
+    processes share the machine: ``consequence`` says what that does to this benchmark)."""
+    load1, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load1 > cpus:
+        msg = f"WARNING ({when}): 1-min load average {load1:.1f} > {cpus} CPUs: the machine is shared, {consequence}"
+        print(msg, flush=True)
+        return msg
+    return None
