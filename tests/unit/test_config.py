@@ -178,3 +178,15 @@ def test_annealed_gamma_and_learner_grad_diagnostic_are_refused_for_baselines():
         resolve_config(overrides=["algo.name=grpo", "algo.gamma_schedule=linear", "algo.gamma_end=0.02"])
     with pytest.raises(ConfigError, match="diagnostic=true under a baseline needs a no-grad masked pass"):
         resolve_config(overrides=["algo.name=dapo", "perception.diagnostic=true", "perception.masked_logp=learner_grad"])
+
+
+def test_precomputed_masks_need_their_column_and_pool_sizes_are_checked():
+    with pytest.raises(ConfigError, match="corruption.strategy=precomputed reads each row's pre-masked images"):
+        resolve_config([], ["corruption.strategy=precomputed"])
+    cfg = resolve_config([], ["corruption.strategy=precomputed", "data.masked_image_key=images_masked",
+                              "perception.num_gpus=0.25", "corruption.num_cpus=0.5"])
+    assert cfg.data.masked_image_key == "images_masked" and cfg.perception.num_gpus == 0.25
+    with pytest.raises(ConfigError, match="corruption.num_cpus"):
+        resolve_config([], ["corruption.num_cpus=0"])
+    with pytest.raises(ConfigError, match="perception.num_cpus"):
+        resolve_config([], ["perception.num_cpus=-1"])
