@@ -139,7 +139,8 @@ class LogProbPool:
     def __init__(self, model_path: str, *, role: Role = "perception", num_workers: int = 1, num_cpus: float = 0.5,
                  num_gpus: float = 0.0, dtype: str = "float32", min_pixels: int = 56 * 56,
                  max_pixels: int = 1280 * 28 * 28, temperature: float = 1.0, micro_batch_size: int = 8,
-                 get_timeout_s: float = 900.0, omp_threads: int = 1, max_restarts: int = 0) -> None:
+                 get_timeout_s: float = 900.0, omp_threads: int = 1, max_restarts: int = 0,
+                 trust_remote_code: bool = False) -> None:
         import ray
 
         if role not in ROLES:
@@ -154,7 +155,8 @@ class LogProbPool:
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(omp_threads), "TOKENIZERS_PARALLELISM": "false"}})
         self.actors = [actor_cls.remote(model_path, role=role, dtype=dtype, min_pixels=min_pixels,
                                         max_pixels=max_pixels, temperature=temperature,
-                                        micro_batch_size=micro_batch_size, get_timeout_s=get_timeout_s)
+                                        micro_batch_size=micro_batch_size, get_timeout_s=get_timeout_s,
+                                        trust_remote_code=trust_remote_code)
                        for _ in range(num_workers)]
         try:
             self.pids = ray.get([a.ping.remote() for a in self.actors], timeout=get_timeout_s)

@@ -289,11 +289,13 @@ class Trainer:
                 cfg.model.path, cfg.learner, cfg.algo, masked_logp=cfg.perception.masked_logp,
                 min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
                 temperature=cfg.rollout.temperature, total_optimizer_steps=cfg.trainer.total_steps * steps_per_rollout,
-                seed=cfg.seed, get_timeout_s=timeout, omp_threads=cfg.cluster.omp_threads_per_actor)
+                seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code, get_timeout_s=timeout,
+                omp_threads=cfg.cluster.omp_threads_per_actor)
             pool_kwargs = dict(num_cpus=cfg.logprob.num_cpus, num_gpus=cfg.logprob.num_gpus, dtype=cfg.model.dtype,
                                min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
                                temperature=cfg.rollout.temperature, micro_batch_size=cfg.logprob.micro_batch_size,
-                               get_timeout_s=timeout, omp_threads=cfg.cluster.omp_threads_per_actor)
+                               get_timeout_s=timeout, omp_threads=cfg.cluster.omp_threads_per_actor,
+                               trust_remote_code=cfg.model.trust_remote_code)
             if cfg.needs_masked_pass:
                 c = cfg.corruption
                 services.corruption = CorruptionPool(strategy=c.strategy, patch_size=c.patch_size, prob=c.prob,

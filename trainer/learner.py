@@ -869,6 +869,7 @@ class LearnerGroup:
         temperature: float = 1.0,
         total_optimizer_steps: Optional[int] = None,
         seed: int = 0,
+        trust_remote_code: bool = False,
         get_timeout_s: float = 900.0,
         omp_threads: int = 1,
     ) -> None:
@@ -909,7 +910,8 @@ class LearnerGroup:
             addr = "127.0.0.1" if all(n == master_node for n, _, _ in nodes) else master_ip
             kwargs = dict(model_path=model_path, learner=learner, algo=algo, masked_logp=masked_logp,
                           min_pixels=min_pixels, max_pixels=max_pixels, temperature=temperature,
-                          total_optimizer_steps=total_optimizer_steps, seed=seed)
+                          total_optimizer_steps=total_optimizer_steps, seed=seed,
+                          trust_remote_code=trust_remote_code)
             self.pids = self._get([a.setup.remote(addr, port, kwargs) for a in self.actors])
         except BaseException:
             self.shutdown()
