@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 from typing import Any, Optional
 
 
@@ -26,3 +28,12 @@ def warn_if_loaded(when: str, consequence: str) -> Optional[str]:
         print(msg, flush=True)
         return msg
     return None
+
+
+def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> Path:
+    """Write a benchmark's JSON report (parents created), say where, and return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -49,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import machine_info, warn_if_loaded  # noqa: E402
+from bench._common import machine_info, warn_if_loaded, write_report  # noqa: E402
 
 DEFAULTS: dict[str, float] = {"lr": 1e-3, "beta2": 0.999, "beta": 0.04, "prompts": 16, "n": 8, "steps": 200,
                               "max_new": 16, "warmup": 0}
@@ -251,11 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{r['name']:<14}{r['mode']:<6}{int(r['options']['steps']):>6}{r['start']:>8.3f}{r['best']:>8.3f}"
               f"{r['final']:>8.3f}{r['gain']:>+8.3f}{r['black_final']:>8.3f}{r['s_per_step']:>8.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine_info(), "assets": str(assets), "seed": args.seed,
-                                    "validation_rows": len(val), "load_warning": warning, "variants": results},
-                                   indent=1))
-    print(f"wrote {args.out}")
+    write_report(args.out, {"machine": machine_info(), "assets": str(assets), "seed": args.seed,
+                            "validation_rows": len(val), "load_warning": warning, "variants": results})
     return 0
 
 

@@ -25,19 +25,18 @@ Run (defaults: 100 steps, eval every 25 on 16 validation prompts; about 5-6 minu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import machine_info  # noqa: E402
+from bench._common import machine_info, write_report  # noqa: E402
 from bench._common import warn_if_loaded as _warn_if_loaded  # noqa: E402
 
 # The tiny job of the end-to-end tests: many cheap steps.
@@ -145,10 +144,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "slope_mb_per_100_steps_second_half": slope2, "slope_mb_per_100_steps_all": slope_all,
               "threshold_mb_per_100_steps": args.threshold, "flat": flat, "verdict": verdict,
               "rss_mb": dict(zip(steps, rss))}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0 if flat else 1
 
 

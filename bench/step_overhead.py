@@ -39,7 +39,6 @@ about 1.45 s)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -52,7 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import machine_info  # noqa: E402
+from bench._common import machine_info, write_report  # noqa: E402
 from bench._common import warn_if_loaded as _warn_if_loaded  # noqa: E402
 
 # The tiny job of the end-to-end tests: a step in a couple of seconds, for checking the script.
@@ -239,10 +238,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "ray_cpus": args.ray_cpus},
               "machine": machine, "loadavg_end": list(os.getloadavg()), "warnings": warnings,
               "results": rows, "ratios_over_grpo": rat, "failures": failures}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 1 if failures else 0
 
 
