@@ -46,13 +46,12 @@ def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
     paths = [cfg.model.path, cfg.data.train_path, cfg.data.val_path or ""]
     if not any(p.startswith(DEMO_PREFIX) for p in paths):
         return cfg
-    from trainer.demo import build_demo_assets
-    from trainer.warmstart import SFTWarmStart
+    from trainer.demo import DEMO_TEMPLATES, build_demo_assets
+    from trainer.warmstart import demo_warm_start
 
     assets = build_demo_assets(demo_assets_dir(), seed=0, min_pixels=cfg.model.min_pixels,
-                               max_pixels=cfg.model.max_pixels,
-                               warm_start=SFTWarmStart(min_pixels=cfg.model.min_pixels,
-                                                       max_pixels=cfg.model.max_pixels))
+                               max_pixels=cfg.model.max_pixels, templates=DEMO_TEMPLATES,
+                               warm_start=demo_warm_start(cfg.model.min_pixels, cfg.model.max_pixels))
     root = {"model": assets.model_dir, "data": assets.data_dir}
 
     def sub(p: Optional[str]) -> Optional[str]:

@@ -517,7 +517,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: py
     out = capsys.readouterr().out
     assert "built" in out and str(tmp_path / "assets" / "model") in out and "train 24" in out
     recipe = json.loads((tmp_path / "assets" / demo.MANIFEST).read_text())["recipe"]
-    assert recipe["seed"] == 3 and recipe["templates"] == list(demo.DEFAULT_TEMPLATES)
+    assert recipe["seed"] == 3 and recipe["templates"] == list(demo.DEMO_TEMPLATES)
     assert cli_main([str(tmp_path / "assets"), "--seed", "3"]) == 0
     assert "reused" in capsys.readouterr().out
     assert cli_main([str(tmp_path / "assets"), "--seed", "3", "--force"]) == 0
