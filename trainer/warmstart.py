@@ -94,10 +94,10 @@ class SFTWarmStart:
 def demo_warm_start(min_pixels: int, max_pixels: int) -> SFTWarmStart:
     """The embedded demo's warm start: stopped on the slope of the learning curve, not at its foot.
 
-    On the demo's colour task the held-out accuracy sits near chance for a few hundred steps,
-    then climbs. Measured (README): from a model stopped just after the plateau (0.35), neither RL
-    nor more supervised steps gain anything for ~100 steps, because its visual features have not
-    formed yet. From one stopped at ~0.45-0.5, RL climbs. 256 held-out rows keep a single lucky
+    Held-out accuracy sits near chance for a few hundred steps, then climbs. Measured on colour +
+    count (README): from a model stopped just after the plateau (0.35), neither RL nor more
+    supervised steps gained anything for ~100 steps, because its visual features had not formed
+    yet. From one stopped at ~0.45-0.5, RL climbs. 256 held-out rows keep a single lucky
     check on the plateau from stopping it (standard error 0.03).
     """
     return SFTWarmStart(min_pixels=min_pixels, max_pixels=max_pixels, target_band=(0.45, 0.55), eval_size=256)
