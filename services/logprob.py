@@ -7,8 +7,6 @@ This module owns
   the two can only differ by weights);
 - :class:`LogProbPool`: N workers as Ray actors with fractional CPUs, each batch split over them in
   contiguous chunks;
-- :func:`load_hf_named_weights`: copies published weights (the names ``save_pretrained`` writes,
-  see ``trainer/weights.py``) into a live transformers model in place.
 
 Roles (DESIGN.md steps 4 and 6):
 - ``perception``: computes ``masked_logp`` from ``masked_image_refs`` with the rollout policy's
@@ -23,61 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 
 from trainer.batch import RolloutBatch
 from trainer.modeling import load_model, load_processor, response_logprobs
-from trainer.weights import WeightsHandle, load_handle
+from trainer.weights import WeightsHandle, hf_name_map, load_handle, load_hf_named_weights
 
 Role = Literal["perception", "reference"]
 ROLES: tuple[str, ...] = ("perception", "reference")
-
-
-def hf_name_map(model: torch.nn.Module) -> dict[str, str]:
-    """saved (``save_pretrained``) name -> the model's own ``state_dict`` name, for every saved tensor.
-
-    Built with transformers' own save-time transforms (tie removal, reverted load-time renames)
-    applied to the model's live tensors, then matched back by storage, so it is exactly the
-    inverse of what ``save_pretrained`` and ``Learner.publish_weights`` do.
-    """
-    from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    sd = model.state_dict()
-    by_ptr = {}
-    for name, t in sd.items():
-        by_ptr.setdefault(t.data_ptr(), name)
-    saved = revert_weight_conversion(model, remove_tied_weights_from_state_dict(dict(sd), model))
-    out = {}
-    for name, t in saved.items():
-        internal = by_ptr.get(t.data_ptr())
-        if internal is None:
-            raise RuntimeError(f"saved tensor {name!r} is a converted copy, not a renamed parameter; "
-                               "in-place weight loading does not support this model's weight conversions")
-        out[name] = internal
-    return out
-
-
-@torch.no_grad()
-def load_hf_named_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor],
-                          name_map: Optional[dict[str, str]] = None) -> None:
-    """Copy ``weights`` (saved names) into ``model``'s tensors in place; every tensor must be covered.
-
-    Tied parameters share storage, so writing the saved one updates its aliases too.
-    """
-    name_map = name_map or hf_name_map(model)
-    missing = sorted(set(name_map) - set(weights))
-    unknown = sorted(set(weights) - set(name_map))
-    if missing or unknown:
-        raise ValueError(f"published weights do not match the model: missing {missing[:5]}, unknown {unknown[:5]}")
-    sd = model.state_dict()
-    for name, tensor in weights.items():
-        target = sd[name_map[name]]
-        if target.shape != tensor.shape:
-            raise ValueError(f"{name}: published shape {tuple(tensor.shape)}, model has {tuple(target.shape)}")
-        target.copy_(tensor.to(dtype=target.dtype, device=target.device))
 
 
 class LogProbWorker:
@@ -94,7 +47,9 @@ class LogProbWorker:
         self.temperature = float(temperature)
         self.micro_batch_size = micro_batch_size
         self.timeout = get_timeout_s
-        self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        # On a GPU machine the worker scores on its GPU (the pool gives each actor its num_gpus).
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.processor = load_processor(model_path, min_pixels=min_pixels, max_pixels=max_pixels,
@@ -129,6 +84,9 @@ class LogProbWorker:
             raise RuntimeError("the reference pool holds the frozen initial weights; it does not receive updates")
         weights = load_handle(handle, self.timeout)
         load_hf_named_weights(self.model, weights, self._name_map)
+        del weights  # cuda_ipc: views of the publisher's buckets; the copies must land before we let go
+        if handle.transport == "cuda_ipc":
+            torch.cuda.synchronize()
         self.version = int(handle.version)
         return self.version
 

@@ -32,10 +32,12 @@ itself differs from ``old_logp``'s by top-p and the vision-token block, as in th
 (vLLM 0.32 crashes on seeded requests whose prefill is split), GEMMs read live weights
 (services/vllm_ext.py) and every weight load resets the prefix, multimodal and encoder caches.
 
-**Weight transports.** ``object_store`` (a safetensors blob in the Ray object store, written to
-/dev/shm and loaded by the worker extension) works on CPU and GPU engines. The GPU transports of
-DESIGN.md (NCCL broadcast, CUDA IPC) are not implemented yet: ``receive_weights`` raises
-``NotImplementedError`` naming the transport.
+**Weight transports** (trainer/weights.py). ``object_store`` (a safetensors blob in the Ray object
+store, written to /dev/shm and loaded by the worker extension) works on CPU and GPU engines.
+``cuda_ipc`` (receivers on the learner's GPU): the HF backend copies views of the learner's GPU
+buckets into its parameters; the vLLM backend hands the handle to its worker extension, which
+opens the buckets in the vLLM worker process and feeds them to ``load_weights``. The NCCL
+broadcast is not implemented: ``receive_weights`` raises ``NotImplementedError`` naming it.
 
 **Errors.** A request that cannot be served yields an entry in :attr:`RolloutResult.errors`
 (request index -> message starting with one of the ``ERR_*`` causes); the other requests are
@@ -60,7 +62,8 @@ import torch
 from PIL import Image
 
 from trainer.batch import RolloutBatch
-from trainer.weights import WeightsHandle, digest, fetch_blob, unpack_state_dict
+from trainer.weights import (WeightsHandle, digest, fetch_blob, hf_name_map, load_handle, load_hf_named_weights,
+                             unpack_state_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +286,7 @@ class RolloutWorker:
         self.tokenizer = self.processor.tokenizer
         self._llm: Any = None
         self._model: Any = None
+        self._hf_names: Optional[dict[str, str]] = None  # saved name -> module name (hf backend)
         self._logit_temperature: Optional[float] = None
         self._allowed: Optional[list[int]] = None
         t0 = time.perf_counter()
@@ -569,38 +573,46 @@ class RolloutWorker:
         """Load the weights of ``handle`` (version ``handle.version``) in place; returns the version.
 
         ``blob`` is the safetensors blob of an ``object_store`` handle (the actor fetches it from
-        ``handle.ref``). A handle of the version already held is a no-op.
+        ``handle.ref``); a ``cuda_ipc`` handle needs none. A handle of the version already held is a no-op.
         """
         if handle.version == self.weight_version:
             return self.weight_version
-        if handle.transport != "object_store":
+        if handle.transport not in ("object_store", "cuda_ipc"):
             raise NotImplementedError(
-                f"transport {handle.transport!r}: only 'object_store' weight sync is implemented in this version")
-        if blob is None:
-            raise ValueError("an object_store handle needs its blob (RolloutActor fetches handle.ref)")
+                f"weight transport {handle.transport!r} is not implemented; use object_store or cuda_ipc")
         t0 = time.perf_counter()
-        if digest(blob) != handle.digest:
-            raise ValueError(f"weights blob of version {handle.version} does not match its handle's digest")
+        if handle.transport == "object_store":
+            if blob is None:
+                raise ValueError("an object_store handle needs its blob (RolloutActor fetches handle.ref)")
+            if digest(blob) != handle.digest:
+                raise ValueError(f"weights blob of version {handle.version} does not match its handle's digest")
         if self.backend == "vllm":
-            self._load_vllm(blob, handle)
+            self._load_vllm(handle, blob)
         else:
-            self._load_hf(blob, handle)
+            state = unpack_state_dict(blob) if blob is not None else load_handle(handle)
+            self._load_hf(state, handle)
+            del state
+            if handle.transport == "cuda_ipc":
+                torch.cuda.synchronize()  # the copies from the learner's buckets have landed
         self.weight_version = int(handle.version)
         self.weight_sync_seconds.append(time.perf_counter() - t0)
         return self.weight_version
 
-    def _load_vllm(self, blob: bytes, handle: WeightsHandle) -> None:
-        # The worker reads a file: collective_rpc would turn tensors into Python lists, and a file
-        # in /dev/shm (RAM) costs one memcpy. On GPU machines the same path loads host tensors
-        # into device parameters (NCCL / CUDA IPC transports are a later step).
-        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
-        path = shm / f"papo-rollout-{os.getpid()}-{uuid.uuid4().hex[:8]}-v{handle.version}.safetensors"
-        try:
-            path.write_bytes(blob)
-            reports = self._llm.collective_rpc("papo_load_weights", args=(str(path),))
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+    def _load_vllm(self, handle: WeightsHandle, blob: Optional[bytes]) -> None:
+        if handle.transport == "cuda_ipc":
+            # The vLLM worker (this process or the engine's own) opens the learner's buckets itself.
+            reports = self._llm.collective_rpc("papo_load_weights_ipc", args=(handle,))
+        else:
+            # The worker reads a file: collective_rpc would turn tensors into Python lists, and a
+            # file in /dev/shm (RAM) costs one memcpy.
+            shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+            path = shm / f"papo-rollout-{os.getpid()}-{uuid.uuid4().hex[:8]}-v{handle.version}.safetensors"
+            try:
+                path.write_bytes(blob)
+                reports = self._llm.collective_rpc("papo_load_weights", args=(str(path),))
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         for report in reports:
             if report["num_tensors"] != handle.num_tensors:
                 raise RuntimeError(f"weights of version {handle.version}: read {report['num_tensors']} tensors, "
@@ -619,19 +631,15 @@ class RolloutWorker:
         if hasattr(engine, "reset_encoder_cache"):
             engine.reset_encoder_cache()
 
-    def _load_hf(self, blob: bytes, handle: WeightsHandle) -> None:
-        state = unpack_state_dict(blob)
+    def _load_hf(self, state: dict[str, torch.Tensor], handle: WeightsHandle) -> None:
+        # Published names are save_pretrained's (model.layers.*, visual.*), not the live module's
+        # (model.language_model.*, model.visual.*): map them back, as the perception pool does.
+        if self._hf_names is None:
+            self._hf_names = hf_name_map(self._model)
         if len(state) != handle.num_tensors:
             raise RuntimeError(f"weights of version {handle.version}: {len(state)} tensors, the handle announces "
                                f"{handle.num_tensors}")
-        result = self._model.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(f"weights of version {handle.version}: unknown tensors {result.unexpected_keys[:5]}")
-        tied = {"lm_head.weight"} if getattr(self._model.config, "tie_word_embeddings", False) or getattr(
-            getattr(self._model.config, "text_config", None), "tie_word_embeddings", False) else set()
-        missing = [k for k in result.missing_keys if k not in tied]
-        if missing:
-            raise RuntimeError(f"weights of version {handle.version}: missing tensors {missing[:5]}")
+        load_hf_named_weights(self._model, state, self._hf_names)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 

@@ -99,6 +99,21 @@ class PapoWorkerExtension:
         return {"num_tensors": len(state), "num_loaded": len(loaded) if loaded is not None else -1,
                 "num_params": num_params}
 
+    def papo_load_weights_ipc(self, handle: Any) -> dict[str, Any]:
+        """Load a ``cuda_ipc`` :class:`~trainer.weights.WeightsHandle`: open the learner's GPU buckets
+        in this worker and feed their views to the model's ``load_weights`` (device-to-device copies).
+        """
+        from trainer.weights import open_cuda_ipc
+
+        state = open_cuda_ipc(handle)
+        model = self._papo_model()
+        loaded = model.load_weights(weights=iter(state.items()))
+        torch.cuda.synchronize()  # the copies must land before the learner may free its buckets
+        num_tensors = len(state)
+        del state
+        return {"num_tensors": num_tensors, "num_loaded": len(loaded) if loaded is not None else -1,
+                "num_params": sum(1 for _ in model.parameters())}
+
     def papo_set_logit_temperature(self, temperature: float) -> int:
         """Divide the model's logits by ``temperature`` (see the module docstring).
 

@@ -272,6 +272,10 @@ class LearnerConfig(_Section):
     freeze_language_model: bool = Field(False, description="train only the vision tower and its merger (the "
                                                            "language model keeps its weights: its format cannot drift)")
     cpu_offload: bool = False
+    weight_transport: Literal["object_store", "cuda_ipc"] = Field(
+        "object_store", description="how published weights reach the rollout and perception pools: object_store "
+        "(any placement) or cuda_ipc (GPU; every receiver on learner rank 0's GPU). See trainer/weights.py")
+    weight_bucket_mb: int = Field(512, ge=1, description="cuda_ipc: size of one flat weight bucket (MiB)")
 
     @model_validator(mode="after")
     def _something_trains(self) -> "LearnerConfig":

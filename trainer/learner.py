@@ -68,7 +68,7 @@ from trainer.batch import RolloutBatch
 from trainer.checkpoint import replace_dir
 from trainer.config import AlgoConfig, LearnerConfig, MaskedLogpPlacement
 from trainer.modeling import load_model, load_processor, model_inputs, token_logprobs
-from trainer.weights import WeightsHandle, digest, pack_state_dict
+from trainer.weights import WeightsHandle, digest, pack_state_dict, share_cuda_ipc
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +236,9 @@ def ds_config(cfg: LearnerConfig, world_size: int) -> dict[str, Any]:
     }
 
 
-def hf_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``module``'s weights under the names ``save_pretrained`` writes, as CPU copies.
+def hf_state_dict(module: torch.nn.Module, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+    """``module``'s weights under the names ``save_pretrained`` writes: CPU copies, or (``to_cpu=False``)
+    detached views of the live tensors.
 
     Tied weights are dropped (safetensors forbids aliases; ``from_pretrained`` and vLLM re-tie them)
     and transformers' load-time renames are reverted. Call with full (gathered) parameters.
@@ -248,6 +249,8 @@ def hf_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     sd = module.state_dict()
     sd = remove_tied_weights_from_state_dict(sd, module)
     sd = revert_weight_conversion(module, sd)
+    if not to_cpu:
+        return {k: v.detach() for k, v in sd.items()}
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
 
@@ -623,15 +626,24 @@ class Learner:
     def publish_weights(self, version: int) -> Optional[WeightsHandle]:
         """The sending half of the weight sync (DESIGN.md step 6). Collective; rank 0 returns the handle.
 
-        ``transport="object_store"``: the safetensors blob of :meth:`export_weights` is put into the
-        Ray object store and the handle carries its ObjectRef (without a running Ray, the blob
-        itself, so the class stays usable in a plain process). The GPU transports (NCCL broadcast,
-        CUDA IPC) are not implemented; on GPU the object store path is used as well.
+        ``learner.weight_transport`` picks the transport (trainer/weights.py):
+        ``object_store`` puts the safetensors blob of the HF-named weights into the Ray object store
+        and the handle carries its ObjectRef (without a running Ray, the blob itself, so the class
+        stays usable in a plain process); ``cuda_ipc`` packs them into GPU buckets that receivers on
+        this GPU open directly (packed while gathered under ZeRO-3, no host copy).
         """
-        sd = self.export_weights()
+        transport = self.cfg.weight_transport
         self.weight_version = int(version)
-        if sd is None:
-            return None
+        with self._gathered():
+            if self.rank != 0:
+                return None
+            if transport == "cuda_ipc":
+                if self.device.type != "cuda":
+                    raise RuntimeError("learner.weight_transport=cuda_ipc needs the learner on a GPU; "
+                                       "this rank runs on " + str(self.device))
+                return share_cuda_ipc(hf_state_dict(self.module, to_cpu=False), int(version),
+                                      bucket_bytes=self.cfg.weight_bucket_mb << 20)
+            sd = hf_state_dict(self.module)
         blob = pack_state_dict(sd)
         ref: Any = blob
         with contextlib.suppress(ImportError):

@@ -152,16 +152,18 @@ def response_logprobs(model: Any, image_processor: Any, batch: RolloutBatch,
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    device = next(model.parameters()).device
     logps, ents = [], []
     for start in range(0, len(batch), micro_batch_size):
         rows = list(range(start, min(start + micro_batch_size, len(batch))))
         mb = batch.select(rows)
-        inputs = model_inputs(model, image_processor, mb, [images[i] for i in rows])
-        lp, ent = token_logprobs(model, inputs, mb.response_ids, mb.response_mask,
+        # Built on the host (processor, RoPE index), then moved to the model's device.
+        inputs = {k: v.to(device) for k, v in model_inputs(model, image_processor, mb, [images[i] for i in rows]).items()}
+        lp, ent = token_logprobs(model, inputs, mb.response_ids.to(device), mb.response_mask.to(device),
                                  temperature=temperature, with_entropy=with_entropy)
         width = batch.response_ids.shape[1]  # select() trims padding columns: pad back
-        logps.append(torch.nn.functional.pad(lp, (0, width - lp.shape[1])))
+        logps.append(torch.nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])))
         if ent is not None:
-            ents.append(torch.nn.functional.pad(ent, (0, width - ent.shape[1])))
+            ents.append(torch.nn.functional.pad(ent.cpu(), (0, width - ent.shape[1])))
     logp = torch.cat(logps) if logps else torch.zeros(batch.response_ids.shape)
     return logp, (torch.cat(ents) if with_entropy and ents else None)

@@ -2,11 +2,28 @@
 ``pool.receive_weights(handle)`` consumes (DESIGN.md, step 6).
 
 A handle is small and travels by value through Ray; the weights themselves do not travel in it.
-On CPU (``transport="object_store"``) it holds an ObjectRef of the full policy weights serialised
-as one safetensors blob, named exactly as ``save_pretrained`` names them in ``model.safetensors``
-(so the vLLM engine's ``load_weights`` and an HF ``from_pretrained`` model both read them). On
-GPU the same handle carries the rendezvous of an NCCL broadcast / CUDA IPC that publisher and
-receivers join (``transport="nccl"`` / ``"cuda_ipc"``), filled in by the learner's GPU path.
+The tensors are always the full policy weights named exactly as ``save_pretrained`` names them in
+``model.safetensors`` (so the vLLM engine's ``load_weights`` and an HF model both read them).
+
+Transports (``learner.weight_transport``):
+
+- ``object_store`` (CPU and GPU): the handle holds an ObjectRef of one safetensors blob and its
+  sha256; receivers fetch, verify and copy. Works across machines; costs a host round trip.
+- ``cuda_ipc`` (GPU, receivers on the publisher's GPU): the publisher packs the weights into a few
+  flat ``uint8`` buckets on its GPU (:func:`pack_buckets`, each tensor at a 256-byte-aligned offset)
+  and the handle carries CUDA IPC handles of the buckets (``torch.multiprocessing``'s own
+  reduction), the publisher's GPU UUID and the tensor layout. A receiver opens the buckets as
+  device memory shared with the publisher and copies views of them into its parameters:
+  device-to-device, no host copy, no serialisation. The publisher keeps the buckets alive until
+  its next publish, so receivers must copy before then (the driver's step order guarantees it).
+  The digest is a checksum of the buckets' contents, computed on the GPU on both sides.
+- ``nccl`` (GPUs on different devices or nodes): a bucketed broadcast from learner rank 0 to the
+  pools over an NCCL group they all join. Not implemented yet: the handle type is reserved and
+  receivers refuse it by name. A lent machine has one GPU, where NCCL cannot pair two ranks.
+
+Receivers with a transformers model copy the tensors into it with :func:`load_hf_named_weights`
+(saved names mapped back to the model's own by :func:`hf_name_map`); the vLLM engine's
+``load_weights`` takes the saved names directly.
 
 Every receiver must report the version it holds; the driver compares those versions with the
 rollouts' ``weight_version`` (the contract that ``masked_logp`` is computed with the weights that
@@ -15,9 +32,12 @@ generated the rollout).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import torch
 from safetensors.torch import load as st_load
@@ -34,9 +54,9 @@ class WeightsHandle:
     transport: Transport
     num_tensors: int
     num_bytes: int
-    digest: str  # sha256 of the serialised blob (object_store) — receivers verify it
+    digest: str  # object_store: sha256 of the blob; cuda_ipc: bucket checksum — receivers verify it
     ref: Any = None  # ObjectRef[bytes] for object_store
-    extra: Mapping[str, Any] = field(default_factory=dict)  # rendezvous info for GPU transports
+    extra: Mapping[str, Any] = field(default_factory=dict)  # cuda_ipc: layout, IPC handles, GPU UUID
 
 
 def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bytes:
@@ -62,7 +82,7 @@ def fetch_blob(handle: WeightsHandle, timeout_s: Optional[float] = None) -> byte
     blob itself when it does not (a plain-process learner); both are accepted.
     """
     if handle.transport != "object_store":
-        raise NotImplementedError(f"transport {handle.transport!r}: only object_store is implemented")
+        raise NotImplementedError(f"transport {handle.transport!r} has no blob (only object_store handles do)")
     ref = handle.ref
     if ref is None:
         raise ValueError(f"object_store handle of version {handle.version} has no ref")
@@ -74,5 +94,233 @@ def fetch_blob(handle: WeightsHandle, timeout_s: Optional[float] = None) -> byte
 
 
 def load_handle(handle: WeightsHandle, timeout_s: Optional[float] = None) -> dict[str, torch.Tensor]:
-    """Fetch and verify a handle's weights: HF-named tensors."""
+    """Fetch and verify a handle's weights: HF-named tensors.
+
+    ``object_store``: CPU tensors. ``cuda_ipc``: views of the publisher's GPU buckets (valid until
+    the publisher's next publish; copy them, then drop them).
+    """
+    if handle.transport == "cuda_ipc":
+        return open_cuda_ipc(handle)
+    if handle.transport != "object_store":
+        raise NotImplementedError(f"weight transport {handle.transport!r} is not implemented; "
+                                  "use learner.weight_transport object_store or cuda_ipc")
     return unpack_state_dict(fetch_blob(handle, timeout_s), expected_digest=handle.digest)
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets: HF-named tensors laid out in a few flat byte buffers (the GPU transports' payload)
+# --------------------------------------------------------------------------------------------
+
+#: Every tensor starts at a multiple of this many bytes: any dtype's view is aligned, and so are
+#: vectorised copies. Bucket sizes are padded to it too (the checksum reads them as int32).
+ALIGN = 256
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one named tensor lives in the buckets."""
+
+    name: str
+    dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+    shape: tuple[int, ...]
+    bucket: int
+    offset: int  # bytes from the bucket's start
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def plan_buckets(state_dict: Mapping[str, torch.Tensor], bucket_bytes: int) -> tuple[list[TensorSlot], list[int]]:
+    """Assign tensors, in order, to buckets of at most ``bucket_bytes`` (a larger tensor gets its own).
+
+    Returns the slots and each bucket's size in bytes (a multiple of :data:`ALIGN`).
+    """
+    if bucket_bytes < ALIGN:
+        raise ValueError(f"bucket_bytes must be >= {ALIGN}, got {bucket_bytes}")
+    slots: list[TensorSlot] = []
+    sizes: list[int] = []
+    for name, t in state_dict.items():
+        need = _aligned(_nbytes(t))
+        if not sizes or (sizes[-1] + need > bucket_bytes and sizes[-1] > 0):
+            sizes.append(0)
+        slots.append(TensorSlot(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), len(sizes) - 1, sizes[-1]))
+        sizes[-1] += need
+    return slots, [max(s, ALIGN) for s in sizes]
+
+
+def _view(bucket: torch.Tensor, slot: TensorSlot) -> torch.Tensor:
+    dtype = getattr(torch, slot.dtype)
+    numel = 1
+    for d in slot.shape:
+        numel *= d
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    return bucket[slot.offset:slot.offset + nbytes].view(dtype).view(slot.shape)
+
+
+@torch.no_grad()
+def pack_buckets(state_dict: Mapping[str, torch.Tensor], bucket_bytes: int = 512 << 20,
+                 device: Optional[torch.device | str] = None) -> tuple[list[torch.Tensor], list[TensorSlot]]:
+    """Copy ``state_dict`` into fresh ``uint8`` buckets on ``device`` (default: the tensors' device)."""
+    slots, sizes = plan_buckets(state_dict, bucket_bytes)
+    if device is None:
+        device = next(iter(state_dict.values())).device if state_dict else "cpu"
+    buckets = [torch.zeros(n, dtype=torch.uint8, device=device) for n in sizes]
+    for slot, t in zip(slots, state_dict.values()):
+        _view(buckets[slot.bucket], slot).copy_(t)
+    return buckets, slots
+
+
+def unpack_buckets(buckets: Sequence[torch.Tensor], slots: Sequence[TensorSlot]) -> dict[str, torch.Tensor]:
+    """The named tensors of ``buckets`` as views (no copy)."""
+    return {slot.name: _view(buckets[slot.bucket], slot) for slot in slots}
+
+
+def bucket_checksum(buckets: Sequence[torch.Tensor]) -> str:
+    """A content checksum computed where the buckets live: each bucket's int32 words summed as int64.
+
+    Not cryptographic; it catches a receiver reading another version's or a freed buffer.
+    """
+    sums = [int(b.view(torch.int32).sum(dtype=torch.int64)) for b in buckets]
+    return "sum32:" + ",".join(str(x) for x in sums)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA IPC: the publisher's GPU buckets opened by receivers on the same GPU
+# --------------------------------------------------------------------------------------------
+
+#: Buckets published by this process, by token: kept alive for receivers, and read directly by a
+#: receiver in the same process (CUDA cannot open a process's own IPC handle).
+_PUBLISHED: dict[str, list[torch.Tensor]] = {}
+
+
+def gpu_uuid(device: torch.device | int) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def share_cuda_ipc(state_dict: Mapping[str, torch.Tensor], version: int,
+                   bucket_bytes: int = 512 << 20) -> WeightsHandle:
+    """Pack ``state_dict`` (CUDA tensors) into buckets and return a ``cuda_ipc`` handle to them.
+
+    Buckets of earlier publishes from this process are released first: one version is shared at a
+    time, so the extra GPU memory is one copy of the weights.
+    """
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    tensors = list(state_dict.values())
+    if not tensors or any(not t.is_cuda for t in tensors):
+        raise ValueError("cuda_ipc publishes CUDA tensors only (the learner's module is not on a GPU)")
+    device = tensors[0].device
+    release_cuda_ipc()
+    buckets, slots = pack_buckets(state_dict, bucket_bytes, device=device)
+    torch.cuda.synchronize(device)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    _PUBLISHED[token] = buckets
+    ipc = []
+    for b in buckets:
+        rebuild, args = reduce_tensor(b)
+        ipc.append((rebuild, args))
+    extra = {"token": token, "pid": os.getpid(), "gpu_uuid": gpu_uuid(device), "ipc": ipc,
+             "slots": [dataclasses.astuple(s) for s in slots]}
+    return WeightsHandle(version=int(version), transport="cuda_ipc", num_tensors=len(slots),
+                         num_bytes=sum(int(b.numel()) for b in buckets), digest=bucket_checksum(buckets), extra=extra)
+
+
+def release_cuda_ipc() -> None:
+    """Drop this process's published buckets (their memory returns once no receiver holds them)."""
+    _PUBLISHED.clear()
+    if torch.cuda.is_available():
+        torch.cuda.ipc_collect()
+
+
+def _local_device_of(uuid_str: str) -> int:
+    for i in range(torch.cuda.device_count()):
+        if gpu_uuid(i) == uuid_str:
+            return i
+    raise RuntimeError(f"cuda_ipc weights live on GPU {uuid_str}, which this process cannot see "
+                       f"({torch.cuda.device_count()} visible GPUs): the transport needs every receiver "
+                       "on the learner's GPU; use learner.weight_transport object_store (or colocate)")
+
+
+def open_cuda_ipc(handle: WeightsHandle) -> dict[str, torch.Tensor]:
+    """The named tensors of a ``cuda_ipc`` handle: views of the publisher's buckets, checksum verified."""
+    if handle.transport != "cuda_ipc":
+        raise ValueError(f"not a cuda_ipc handle: transport {handle.transport!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("a cuda_ipc weights handle reached a process without a GPU; "
+                           "use learner.weight_transport object_store")
+    extra = handle.extra
+    slots = [TensorSlot(n, d, tuple(s), b, o) for n, d, s, b, o in extra["slots"]]
+    if extra["pid"] == os.getpid():
+        buckets = _PUBLISHED.get(extra["token"])
+        if buckets is None:
+            raise RuntimeError(f"cuda_ipc weights of version {handle.version} were released by their publisher")
+    else:
+        device = _local_device_of(extra["gpu_uuid"])
+        buckets = []
+        for rebuild, args in extra["ipc"]:
+            args = list(args)
+            args[6] = device  # the publisher's device index means nothing in this process
+            buckets.append(rebuild(*args))
+    if len(slots) != handle.num_tensors:
+        raise RuntimeError(f"cuda_ipc handle of version {handle.version}: {len(slots)} slots, "
+                           f"announces {handle.num_tensors} tensors")
+    got = bucket_checksum(buckets)
+    if got != handle.digest:
+        raise ValueError(f"cuda_ipc weights of version {handle.version} do not match their handle's checksum "
+                         f"({got} != {handle.digest}): the publisher released or overwrote them")
+    return unpack_buckets(buckets, slots)
+
+
+# --------------------------------------------------------------------------------------------
+# Receiving into a live transformers model
+# --------------------------------------------------------------------------------------------
+
+
+def hf_name_map(model: torch.nn.Module) -> dict[str, str]:
+    """saved (``save_pretrained``) name -> the model's own ``state_dict`` name, for every saved tensor.
+
+    Built with transformers' own save-time transforms (tie removal, reverted load-time renames)
+    applied to the model's live tensors, then matched back by storage, so it is exactly the
+    inverse of what ``save_pretrained`` and ``Learner.publish_weights`` do.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    sd = model.state_dict()
+    by_ptr = {}
+    for name, t in sd.items():
+        by_ptr.setdefault(t.data_ptr(), name)
+    saved = revert_weight_conversion(model, remove_tied_weights_from_state_dict(dict(sd), model))
+    out = {}
+    for name, t in saved.items():
+        internal = by_ptr.get(t.data_ptr())
+        if internal is None:
+            raise RuntimeError(f"saved tensor {name!r} is a converted copy, not a renamed parameter; "
+                               "in-place weight loading does not support this model's weight conversions")
+        out[name] = internal
+    return out
+
+
+@torch.no_grad()
+def load_hf_named_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor],
+                          name_map: Optional[dict[str, str]] = None) -> None:
+    """Copy ``weights`` (saved names) into ``model``'s tensors in place; every tensor must be covered.
+
+    Tied parameters share storage, so writing the saved one updates its aliases too.
+    """
+    name_map = name_map or hf_name_map(model)
+    missing = sorted(set(name_map) - set(weights))
+    unknown = sorted(set(weights) - set(name_map))
+    if missing or unknown:
+        raise ValueError(f"published weights do not match the model: missing {missing[:5]}, unknown {unknown[:5]}")
+    sd = model.state_dict()
+    for name, tensor in weights.items():
+        target = sd[name_map[name]]
+        if target.shape != tensor.shape:
+            raise ValueError(f"{name}: published shape {tuple(tensor.shape)}, model has {tuple(target.shape)}")
+        target.copy_(tensor.to(dtype=target.dtype, device=target.device))

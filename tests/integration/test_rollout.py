@@ -29,6 +29,7 @@ from services.rollout import (
 )
 from trainer.data import load_image, load_split
 from trainer.demo import VISION_TOKEN_IDS, DatasetSizes, build_demo_assets
+from trainer.learner import hf_state_dict
 from trainer.modeling import load_model, load_processor, response_logprobs
 from trainer.weights import WeightsHandle, digest, pack_state_dict
 
@@ -233,15 +234,14 @@ def test_logprob_parity_before_and_after_weight_update(ray_cluster, pool_state, 
         batches[temperature] = pool.generate(requests, spec).batch
         errors[("v0", temperature)] = parity_error(ray, batches[temperature], reference, temperature)
 
-    # Publish changed weights as the learner does: the full HF state dict as one blob.
+    # Publish changed weights as the learner does: save_pretrained's names, one blob.
     changed = load_model(str(pool_state["pool"].worker_kwargs["model_path"]), dtype="float32").eval()
     with torch.no_grad():
         gen = torch.Generator().manual_seed(1)
         for p in changed.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    state = changed.state_dict()
-    if changed.config.tie_word_embeddings or changed.config.text_config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # safetensors refuses tensors that share memory
+    state = hf_state_dict(changed)
+    assert any(k.startswith("visual.") for k in state)  # saved names, not the module's model.visual.*
     blob = pack_state_dict(state)
     handle = WeightsHandle(version=1, transport="object_store", num_tensors=len(state), num_bytes=len(blob),
                            digest=digest(blob), ref=ray.put(blob))

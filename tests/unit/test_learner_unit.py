@@ -155,7 +155,7 @@ def test_published_weights_carry_save_pretrained_names_and_the_trained_values(ti
     assert set(weights) == saved_names  # e.g. "model.layers.0...", "visual.blocks.0...", no lm_head
     assert handle.num_tensors == len(weights)
     initial = load_model(str(path), dtype="float32")
-    from services.logprob import hf_name_map
+    from trainer.weights import hf_name_map
 
     internal = initial.state_dict()
     changed = [n for n, i in hf_name_map(initial).items() if not torch.equal(weights[n], internal[i])]
@@ -185,7 +185,7 @@ def test_checkpoint_round_trip_resumes_exactly_and_saves_atomically(tiny, tmp_pa
 
     # The folder is a plain HF model + processor folder.
     hf = AutoModelForImageTextToText.from_pretrained(str(ckpt1), dtype=torch.float32)
-    from services.logprob import hf_name_map
+    from trainer.weights import hf_name_map
 
     sd = hf.state_dict()
     assert all(torch.equal(sd[i], saved[n]) for n, i in hf_name_map(hf).items())

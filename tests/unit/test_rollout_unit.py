@@ -29,7 +29,7 @@ from services.rollout import (
 from trainer.config import ModelConfig, RolloutConfig
 from trainer.data import load_image, load_split
 from trainer.demo import VISION_TOKEN_IDS, DatasetSizes, build_demo_assets
-from trainer.weights import WeightsHandle, digest, pack_state_dict
+from trainer.weights import WeightsHandle, digest, hf_name_map, pack_state_dict
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 # A stable folder, not pytest's tmp_path: pytest deletes all but its 3 newest basetemp folders,
@@ -125,7 +125,10 @@ def _handle(state: dict, version: int, blob: bytes | None = None) -> tuple[Weigh
 
 
 def test_receive_weights_checks_digest_names_and_transport(worker):
-    state = {k: v.clone() for k, v in worker._model.state_dict().items() if k != "lm_head.weight"}
+    # Published weights carry save_pretrained's names (what Learner.publish_weights sends).
+    internal = worker._model.state_dict()
+    state = {saved: internal[name].clone() for saved, name in hf_name_map(worker._model).items()}
+    assert any(k.startswith("visual.") for k in state) and not any(k.startswith("model.visual.") for k in state)
     handle, blob = _handle(state, version=0)
     assert worker.receive_weights(handle, b"not even read") == 0  # version already held: no-op
     handle, blob = _handle(state, version=7)
@@ -136,7 +139,9 @@ def test_receive_weights_checks_digest_names_and_transport(worker):
     with pytest.raises(NotImplementedError, match="nccl"):
         worker.receive_weights(WeightsHandle(7, "nccl", 1, 1, ""), None)
     bad_handle, bad_blob = _handle({"not.a.param": torch.zeros(2)}, version=7)
-    with pytest.raises(RuntimeError, match="unknown tensors"):
+    with pytest.raises(RuntimeError, match="1 tensors, the handle announces 2"):
+        worker.receive_weights(WeightsHandle(7, "object_store", 2, len(bad_blob), digest(bad_blob)), bad_blob)
+    with pytest.raises(ValueError, match="unknown \\['not.a.param'\\]"):
         worker.receive_weights(bad_handle, bad_blob)
     assert worker.weight_version == 0
     # A real update: version moves, parameters change to the published values.
@@ -144,7 +149,7 @@ def test_receive_weights_checks_digest_names_and_transport(worker):
     state[key] = state[key] + 1.0
     handle, blob = _handle(state, version=7)
     assert worker.receive_weights(handle, blob) == 7 and worker.weight_version == 7
-    assert torch.equal(worker._model.state_dict()[key], state[key])
+    assert torch.equal(worker._model.state_dict()[hf_name_map(worker._model)[key]], state[key])
 
 
 def test_cpu_gemm_patch_reads_the_live_weight():
