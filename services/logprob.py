@@ -20,7 +20,10 @@ Roles (DESIGN.md steps 4 and 6):
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
 import torch
@@ -28,6 +31,8 @@ import torch
 from trainer.batch import RolloutBatch
 from trainer.modeling import load_model, load_processor, response_logprobs
 from trainer.weights import WeightsHandle, hf_name_map, load_handle, load_hf_named_weights
+
+logger = logging.getLogger(__name__)
 
 Role = Literal["perception", "reference"]
 ROLES: tuple[str, ...] = ("perception", "reference")
@@ -69,10 +74,17 @@ class LogProbWorker:
                                     temperature=self.temperature, micro_batch_size=self.micro_batch_size)
         return logp.float()
 
-    def compute_from_refs(self, batch: RolloutBatch, masked: bool) -> tuple[torch.Tensor, int]:
-        """Resolve the batch's image refs (``masked_image_refs`` if ``masked``) and score; returns (logp, version)."""
+    def compute_from_refs(self, batch: RolloutBatch, masked: bool,
+                          handle: Optional[WeightsHandle] = None) -> tuple[torch.Tensor, int]:
+        """Resolve the batch's image refs (``masked_image_refs`` if ``masked``) and score; returns (logp, version).
+
+        ``handle`` is the pool's current weights: a worker that holds another version (one Ray just
+        restarted with the folder's weights) loads it first.
+        """
         from trainer.learner import resolve_image_refs
 
+        if handle is not None and handle.version != self.version:
+            self.receive_weights(handle)
         refs = batch.masked_image_refs if masked else batch.image_refs
         if refs is None:
             raise ValueError("batch has no masked_image_refs (filled by the corruption service)")
@@ -91,13 +103,27 @@ class LogProbWorker:
         return self.version
 
 
+@dataclass
+class PendingScores:
+    """What :meth:`LogProbPool.submit` started: one ObjectRef per (worker, contiguous rows) chunk."""
+
+    batch: RolloutBatch
+    masked: bool
+    parts: list[tuple[Any, int, list[int]]]  # (ref, worker index, rows of batch)
+
+
 class LogProbPool:
-    """N :class:`LogProbWorker` Ray actors of one role; each batch is split over them in contiguous chunks."""
+    """N :class:`LogProbWorker` Ray actors of one role; each batch is split over them in contiguous chunks.
+
+    A worker that dies is restarted by Ray (up to ``max_restarts`` times) with the model folder's
+    weights; its chunk is resubmitted, and (perception role) it loads the pool's current weights
+    before it scores anything, so the version contract holds across restarts.
+    """
 
     def __init__(self, model_path: str, *, role: Role = "perception", num_workers: int = 1, num_cpus: float = 0.5,
                  num_gpus: float = 0.0, dtype: str = "float32", min_pixels: int = 56 * 56,
                  max_pixels: int = 1280 * 28 * 28, temperature: float = 1.0, micro_batch_size: int = 8,
-                 get_timeout_s: float = 900.0, omp_threads: int = 1, max_restarts: int = 0,
+                 get_timeout_s: float = 900.0, omp_threads: int = 1, max_restarts: int = 3, max_resubmits: int = 3,
                  trust_remote_code: bool = False) -> None:
         import ray
 
@@ -108,8 +134,12 @@ class LogProbPool:
         self._ray = ray
         self.role = role
         self.timeout = get_timeout_s
+        self.max_resubmits = max_resubmits
+        self.resubmissions = 0
+        self.current_handle: Optional[WeightsHandle] = None
         actor_cls = ray.remote(LogProbWorker).options(
             num_cpus=float(num_cpus), num_gpus=float(num_gpus), max_restarts=max_restarts,
+            max_task_retries=0,  # we resubmit ourselves, with the current weights
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(omp_threads), "TOKENIZERS_PARALLELISM": "false"}})
         self.actors = [actor_cls.remote(model_path, role=role, dtype=dtype, min_pixels=min_pixels,
                                         max_pixels=max_pixels, temperature=temperature,
@@ -127,17 +157,59 @@ class LogProbPool:
         bounds = [round(i * n / k) for i in range(k + 1)]
         return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
 
-    def submit(self, batch: RolloutBatch, *, masked: bool = False) -> list[Any]:
-        """Start scoring ``batch`` (``masked``: under ``masked_image_refs``); returns per-chunk ObjectRefs."""
-        return [actor.compute_from_refs.remote(batch.select(rows), masked)
-                for actor, rows in zip(self.actors, self._chunks(len(batch))) if rows]
+    def _submit_rows(self, w: int, batch: RolloutBatch, rows: list[int], masked: bool) -> Any:
+        return self.actors[w].compute_from_refs.remote(batch.select(rows), masked, self.current_handle)
 
-    def collect(self, batch: RolloutBatch, refs: list[Any]) -> tuple[torch.Tensor, set[int]]:
-        """(logp (N, R) aligned with ``batch``, the weight versions that computed it)."""
-        parts = self._ray.get(refs, timeout=self.timeout)
+    def submit(self, batch: RolloutBatch, *, masked: bool = False) -> PendingScores:
+        """Start scoring ``batch`` (``masked``: under ``masked_image_refs``); :meth:`collect` gathers it."""
+        parts = [(self._submit_rows(w, batch, rows, masked), w, rows)
+                 for w, rows in enumerate(self._chunks(len(batch))) if rows]
+        return PendingScores(batch, masked, parts)
+
+    def _await_ready(self, w: int, deadline: float) -> None:
+        """Block until worker ``w`` answers again (restarted); raise if it is gone for good."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GetTimeoutError(f"{self.role} worker {w} did not come back within {self.timeout:.0f} s")
+            try:
+                self.pids[w] = self._ray.get(self.actors[w].ping.remote(), timeout=left)
+                return
+            except ActorUnavailableError:
+                time.sleep(0.5)
+            except ActorDiedError as e:
+                raise RuntimeError(f"{self.role} worker {w} died and cannot be restarted (max_restarts reached): "
+                                   f"{e}") from e
+
+    def collect(self, batch: RolloutBatch, pending: PendingScores) -> tuple[torch.Tensor, set[int]]:
+        """(logp (N, R) aligned with ``batch``, the weight versions that computed it).
+
+        A chunk whose worker died is resubmitted to it once Ray has restarted it.
+        """
+        from ray.exceptions import RayActorError
+
+        deadline = time.monotonic() + self.timeout
         width = batch.response_ids.shape[1]
-        logp = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p, _ in parts])
-        return logp, {v for _, v in parts}
+        logps, versions = [], set()
+        for ref, w, rows in pending.parts:
+            for attempt in range(self.max_resubmits + 1):
+                try:
+                    logp, version = self._ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except RayActorError as e:
+                    if attempt == self.max_resubmits:
+                        raise RuntimeError(f"{self.role} chunk of rows {rows[0]}-{rows[-1]} failed "
+                                           f"{attempt + 1} times; last error: {e}") from e
+                    logger.warning("%s worker %d died while scoring (%s); resubmitting %d rows",
+                                   self.role, w, type(e).__name__, len(rows))
+                    self.resubmissions += 1
+                    self._await_ready(w, deadline)
+                    ref = self._submit_rows(w, pending.batch, rows, pending.masked)
+            logps.append(torch.nn.functional.pad(logp, (0, width - logp.shape[1])))
+            versions.add(version)
+        return torch.cat(logps), versions
 
     def compute_logprobs(self, batch: RolloutBatch, *, masked: bool = False,
                          expected_version: Optional[int] = None) -> torch.Tensor:
@@ -149,10 +221,26 @@ class LogProbPool:
         return logp
 
     def receive_weights(self, handle: WeightsHandle) -> list[int]:
-        """Every worker loads ``handle``; returns their versions (perception role only)."""
+        """Every worker loads ``handle``; returns their versions (perception role only).
+
+        The handle becomes the pool's current version first; a worker that dies here reports -1
+        and loads it when it next scores (after Ray restarts it).
+        """
+        from ray.exceptions import RayActorError
+
         if self.role == "reference":
             raise RuntimeError("the reference pool holds the frozen initial weights; it does not receive updates")
-        return self._ray.get([a.receive_weights.remote(handle) for a in self.actors], timeout=self.timeout)
+        self.current_handle = handle
+        refs = [a.receive_weights.remote(handle) for a in self.actors]
+        versions = []
+        for w, ref in enumerate(refs):
+            try:
+                versions.append(self._ray.get(ref, timeout=self.timeout))
+            except RayActorError as e:
+                logger.warning("%s worker %d died while syncing weights (%s); it re-syncs on restart",
+                               self.role, w, type(e).__name__)
+                versions.append(-1)
+        return versions
 
     def versions(self) -> list[int]:
         return self._ray.get([a.get_version.remote() for a in self.actors], timeout=self.timeout)

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -141,6 +142,42 @@ def archive_earlier_run(run_dir: Path) -> Optional[Path]:
     return target
 
 
+class RunDirInUse(RuntimeError):
+    """Another live ``papo train`` holds the run folder."""
+
+
+class RunDirLock:
+    """An exclusive lock on a run folder for the life of one driver.
+
+    The lock file sits beside the folder (``.<name>.lock``), so a new run can move an earlier
+    run's folder aside while holding it. ``flock`` is released by the kernel when the process
+    dies, so a crashed run never leaves a stale lock.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        import fcntl
+
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir.parent / f".{run_dir.name}.lock"
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            raise RunDirInUse(f"{run_dir} is in use by a running papo train ({holder}); give this run another "
+                              "trainer.name (or trainer.output_dir), or wait for that one to end") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._fh.flush()
+
+    def release(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()  # closing the descriptor drops the flock
+
+
 class PromptSampler:
     """Seeded epoch-wise shuffling: the (epoch, position) pair fully determines the next prompts."""
 
@@ -210,6 +247,18 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig, resume: Optional[str | os.PathLike] = None,
                  on_ray_init: Optional[Any] = None):
+        # The run folder first: a second live run on the same folder stops here, before any work.
+        self.resumed_from: Optional[Path] = latest_checkpoint(resume) if resume is not None else None
+        self.run_dir = (run_dir_of(self.resumed_from) if self.resumed_from is not None
+                        else Path(cfg.trainer.output_dir) / cfg.trainer.name)
+        self._lock = RunDirLock(self.run_dir)
+        try:
+            self._start(cfg, on_ray_init)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _start(self, cfg: JobConfig, on_ray_init: Optional[Any]) -> None:
         import ray
 
         self.cfg = cfg = resolve_demo_paths(cfg)
@@ -224,20 +273,14 @@ class Trainer:
         self.bad_prompts = 0
         self.start_step = 0  # the last finished step (a resumed run continues after it)
         self.best: dict[str, Any] = {"step": None, "accuracy": None}
-        self.resumed_from: Optional[Path] = None
         # Everything about a resume that can be wrong is checked before Ray and the engines start.
-        resume_state = None
-        if resume is not None:
-            self.resumed_from = latest_checkpoint(resume)
-            resume_state = self._check_resume(self.resumed_from)
-            self.run_dir = run_dir_of(self.resumed_from)
-        else:
-            self.run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.name
-            archive_earlier_run(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        resume_state = self._check_resume(self.resumed_from) if self.resumed_from is not None else None
+        if self.resumed_from is None:
+            archive_earlier_run(self.run_dir)  # under the lock: never a live run's folder
         self.started_ray = not ray.is_initialized()
         try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             if self.started_ray:
                 address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")  # ray.init reads it too
                 ray.init(address=address, num_cpus=None if address else cfg.cluster.num_cpus,
@@ -360,7 +403,8 @@ class Trainer:
         held = set(self.services.rollout.receive_weights(handle))
         if self.services.perception is not None:
             held |= set(self.services.perception.receive_weights(handle))
-        if held != {self.version}:
+        held.discard(-1)  # a worker that died during the sync loads the handle when it restarts
+        if held - {self.version}:
             raise RuntimeError(f"resuming: the pools hold weight versions {sorted(held)}, expected {self.version}")
         logger.info("resumed from %s at step %d (weight version %d)", ckpt, self.start_step, self.version)
 
@@ -525,7 +569,8 @@ class Trainer:
         held = set(svc.rollout.receive_weights(handle))
         if svc.perception is not None:
             held |= set(svc.perception.receive_weights(handle))
-        if held != {self.version}:
+        held.discard(-1)  # a worker that died during the sync loads the handle when it restarts
+        if held - {self.version}:
             raise RuntimeError(f"after publishing version {self.version} the pools hold {sorted(held)}")
         timings["timing/sync"] = time.perf_counter() - t
         timings["timing/step"] = time.perf_counter() - t_step
@@ -632,9 +677,12 @@ class Trainer:
     def close(self) -> None:
         import ray
 
-        self.services.shutdown()
-        if self.started_ray:
-            ray.shutdown()
+        try:
+            self.services.shutdown()
+            if self.started_ray:
+                ray.shutdown()
+        finally:
+            self._lock.release()
 
 
 def _rss_mb() -> float:
@@ -663,7 +711,8 @@ def train(cfg: JobConfig, resume: Optional[str | os.PathLike] = None) -> int:
     Ctrl-C and SIGTERM stop the run between or inside steps (also during start-up); engines are
     stopped and the Ray cluster we started is shut down; checkpoints are atomic, so the last one
     stays intact. A reward server that stays unreachable ends the run with that error (exit 1):
-    no step trains on missing rewards. Bad paths and impossible resumes exit 2 before Ray starts.
+    no step trains on missing rewards. Bad paths, impossible resumes and a run folder that another
+    live run holds exit 2 before Ray starts.
     """
     from rewards.client import RewardServerError
 
@@ -681,7 +730,7 @@ def train(cfg: JobConfig, resume: Optional[str | os.PathLike] = None) -> int:
         install()
         try:
             trainer = Trainer(cfg, resume=resume, on_ray_init=install)
-        except (FileNotFoundError, DataError, ResumeError) as e:  # a bad model, dataset or checkpoint path, named
+        except (FileNotFoundError, DataError, ResumeError, RunDirInUse) as e:  # named: bad paths, a busy run folder
             print(f"papo train: {e}", file=sys.stderr, flush=True)
             return 2
         trainer.run()

@@ -80,3 +80,18 @@ def test_worker_rejects_a_blob_that_does_not_match_its_digest(setup):
     assert worker.version == 0
     assert worker.receive_weights(handle) == 2
     assert torch.allclose(worker.compute_logprobs(batch, images), learner.compute_logprobs(batch, images), atol=1e-5)
+
+
+def test_a_killed_perception_worker_is_restarted_and_scores_with_the_current_weights(setup):
+    import ray
+
+    path, batch, images, masked, learner, perception, reference = setup
+    handle = learner.publish_weights(version=5)
+    assert perception.receive_weights(handle) == [5, 5]
+    want = learner.compute_logprobs(batch, masked)
+    old_pids = list(perception.pids)
+    ray.kill(perception.actors[1], no_restart=False)  # Ray restarts it with the folder's weights
+    got = perception.compute_logprobs(batch, masked=True, expected_version=5)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert perception.resubmissions >= 1 and perception.pids[1] != old_pids[1]
+    assert perception.versions() == [5, 5]  # the restarted worker re-synced before it scored

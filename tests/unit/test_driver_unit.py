@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -129,3 +131,47 @@ def test_a_new_run_moves_an_earlier_run_of_the_same_name_aside(tmp_path):
     _checkpoint(run / "checkpoints" / "step_000010", 10)
     assert archive_earlier_run(run) != moved  # a second earlier run gets its own name
     assert run_dir_of(run / "checkpoints" / "step_000010") == run and run_dir_of(run / "best") == run
+
+
+def test_a_live_run_folder_is_locked_and_a_dead_runs_lock_is_gone(tmp_path):
+    import subprocess
+    import sys
+
+    from trainer.driver import RunDirInUse, RunDirLock
+
+    run_dir = tmp_path / "runs" / "demo"
+    lock = RunDirLock(run_dir)
+    with pytest.raises(RunDirInUse, match=rf"runs/demo is in use by a running papo train \(pid {os.getpid()}"):
+        RunDirLock(run_dir)
+    RunDirLock(tmp_path / "runs" / "other").release()  # another name is free
+    lock.release()
+    RunDirLock(run_dir).release()  # free again once released
+    # A driver that dies without releasing (kill -9) leaves no stale lock: the kernel drops it.
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+            "from trainer.driver import RunDirLock; lock = RunDirLock(Path(sys.argv[1])); print('held', flush=True); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir), os.getcwd()], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirInUse, match=f"pid {proc.pid}"):
+            RunDirLock(run_dir)
+    finally:
+        proc.kill()
+        proc.wait()
+    RunDirLock(run_dir).release()
+
+
+def test_papo_train_on_a_busy_run_folder_exits_2_before_any_work(tmp_path, capsys):
+    from trainer.config import named_config, resolve_config
+    from trainer.driver import RunDirLock, train
+
+    cfg = resolve_config([named_config("demo")], [f"trainer.output_dir={tmp_path}", "trainer.name=busy",
+                                                   "model.path=/nonexistent/model"])
+    lock = RunDirLock(tmp_path / "busy")
+    try:
+        assert train(cfg) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert "is in use by a running papo train" in err and "trainer.name" in err
+    assert not (tmp_path / "busy").exists()  # nothing was created or moved
