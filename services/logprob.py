@@ -167,21 +167,9 @@ class LogProbPool:
         return PendingScores(batch, masked, parts)
 
     def _await_ready(self, w: int, deadline: float) -> None:
-        """Block until worker ``w`` answers again (restarted); raise if it is gone for good."""
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+        from services.rollout import await_restart
 
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GetTimeoutError(f"{self.role} worker {w} did not come back within {self.timeout:.0f} s")
-            try:
-                self.pids[w] = self._ray.get(self.actors[w].ping.remote(), timeout=left)
-                return
-            except ActorUnavailableError:
-                time.sleep(0.5)
-            except ActorDiedError as e:
-                raise RuntimeError(f"{self.role} worker {w} died and cannot be restarted (max_restarts reached): "
-                                   f"{e}") from e
+        self.pids[w] = await_restart(lambda: self.actors[w].ping.remote(), deadline, f"{self.role} worker {w}")
 
     def collect(self, batch: RolloutBatch, pending: PendingScores) -> tuple[torch.Tensor, set[int]]:
         """(logp (N, R) aligned with ``batch``, the weight versions that computed it).

@@ -672,6 +672,24 @@ class RolloutWorker:
 # ---------------------------------------------------------------------------------------------
 
 
+def await_restart(call: Any, deadline: float, what: str) -> Any:
+    """Block until ``call()`` (an actor method's ``.remote()``) answers, while Ray restarts the actor;
+    returns its answer. Raises when the deadline passes or the actor is gone for good."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise GetTimeoutError(f"{what} did not come back before the deadline")
+        try:
+            return ray.get(call(), timeout=left)
+        except ActorUnavailableError:
+            time.sleep(0.5)
+        except ActorDiedError as e:
+            raise RuntimeError(f"{what} died and cannot be restarted (max_restarts reached): {e}") from e
+
+
 def _is_object_ref(value: Any) -> bool:
     import ray
 
@@ -850,22 +868,7 @@ class RolloutPool:
         return RolloutResult(batch, errors, versions.pop(), len(requests), time.perf_counter() - t0)
 
     def _await_ready(self, w: int, deadline: float) -> None:
-        """Block until worker ``w`` answers again (restarted); raise if it is gone for good."""
-        import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
-
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GetTimeoutError(f"rollout worker {w} did not come back before the deadline")
-            try:
-                ray.get(self.actors[w].ready.remote(), timeout=left)
-                return
-            except ActorUnavailableError:
-                time.sleep(0.5)
-            except ActorDiedError as e:
-                raise RuntimeError(f"rollout worker {w} died and cannot be restarted (max_restarts reached): "
-                                   f"{e}") from e
+        await_restart(lambda: self.actors[w].ready.remote(), deadline, f"rollout worker {w}")
 
     def _version(self) -> int:
         return self.current_handle.version if self.current_handle is not None else int(
