@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -306,7 +307,8 @@ class Learner:
             raise ValueError(f"learner.lr_scheduler={learner.lr_scheduler!r} needs total_optimizer_steps")
         self._seed_everything(seed + self.rank)
 
-        model = load_model(self.model_path, dtype=learner.dtype, trust_remote_code=trust_remote_code)
+        self.ds_config = ds_config(learner, self.world_size)
+        model = self._load_model(learner, trust_remote_code)
         self.processor = load_processor(self.model_path, min_pixels=min_pixels, max_pixels=max_pixels,
                                         trust_remote_code=trust_remote_code)
         if learner.freeze_vision_tower:
@@ -323,7 +325,6 @@ class Learner:
         trainable = [p for p in model.parameters() if p.requires_grad]
         self._optimizer = GuardedAdamW(trainable, lr=learner.lr, betas=tuple(learner.betas),
                                        weight_decay=learner.weight_decay)
-        self.ds_config = ds_config(learner, self.world_size)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self._optimizer, config=self.ds_config)
         self.module: torch.nn.Module = self.engine.module
         self.grad_accum = int(self.ds_config["gradient_accumulation_steps"])
@@ -335,6 +336,26 @@ class Learner:
         self._set_lr()  # the warm-up's first LR, not the base LR AdamW was built with
 
     # ---- small helpers -----------------------------------------------------------------------
+
+    def _load_model(self, learner: LearnerConfig, trust_remote_code: bool) -> torch.nn.Module:
+        """The policy from ``model_path``; under ZeRO-3 loaded straight into this rank's partitions.
+
+        With ZeRO-3, transformers' ``from_pretrained`` builds the model inside ``deepspeed.zero.Init``
+        while an ``HfDeepSpeedConfig`` is alive, so no rank ever materialises the whole model (a 7B
+        model would otherwise sit in host memory once per rank). The config is dropped right after,
+        so later ``from_pretrained`` calls in this process (pools, tests) load plain models.
+        transformers needs ``accelerate`` for this (the GPU stack has it; the CPU stack does not, and
+        there every rank loads the full model before DeepSpeed partitions it).
+        """
+        if learner.zero_stage != 3 or importlib.util.find_spec("accelerate") is None:
+            return load_model(self.model_path, dtype=learner.dtype, trust_remote_code=trust_remote_code)
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        keep_alive = HfDeepSpeedConfig(self.ds_config)  # noqa: F841 (transformers holds a weak reference)
+        try:
+            return load_model(self.model_path, dtype=learner.dtype, trust_remote_code=trust_remote_code)
+        finally:
+            unset_hf_deepspeed_config()
 
     @staticmethod
     def _seed_everything(seed: int) -> None:

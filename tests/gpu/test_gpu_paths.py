@@ -117,3 +117,28 @@ def test_deepspeed_on_gpu_trains_and_publishes_over_cuda_ipc(tiny, stage, dtype)
     tol = 1e-5 if dtype == "float32" else 2e-2
     assert (scored["before"] - ours).abs().max() > 10 * tol  # the pool started from other weights
     assert (scored["after"] - ours).abs().max() < tol
+
+
+def test_zero3_loads_the_model_into_partitions_with_the_folders_weights(tiny, monkeypatch):
+    pytest.importorskip("accelerate")  # transformers' ZeRO-3 loading needs it (the GPU stack has it)
+    import transformers.integrations.deepspeed as hf_ds
+
+    import trainer.learner as learner_mod
+    from services.logprob import LogProbWorker
+    from tests.helpers_model import MAX_PIXELS, MIN_PIXELS
+
+    path, _, batch, images, _ = tiny
+    seen = []
+    real_load = learner_mod.load_model
+
+    def spy(*args, **kwargs):
+        seen.append(hf_ds.is_deepspeed_zero3_enabled())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(learner_mod, "load_model", spy)
+    learner = _learner(path, zero_stage=3, dtype="float32")
+    assert seen == [True]  # from_pretrained ran under deepspeed.zero.Init
+    assert not hf_ds.is_deepspeed_zero3_enabled()  # and the config is gone again
+    plain = LogProbWorker(str(path), role="reference", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    ours = learner.compute_logprobs(batch, images).cpu()
+    assert (plain.compute_logprobs(batch, images) - ours).abs().max() < 1e-5  # the folder's weights, not a fresh init
