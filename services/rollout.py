@@ -62,8 +62,8 @@ import torch
 from PIL import Image
 
 from trainer.batch import RolloutBatch
-from trainer.weights import (WeightsHandle, digest, fetch_blob, hf_name_map, load_handle, load_hf_named_weights,
-                             unpack_state_dict)
+from trainer.weights import (WeightsHandle, digest, fetch_blob, handle_to_dict, hf_name_map, load_handle,
+                             load_hf_named_weights, unpack_state_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -601,7 +601,7 @@ class RolloutWorker:
     def _load_vllm(self, handle: WeightsHandle, blob: Optional[bytes]) -> None:
         if handle.transport == "cuda_ipc":
             # The vLLM worker (this process or the engine's own) opens the learner's buckets itself.
-            reports = self._llm.collective_rpc("papo_load_weights_ipc", args=(handle,))
+            reports = self._llm.collective_rpc("papo_load_weights_ipc", args=(handle_to_dict(handle),))
         else:
             # The worker reads a file: collective_rpc would turn tensors into Python lists, and a
             # file in /dev/shm (RAM) costs one memcpy.

@@ -99,13 +99,14 @@ class PapoWorkerExtension:
         return {"num_tensors": len(state), "num_loaded": len(loaded) if loaded is not None else -1,
                 "num_params": num_params}
 
-    def papo_load_weights_ipc(self, handle: Any) -> dict[str, Any]:
-        """Load a ``cuda_ipc`` :class:`~trainer.weights.WeightsHandle`: open the learner's GPU buckets
-        in this worker and feed their views to the model's ``load_weights`` (device-to-device copies).
+    def papo_load_weights_ipc(self, handle: dict[str, Any]) -> dict[str, Any]:
+        """Load a ``cuda_ipc`` weights handle (as :func:`trainer.weights.handle_to_dict` gives it: plain
+        values survive vLLM's msgpack RPC): open the learner's GPU buckets in this worker and feed
+        their views to the model's ``load_weights`` (device-to-device copies).
         """
-        from trainer.weights import open_cuda_ipc
+        from trainer.weights import handle_from_dict, open_cuda_ipc
 
-        state = open_cuda_ipc(handle)
+        state = open_cuda_ipc(handle_from_dict(handle))
         model = self._papo_model()
         loaded = model.load_weights(weights=iter(state.items()))
         torch.cuda.synchronize()  # the copies must land before the learner may free its buckets

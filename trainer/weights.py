@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -198,6 +199,22 @@ def bucket_checksum(buckets: Sequence[torch.Tensor]) -> str:
 _PUBLISHED: dict[str, list[torch.Tensor]] = {}
 
 
+#: The arguments of ``rebuild_cuda_tensor`` that are classes, the same for every bucket.
+_IPC_FIXED: dict[str, Any] = {"tensor_cls": torch.Tensor, "storage_cls": torch.storage.TypedStorage,
+                              "dtype": torch.uint8, "requires_grad": False}
+
+
+def handle_to_dict(handle: WeightsHandle) -> dict[str, Any]:
+    """A ``cuda_ipc`` handle as plain values (for msgpack channels); :func:`handle_from_dict` inverts it."""
+    if handle.transport != "cuda_ipc":
+        raise ValueError("only cuda_ipc handles travel as plain values (object_store ones hold an ObjectRef)")
+    return {f.name: getattr(handle, f.name) for f in dataclasses.fields(handle) if f.name != "ref"}
+
+
+def handle_from_dict(d: Mapping[str, Any]) -> WeightsHandle:
+    return WeightsHandle(**d)
+
+
 def gpu_uuid(device: torch.device | int) -> str:
     return str(torch.cuda.get_device_properties(device).uuid)
 
@@ -223,7 +240,10 @@ def share_cuda_ipc(state_dict: Mapping[str, torch.Tensor], version: int,
     ipc = []
     for b in buckets:
         rebuild, args = reduce_tensor(b)
-        ipc.append((rebuild, args))
+        fields = dict(zip(inspect.signature(rebuild).parameters, args))
+        # Plain values only (bytes, ints, lists), so the handle also crosses msgpack channels
+        # such as vLLM's collective_rpc; the classes are fixed and re-supplied by the receiver.
+        ipc.append({k: list(v) if isinstance(v, tuple) else v for k, v in fields.items() if k not in _IPC_FIXED})
     extra = {"token": token, "pid": os.getpid(), "gpu_uuid": gpu_uuid(device), "ipc": ipc,
              "slots": [dataclasses.astuple(s) for s in slots]}
     return WeightsHandle(version=int(version), transport="cuda_ipc", num_tensors=len(slots),
@@ -260,12 +280,12 @@ def open_cuda_ipc(handle: WeightsHandle) -> dict[str, torch.Tensor]:
         if buckets is None:
             raise RuntimeError(f"cuda_ipc weights of version {handle.version} were released by their publisher")
     else:
-        device = _local_device_of(extra["gpu_uuid"])
-        buckets = []
-        for rebuild, args in extra["ipc"]:
-            args = list(args)
-            args[6] = device  # the publisher's device index means nothing in this process
-            buckets.append(rebuild(*args))
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        device = _local_device_of(extra["gpu_uuid"])  # the publisher's device index means nothing here
+        buckets = [rebuild_cuda_tensor(**{**fields, **_IPC_FIXED, "tensor_size": torch.Size(fields["tensor_size"]),
+                                          "tensor_stride": tuple(fields["tensor_stride"]), "storage_device": device})
+                   for fields in extra["ipc"]]
     if len(slots) != handle.num_tensors:
         raise RuntimeError(f"cuda_ipc handle of version {handle.version}: {len(slots)} slots, "
                            f"announces {handle.num_tensors} tensors")

@@ -18,8 +18,12 @@ def receive(conn: Any, kind: str, handle: Any, payload: dict[str, Any]) -> None:
         import torch
 
         if kind == "raw":
-            from trainer.weights import load_handle
+            import msgpack
 
+            from trainer.weights import handle_from_dict, load_handle
+
+            if isinstance(handle, bytes):  # sent through msgpack, as vLLM's collective_rpc sends it
+                handle = handle_from_dict(msgpack.unpackb(handle))
             weights = load_handle(handle)
             send({k: v.cpu().clone() for k, v in weights.items()})
         elif kind == "logprob":

@@ -67,7 +67,9 @@ def _filled(learner, batch, images, masked):
 
 
 def test_cuda_ipc_buckets_reach_another_process_bit_exactly():
-    from trainer.weights import load_handle, release_cuda_ipc, share_cuda_ipc
+    import msgpack
+
+    from trainer.weights import handle_to_dict, load_handle, release_cuda_ipc, share_cuda_ipc
 
     g = torch.Generator(device="cuda").manual_seed(0)
     sd = {"model.layers.0.w": torch.randn(300, 70, device="cuda", generator=g),
@@ -77,9 +79,12 @@ def test_cuda_ipc_buckets_reach_another_process_bit_exactly():
     assert handle.transport == "cuda_ipc" and handle.num_tensors == 3 and len(handle.extra["ipc"]) == 2
     same_process = load_handle(handle)  # served from this process's registry
     got = _in_child("raw", handle)
+    # Plain values only: the handle also survives msgpack (vLLM's collective_rpc channel).
+    got_msgpack = _in_child("raw", msgpack.packb(handle_to_dict(handle)))
     for k, v in sd.items():
         assert torch.equal(same_process[k], v), k
         assert got[k].dtype == v.dtype and torch.equal(got[k], v.cpu()), k
+        assert torch.equal(got_msgpack[k], v.cpu()), k
     release_cuda_ipc()
     with pytest.raises(RuntimeError, match="released"):
         load_handle(handle)

@@ -79,3 +79,13 @@ def test_cuda_ipc_handles_are_refused_clearly_without_a_gpu():
         load_handle(handle)
     with pytest.raises(NotImplementedError, match="'nccl'"):
         load_handle(WeightsHandle(1, "nccl", 1, 1, ""))
+
+
+def test_only_cuda_ipc_handles_become_plain_values():
+    from trainer.weights import WeightsHandle, handle_from_dict, handle_to_dict
+
+    h = WeightsHandle(3, "cuda_ipc", 2, 512, "sum32:1,2", extra={"slots": [["w", "float32", [2], 0, 0]], "pid": 7})
+    d = handle_to_dict(h)
+    assert "ref" not in d and handle_from_dict(d) == h
+    with pytest.raises(ValueError, match="only cuda_ipc"):
+        handle_to_dict(WeightsHandle(3, "object_store", 1, 1, "x", ref=b"blob"))
