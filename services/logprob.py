@@ -171,15 +171,15 @@ class LogProbPool:
 
         self.pids[w] = await_restart(lambda: self.actors[w].ping.remote(), deadline, f"{self.role} worker {w}")
 
-    def collect(self, batch: RolloutBatch, pending: PendingScores) -> tuple[torch.Tensor, set[int]]:
-        """(logp (N, R) aligned with ``batch``, the weight versions that computed it).
+    def collect(self, pending: PendingScores) -> tuple[torch.Tensor, set[int]]:
+        """(logp (N, R) aligned with the submitted batch, the weight versions that computed it).
 
         A chunk whose worker died is resubmitted to it once Ray has restarted it.
         """
         from ray.exceptions import RayActorError
 
         deadline = time.monotonic() + self.timeout
-        width = batch.response_ids.shape[1]
+        width = pending.batch.response_ids.shape[1]
         logps, versions = [], set()
         for ref, w, rows in pending.parts:
             for attempt in range(self.max_resubmits + 1):
@@ -202,7 +202,7 @@ class LogProbPool:
     def compute_logprobs(self, batch: RolloutBatch, *, masked: bool = False,
                          expected_version: Optional[int] = None) -> torch.Tensor:
         """Log-probs of every response; with ``expected_version``, fail loudly if a worker held another."""
-        logp, versions = self.collect(batch, self.submit(batch, masked=masked))
+        logp, versions = self.collect(self.submit(batch, masked=masked))
         if expected_version is not None and versions != {expected_version}:
             raise RuntimeError(f"{self.role} pool computed with weight versions {sorted(versions)}, "
                                f"expected {expected_version}")

@@ -75,3 +75,30 @@ def algo_cfg(**kw: Any) -> AlgoConfig:
     base = dict(name="papo_d", gamma=0.01, beta=0.0, eta1=0.0, eta2=0.0)
     base.update(kw)
     return AlgoConfig(**base)
+
+
+def tiny_setup(folder: Path) -> tuple[Path, Any, RolloutBatch, list, list]:
+    """The tiny model written to ``folder/model``, its processor and a :func:`make_batch` batch:
+    ``(path, processor, batch, images, masked)``."""
+    from trainer.modeling import load_processor
+
+    path = write_model(folder / "model")
+    processor = load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    batch, images, masked = make_batch(processor)
+    return path, processor, batch, images, masked
+
+
+def make_learner(path: Path, *, algo: Any = None, masked_logp: str = "pool", **cfg: Any) -> Any:
+    """A one-rank :class:`~trainer.learner.Learner` on the tiny model (``cfg`` overrides :func:`learner_cfg`)."""
+    from trainer.learner import Learner
+
+    return Learner(str(path), learner_cfg(**cfg), algo if algo is not None else algo_cfg(), masked_logp=masked_logp,
+                   min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+
+
+def filled(learner: Any, batch: RolloutBatch, images: list, masked: list) -> RolloutBatch:
+    """The batch with old_logp and masked_logp from the learner's current weights (a copy)."""
+    b = batch.select(range(len(batch)))
+    b.old_logp = learner.compute_logprobs(b, images)
+    b.masked_logp = learner.compute_logprobs(b, masked)
+    return b

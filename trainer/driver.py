@@ -399,14 +399,18 @@ class Trainer:
         self.start_step, self.version = int(state["step"]), int(state["weight_version"])
         self.bad_prompts = int(state.get("bad_prompts", 0))
         self.best = dict(state.get("best") or self.best)
+        self._sync_weights("resuming: ")
+        logger.info("resumed from %s at step %d (weight version %d)", ckpt, self.start_step, self.version)
+
+    def _sync_weights(self, context: str = "") -> None:
+        """Publish ``self.version`` from the learner and load it into the rollout and perception pools."""
         handle = self.services.learner.publish_weights(self.version)
         held = set(self.services.rollout.receive_weights(handle))
         if self.services.perception is not None:
             held |= set(self.services.perception.receive_weights(handle))
         held.discard(-1)  # a worker that died during the sync loads the handle when it restarts
         if held - {self.version}:
-            raise RuntimeError(f"resuming: the pools hold weight versions {sorted(held)}, expected {self.version}")
-        logger.info("resumed from %s at step %d (weight version %d)", ckpt, self.start_step, self.version)
+            raise RuntimeError(f"{context}after publishing version {self.version} the pools hold {sorted(held)}")
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -538,14 +542,14 @@ class Trainer:
         if cfg.needs_masked_pass and cfg.perception.masked_logp == "learner":
             batch.masked_logp = svc.learner.compute_logprobs(batch, masked=True)  # the official serial order
         if masked_refs is not None:
-            batch.masked_logp, versions = svc.perception.collect(batch, masked_refs)
+            batch.masked_logp, versions = svc.perception.collect(masked_refs)
             if versions != batch.weight_versions:
                 raise RuntimeError(f"masked_logp computed with weight versions {sorted(versions)} but the rollouts "
                                    f"came from {sorted(batch.weight_versions)} (DESIGN.md contract)")
         if cfg.needs_masked_pass and cfg.perception.masked_logp != "learner_grad":
             timings["timing/masked_logp"], lap = time.perf_counter() - lap, time.perf_counter()
         if ref_refs is not None:
-            batch.ref_logp, _ = svc.reference.collect(batch, ref_refs)
+            batch.ref_logp, _ = svc.reference.collect(ref_refs)
             timings["timing/ref_logp"], lap = time.perf_counter() - lap, time.perf_counter()
         timings["timing/logprobs"] = time.perf_counter() - t
         mask = batch.response_mask
@@ -565,13 +569,7 @@ class Trainer:
         # Step 6: weight sync; the receivers report the version they now hold.
         t = time.perf_counter()
         self.version += 1
-        handle = svc.learner.publish_weights(self.version)
-        held = set(svc.rollout.receive_weights(handle))
-        if svc.perception is not None:
-            held |= set(svc.perception.receive_weights(handle))
-        held.discard(-1)  # a worker that died during the sync loads the handle when it restarts
-        if held - {self.version}:
-            raise RuntimeError(f"after publishing version {self.version} the pools hold {sorted(held)}")
+        self._sync_weights()
         timings["timing/sync"] = time.perf_counter() - t
         timings["timing/step"] = time.perf_counter() - t_step
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -156,10 +157,7 @@ def plan_buckets(state_dict: Mapping[str, torch.Tensor], bucket_bytes: int) -> t
 
 def _view(bucket: torch.Tensor, slot: TensorSlot) -> torch.Tensor:
     dtype = getattr(torch, slot.dtype)
-    numel = 1
-    for d in slot.shape:
-        numel *= d
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(slot.shape) * dtype.itemsize
     return bucket[slot.offset:slot.offset + nbytes].view(dtype).view(slot.shape)
 
 

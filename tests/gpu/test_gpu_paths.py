@@ -23,13 +23,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, make_batch, write_model
-    from trainer.modeling import load_processor
+    from tests.helpers_model import tiny_setup
 
-    path = write_model(tmp_path_factory.mktemp("gpu") / "model")
-    processor = load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    batch, images, masked = make_batch(processor)
-    return path, processor, batch, images, masked
+    return tiny_setup(tmp_path_factory.mktemp("gpu"))
 
 
 def _in_child(kind: str, handle: Any, payload: dict[str, Any] | None = None, timeout: float = 300) -> dict[str, Any]:
@@ -50,20 +46,6 @@ def _in_child(kind: str, handle: Any, payload: dict[str, Any] | None = None, tim
             proc.kill()
     assert "error" not in out, out.get("error")
     return out
-
-
-def _learner(path, **cfg):
-    from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg
-    from trainer.learner import Learner
-
-    return Learner(str(path), learner_cfg(**cfg), algo_cfg(), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-
-
-def _filled(learner, batch, images, masked):
-    b = batch.select(range(len(batch)))
-    b.old_logp = learner.compute_logprobs(b, images)
-    b.masked_logp = learner.compute_logprobs(b, masked)
-    return b
 
 
 def test_cuda_ipc_buckets_reach_another_process_bit_exactly():
@@ -92,13 +74,13 @@ def test_cuda_ipc_buckets_reach_another_process_bit_exactly():
 
 @pytest.mark.parametrize("stage,dtype", [(0, "float32"), (3, "float32"), (2, "bfloat16")])
 def test_deepspeed_on_gpu_trains_and_publishes_over_cuda_ipc(tiny, stage, dtype):
-    from tests.helpers_model import MAX_PIXELS, MIN_PIXELS
+    from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, filled, make_learner
     from trainer.learner import hf_state_dict
 
     path, _, batch, images, masked = tiny
-    learner = _learner(path, zero_stage=stage, dtype=dtype, weight_transport="cuda_ipc")
+    learner = make_learner(path, zero_stage=stage, dtype=dtype, weight_transport="cuda_ipc")
     assert learner.device.type == "cuda"
-    first = _filled(learner, batch, images, masked)
+    first = filled(learner, batch, images, masked)
     losses = [learner.train_step(first, images)["loss"]]
     for _ in range(4):
         losses.append(learner.train_step(first, images)["loss"])
@@ -130,7 +112,7 @@ def test_zero3_loads_the_model_into_partitions_with_the_folders_weights(tiny, mo
 
     import trainer.learner as learner_mod
     from services.logprob import LogProbWorker
-    from tests.helpers_model import MAX_PIXELS, MIN_PIXELS
+    from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, make_learner
 
     path, _, batch, images, _ = tiny
     seen = []
@@ -141,7 +123,7 @@ def test_zero3_loads_the_model_into_partitions_with_the_folders_weights(tiny, mo
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(learner_mod, "load_model", spy)
-    learner = _learner(path, zero_stage=3, dtype="float32")
+    learner = make_learner(path, zero_stage=3, dtype="float32")
     assert seen == [True]  # from_pretrained ran under deepspeed.zero.Init
     assert not hf_ds.is_deepspeed_zero3_enabled()  # and the config is gone again
     plain = LogProbWorker(str(path), role="reference", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)

@@ -190,3 +190,11 @@ def test_precomputed_masks_need_their_column_and_pool_sizes_are_checked():
         resolve_config([], ["corruption.num_cpus=0"])
     with pytest.raises(ConfigError, match="perception.num_cpus"):
         resolve_config([], ["perception.num_cpus=-1"])
+
+
+def test_weight_transport_fields_reject_bad_values_naming_them():
+    with pytest.raises(ConfigError, match=r"learner\.weight_transport.*'object_store' or 'cuda_ipc'"):
+        resolve_config(overrides=["learner.weight_transport=nccl"])
+    with pytest.raises(ConfigError, match=r"learner\.weight_bucket_mb"):
+        resolve_config(overrides=["learner.weight_bucket_mb=0"])
+    assert resolve_config(overrides=["learner.weight_transport=cuda_ipc"]).learner.weight_transport == "cuda_ipc"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, make_batch, write_model
+from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, filled, learner_cfg, make_learner, tiny_setup
 from trainer.algos import papo_loss
 from trainer.learner import CHECKPOINT_MARKER, Learner, LossSettings, lr_factor, prune_checkpoints
 from trainer.modeling import load_model, load_processor, model_inputs, token_logprobs
@@ -23,23 +23,7 @@ from trainer.weights import load_handle
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = write_model(tmp_path_factory.mktemp("learner") / "model")
-    processor = load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    batch, images, masked = make_batch(processor)
-    return path, processor, batch, images, masked
-
-
-def make_learner(path: Path, *, algo=None, masked_logp: str = "pool", **cfg) -> Learner:
-    return Learner(str(path), learner_cfg(**cfg), algo if algo is not None else algo_cfg(), masked_logp=masked_logp,
-                   min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-
-
-def filled(learner: Learner, batch, images, masked):
-    """The batch with old_logp and masked_logp from the learner's current weights (a copy)."""
-    b = batch.select(range(len(batch)))
-    b.old_logp = learner.compute_logprobs(b, images)
-    b.masked_logp = learner.compute_logprobs(b, masked)
-    return b
+    return tiny_setup(tmp_path_factory.mktemp("learner"))
 
 
 def test_lr_factor_schedules():
@@ -300,3 +284,11 @@ def test_frozen_language_model_trains_only_the_vision_tower(tiny):
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("visual."))
     with pytest.raises(ValueError, match="nothing would train"):
         learner_cfg(freeze_language_model=True, freeze_vision_tower=True)
+
+
+def test_cuda_ipc_on_a_cpu_learner_is_refused_clearly(tiny):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the transport works (tests/gpu)")
+    learner = make_learner(tiny[0], zero_stage=0, weight_transport="cuda_ipc")
+    with pytest.raises(RuntimeError, match="weight_transport=cuda_ipc needs the learner on a GPU"):
+        learner.publish_weights(version=1)
