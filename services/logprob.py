@@ -24,13 +24,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 
 from trainer.batch import RolloutBatch
 from trainer.modeling import load_model, load_processor, response_logprobs
-from trainer.weights import WeightsHandle, hf_name_map, load_handle, load_hf_named_weights
+from trainer.weights import (BROADCAST_TRANSPORTS, StaleWeights, WeightsHandle, hf_name_map, join_weight_group,
+                             load_handle, load_hf_named_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +85,20 @@ class LogProbWorker:
         from trainer.learner import resolve_image_refs
 
         if handle is not None and handle.version != self.version:
+            if handle.transport in BROADCAST_TRANSPORTS:  # a broadcast cannot reach one process alone
+                raise StaleWeights(self.version, handle.version)
             self.receive_weights(handle)
         refs = batch.masked_image_refs if masked else batch.image_refs
         if refs is None:
             raise ValueError("batch has no masked_image_refs (filled by the corruption service)")
         return self.compute_logprobs(batch, resolve_image_refs(refs, self.timeout)), self.version
+
+    def join_weight_group(self, group_id: str, host: str, port: int, rank: int, world_size: int,
+                          backend: str) -> int:
+        """Join the learner's weight-broadcast group as ``rank`` (collective); returns the pid."""
+        join_weight_group(group_id, host, port, rank, world_size, backend,
+                          device=self.device if backend == "nccl" else None)
+        return os.getpid()
 
     def receive_weights(self, handle: WeightsHandle) -> int:
         """Load a published policy version (perception role only); returns the version now held."""
@@ -137,6 +147,10 @@ class LogProbPool:
         self.max_resubmits = max_resubmits
         self.resubmissions = 0
         self.current_handle: Optional[WeightsHandle] = None
+        #: Publishes a version by the object store, for a worker that restarted after a broadcast
+        #: (the driver sets it; see services.rollout.resync_handle).
+        self.fallback_publish: Optional[Callable[[int], WeightsHandle]] = None
+        self._fallback: Optional[WeightsHandle] = None
         actor_cls = ray.remote(LogProbWorker).options(
             num_cpus=float(num_cpus), num_gpus=float(num_gpus), max_restarts=max_restarts,
             max_task_retries=0,  # we resubmit ourselves, with the current weights
@@ -157,8 +171,9 @@ class LogProbPool:
         bounds = [round(i * n / k) for i in range(k + 1)]
         return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
 
-    def _submit_rows(self, w: int, batch: RolloutBatch, rows: list[int], masked: bool) -> Any:
-        return self.actors[w].compute_from_refs.remote(batch.select(rows), masked, self.current_handle)
+    def _submit_rows(self, w: int, batch: RolloutBatch, rows: list[int], masked: bool,
+                     handle: Optional[WeightsHandle] = None) -> Any:
+        return self.actors[w].compute_from_refs.remote(batch.select(rows), masked, handle or self.current_handle)
 
     def submit(self, batch: RolloutBatch, *, masked: bool = False) -> PendingScores:
         """Start scoring ``batch`` (``masked``: under ``masked_image_refs``); :meth:`collect` gathers it."""
@@ -186,6 +201,14 @@ class LogProbPool:
                 try:
                     logp, version = self._ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
                     break
+                except StaleWeights as e:
+                    if attempt == self.max_resubmits:
+                        raise
+                    from services.rollout import resync_handle
+
+                    logger.warning("%s worker %d restarted after the last broadcast (%s); resubmitting with the "
+                                   "weights from the object store", self.role, w, e)
+                    ref = self._submit_rows(w, pending.batch, rows, pending.masked, resync_handle(self, self.role))
                 except RayActorError as e:
                     if attempt == self.max_resubmits:
                         raise RuntimeError(f"{self.role} chunk of rows {rows[0]}-{rows[-1]} failed "
@@ -208,18 +231,38 @@ class LogProbPool:
                                f"expected {expected_version}")
         return logp
 
+    def weight_group_ranks(self) -> int:
+        return len(self.actors)
+
+    def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
+                          backend: str) -> list[Any]:
+        """Start every worker's join (ObjectRefs): the learner and the other pools must join at the same time."""
+        return [a.join_weight_group.remote(group_id, host, port, first_rank + w, world_size, backend)
+                for w, a in enumerate(self.actors)]
+
+    def current_pids(self) -> list[int]:
+        """The worker processes now (a restarted worker has a new one)."""
+        self.pids = self._ray.get([a.ping.remote() for a in self.actors], timeout=self.timeout)
+        return list(self.pids)
+
     def receive_weights(self, handle: WeightsHandle) -> list[int]:
-        """Every worker loads ``handle``; returns their versions (perception role only).
+        """Every worker loads ``handle``; returns their versions (perception role only)."""
+        return self.finish_receive(handle, self.start_receive(handle))
+
+    def start_receive(self, handle: WeightsHandle) -> list[Any]:
+        """Start loading ``handle`` on every worker (ObjectRefs for :meth:`finish_receive`).
 
         The handle becomes the pool's current version first; a worker that dies here reports -1
         and loads it when it next scores (after Ray restarts it).
         """
-        from ray.exceptions import RayActorError
-
         if self.role == "reference":
             raise RuntimeError("the reference pool holds the frozen initial weights; it does not receive updates")
         self.current_handle = handle
-        refs = [a.receive_weights.remote(handle) for a in self.actors]
+        return [a.receive_weights.remote(handle) for a in self.actors]
+
+    def finish_receive(self, handle: WeightsHandle, refs: list[Any]) -> list[int]:
+        from ray.exceptions import RayActorError
+
         versions = []
         for w, ref in enumerate(refs):
             try:

@@ -36,8 +36,12 @@ itself differs from ``old_logp``'s by top-p and the vision-token block, as in th
 store, written to /dev/shm and loaded by the worker extension) works on CPU and GPU engines.
 ``cuda_ipc`` (receivers on the learner's GPU): the HF backend copies views of the learner's GPU
 buckets into its parameters; the vLLM backend hands the handle to its worker extension, which
-opens the buckets in the vLLM worker process and feeds them to ``load_weights``. The NCCL
-broadcast is not implemented: ``receive_weights`` raises ``NotImplementedError`` naming it.
+opens the buckets in the vLLM worker process and feeds them to ``load_weights``. ``nccl``/``gloo``
+(a broadcast from learner rank 0): every vLLM worker process (one per tensor-parallel rank) joins
+the weight group through the worker extension and receives the buckets itself; the HF backend's
+actor joins directly. A broadcast handle is received even at the version held (every member takes
+part in every broadcast); a worker that Ray restarted after one raises :class:`StaleWeights` and
+the pool resubmits with the same version by the object store (``fallback_publish``).
 
 **Errors.** A request that cannot be served yields an entry in :attr:`RolloutResult.errors`
 (request index -> message starting with one of the ``ERR_*`` causes); the other requests are
@@ -56,14 +60,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from PIL import Image
 
 from trainer.batch import RolloutBatch
-from trainer.weights import (WeightsHandle, digest, fetch_blob, handle_to_dict, hf_name_map, load_handle,
-                             load_hf_named_weights, unpack_state_dict)
+from trainer.weights import (BROADCAST_TRANSPORTS, StaleWeights, WeightsHandle, digest, fetch_blob, handle_to_dict,
+                             hf_name_map, join_weight_group, load_handle, load_hf_named_weights, unpack_state_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +293,7 @@ class RolloutWorker:
         self._hf_names: Optional[dict[str, str]] = None  # saved name -> module name (hf backend)
         self._logit_temperature: Optional[float] = None
         self._allowed: Optional[list[int]] = None
+        self.weight_group_ranks = tensor_parallel_size if backend == "vllm" else 1  # processes that receive
         t0 = time.perf_counter()
         if backend == "vllm":
             self._start_vllm(tensor_parallel_size=tensor_parallel_size,
@@ -573,13 +578,14 @@ class RolloutWorker:
         """Load the weights of ``handle`` (version ``handle.version``) in place; returns the version.
 
         ``blob`` is the safetensors blob of an ``object_store`` handle (the actor fetches it from
-        ``handle.ref``); a ``cuda_ipc`` handle needs none. A handle of the version already held is a no-op.
+        ``handle.ref``); the other transports need none. A handle of the version already held is a
+        no-op, except a broadcast (``nccl``/``gloo``), which every group member must receive.
         """
-        if handle.version == self.weight_version:
+        broadcast = handle.transport in BROADCAST_TRANSPORTS
+        if handle.version == self.weight_version and not broadcast:
             return self.weight_version
-        if handle.transport not in ("object_store", "cuda_ipc"):
-            raise NotImplementedError(
-                f"weight transport {handle.transport!r} is not implemented; use object_store or cuda_ipc")
+        if handle.transport not in ("object_store", "cuda_ipc", *BROADCAST_TRANSPORTS):
+            raise NotImplementedError(f"weight transport {handle.transport!r} is not implemented")
         t0 = time.perf_counter()
         if handle.transport == "object_store":
             if blob is None:
@@ -602,6 +608,9 @@ class RolloutWorker:
         if handle.transport == "cuda_ipc":
             # The vLLM worker (this process or the engine's own) opens the learner's buckets itself.
             reports = self._llm.collective_rpc("papo_load_weights_ipc", args=(handle_to_dict(handle),))
+        elif handle.transport in BROADCAST_TRANSPORTS:
+            # Every vLLM worker is a member of the weight group and receives the buckets itself.
+            reports = self._llm.collective_rpc("papo_load_weights_broadcast", args=(handle_to_dict(handle),))
         else:
             # The worker reads a file: collective_rpc would turn tensors into Python lists, and a
             # file in /dev/shm (RAM) costs one memcpy.
@@ -640,6 +649,20 @@ class RolloutWorker:
             raise RuntimeError(f"weights of version {handle.version}: {len(state)} tensors, the handle announces "
                                f"{handle.num_tensors}")
         load_hf_named_weights(self._model, state, self._hf_names)
+
+    def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
+                          backend: str) -> list[int]:
+        """Join the learner's weight-broadcast group as ranks ``first_rank..+weight_group_ranks`` (collective).
+
+        vLLM: each engine worker (one per tensor-parallel rank) joins in its own process; hf: this process.
+        Returns the pids of the joined processes.
+        """
+        if self.backend == "vllm":
+            return self._llm.collective_rpc("papo_join_weight_group",
+                                            args=(group_id, host, port, first_rank, world_size, backend))
+        device = next(self._model.parameters()).device if backend == "nccl" else None
+        join_weight_group(group_id, host, port, first_rank, world_size, backend, device=device)
+        return [os.getpid()]
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -690,6 +713,24 @@ def await_restart(call: Any, deadline: float, what: str) -> Any:
             raise RuntimeError(f"{what} died and cannot be restarted (max_restarts reached): {e}") from e
 
 
+def resync_handle(pool: Any, role: str) -> Optional[WeightsHandle]:
+    """``pool.current_handle``, or for a broadcast (nccl/gloo) one, the same version by the object store.
+
+    A worker that Ray restarted after a broadcast holds the folder's weights and cannot receive
+    a broadcast alone; the pool asks ``pool.fallback_publish(version)`` (the driver's learner) once
+    per version, only when that happens.
+    """
+    handle = pool.current_handle
+    if handle is None or handle.transport not in BROADCAST_TRANSPORTS:
+        return handle
+    if pool._fallback is None or pool._fallback.version != handle.version:
+        if pool.fallback_publish is None:
+            raise RuntimeError(f"a {role} worker restarted after the {handle.transport} broadcast of version "
+                               f"{handle.version} and has no way to catch up: set the pool's fallback_publish")
+        pool._fallback = pool.fallback_publish(handle.version)
+    return pool._fallback
+
+
 def _is_object_ref(value: Any) -> bool:
     import ray
 
@@ -714,13 +755,18 @@ class RolloutActor:
 
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "weight_version": self.worker.weight_version,
-                "start_seconds": self.worker.start_seconds, "backend": self.worker.backend}
+                "start_seconds": self.worker.start_seconds, "backend": self.worker.backend,
+                "weight_group_ranks": self.worker.weight_group_ranks}
 
     def weight_version(self) -> int:
         return self.worker.weight_version
 
+    def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
+                          backend: str) -> list[int]:
+        return self.worker.join_weight_group(group_id, host, port, first_rank, world_size, backend)
+
     def receive_weights(self, handle: WeightsHandle) -> int:
-        if handle.version == self.worker.weight_version:
+        if handle.version == self.worker.weight_version and handle.transport not in BROADCAST_TRANSPORTS:
             return self.worker.weight_version
         blob = fetch_blob(handle, self.get_timeout_s) if handle.transport == "object_store" else None
         return self.worker.receive_weights(handle, blob)
@@ -733,6 +779,8 @@ class RolloutActor:
         import ray
 
         if handle is not None and handle.version != self.worker.weight_version:
+            if handle.transport in BROADCAST_TRANSPORTS:  # a broadcast cannot reach one process alone
+                raise StaleWeights(self.worker.weight_version, handle.version)
             self.receive_weights(handle)
         images: list[Optional[list[Image.Image]] | BaseException] = []
         for request in requests:
@@ -768,6 +816,10 @@ class RolloutPool:
         self.max_resubmits = max_resubmits
         self.chunk_size = chunk_size
         self.current_handle: Optional[WeightsHandle] = None
+        #: Publishes a given version by the object store: how a worker that restarted after a
+        #: broadcast (nccl/gloo) catches up (the driver sets it; see :meth:`_resync_handle`).
+        self.fallback_publish: Optional[Callable[[int], WeightsHandle]] = None
+        self._fallback: Optional[WeightsHandle] = None
         self.resubmissions = 0
         self._lock = threading.Lock()
         self._inflight = [0] * num_workers
@@ -807,11 +859,16 @@ class RolloutPool:
             w = min(range(len(self.actors)), key=lambda k: (self._inflight[k], self._calls[k]))
             return w
 
-    def _submit(self, w: int, chunk: list[RolloutRequest], sampling: SamplingSpec, offset: int) -> Any:
+    def _submit(self, w: int, chunk: list[RolloutRequest], sampling: SamplingSpec, offset: int,
+                handle: Optional[WeightsHandle] = None) -> Any:
         with self._lock:
             self._inflight[w] += len(chunk)
             self._calls[w] += 1
-        return self.actors[w].generate.remote(chunk, sampling, offset, self.current_handle)
+        return self.actors[w].generate.remote(chunk, sampling, offset, handle or self.current_handle)
+
+    def _resync_handle(self) -> WeightsHandle:
+        """The current version as an object-store handle, for a worker that missed a broadcast."""
+        return resync_handle(self, "rollout")
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingSpec,
                  timeout_s: Optional[float] = None) -> RolloutResult:
@@ -846,6 +903,12 @@ class RolloutPool:
                     self._inflight[w] -= len(chunk)
                 try:
                     results[c] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+                except StaleWeights as e:
+                    if attempt >= self.max_resubmits:
+                        raise
+                    logger.warning("rollout worker %d restarted after the last broadcast (%s); resubmitting "
+                                   "with the weights from the object store", w, e)
+                    pending[self._submit(w, chunk, sampling, start, self._resync_handle())] = (c, w, attempt + 1)
                 except RayActorError as e:
                     if attempt >= self.max_resubmits:
                         raise RuntimeError(f"rollout chunk at request {start} failed {attempt + 1} times; "
@@ -874,18 +937,43 @@ class RolloutPool:
         return self.current_handle.version if self.current_handle is not None else int(
             self.worker_kwargs.get("initial_version", 0))
 
+    def weight_group_ranks(self) -> int:
+        """How many processes of this pool join a weight-broadcast group (engine workers of every actor)."""
+        return sum(int(i.get("weight_group_ranks", 1)) for i in self.info)
+
+    def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
+                          backend: str) -> list[Any]:
+        """Start every worker's join (ObjectRefs): the learner and the other pools must join at the same time."""
+        refs, rank = [], first_rank
+        for a, info in zip(self.actors, self.info):
+            refs.append(a.join_weight_group.remote(group_id, host, port, rank, world_size, backend))
+            rank += int(info.get("weight_group_ranks", 1))
+        return refs
+
+    def current_pids(self) -> list[int]:
+        """The worker processes now (a restarted worker has a new one)."""
+        self.info = self.worker_info()
+        return [int(i["pid"]) for i in self.info]
+
     def receive_weights(self, handle: WeightsHandle) -> list[int]:
-        """Every worker loads ``handle``; returns each worker's version afterwards.
+        """Every worker loads ``handle``; returns each worker's version afterwards (see :meth:`start_receive`)."""
+        return self.finish_receive(handle, self.start_receive(handle))
+
+    def start_receive(self, handle: WeightsHandle) -> list[Any]:
+        """Start loading ``handle`` on every worker (ObjectRefs for :meth:`finish_receive`).
 
         The handle becomes the pool's current version first, so a worker that dies here (or
-        later) re-syncs to it before its next generation.
+        later) re-syncs to it before its next generation. A broadcast handle must be received by
+        every member of the group at once: start every pool's receive, then finish them.
         """
+        self.current_handle = handle
+        return [a.receive_weights.remote(handle) for a in self.actors]
+
+    def finish_receive(self, handle: WeightsHandle, refs: list[Any]) -> list[int]:
         import ray
 
         from ray.exceptions import RayActorError
 
-        self.current_handle = handle
-        refs = [a.receive_weights.remote(handle) for a in self.actors]
         versions: list[int] = []
         for w, ref in enumerate(refs):
             try:

@@ -115,6 +115,32 @@ class PapoWorkerExtension:
         return {"num_tensors": num_tensors, "num_loaded": len(loaded) if loaded is not None else -1,
                 "num_params": sum(1 for _ in model.parameters())}
 
+    def papo_join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
+                               backend: str) -> int:
+        """Join the learner's weight-broadcast group as rank ``first_rank`` + this worker's rank; returns the pid."""
+        import os
+
+        from trainer.weights import join_weight_group
+
+        device = getattr(self, "device", None) if backend == "nccl" else None
+        join_weight_group(group_id, host, port, first_rank + int(getattr(self, "rank", 0)), world_size, backend,
+                          device=device)
+        return os.getpid()
+
+    def papo_load_weights_broadcast(self, handle: dict[str, Any]) -> dict[str, Any]:
+        """Receive an ``nccl``/``gloo`` broadcast (handle as plain values) and load it with ``load_weights``."""
+        from trainer.weights import handle_from_dict, receive_broadcast
+
+        state = receive_broadcast(handle_from_dict(handle))
+        model = self._papo_model()
+        loaded = model.load_weights(weights=iter(state.items()))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        num_tensors = len(state)
+        del state
+        return {"num_tensors": num_tensors, "num_loaded": len(loaded) if loaded is not None else -1,
+                "num_params": sum(1 for _ in model.parameters())}
+
     def papo_set_logit_temperature(self, temperature: float) -> int:
         """Divide the model's logits by ``temperature`` (see the module docstring).
 

@@ -5,7 +5,10 @@ This module owns what a job *is*: every knob of every pool, validated before any
 Resolution order (lowest to highest priority):
   1. the field defaults below (the paper's runs, PAPO.md "Defaults");
   2. the algorithm preset named by ``algo.name`` (``grpo``, ``dapo``, ``papo`` = PAPO-G, ``papo_d``),
-     which fills every ``algo.*`` field the user did not set;
+     which fills every ``algo.*`` field the user did not set, then that preset's entry of the
+     top-level ``algo_by_preset`` mapping, if the files or overrides give one (a config's own
+     values per preset: ``algo_by_preset: {papo: {gamma: 0.01}}`` tunes PAPO-G and leaves
+     ``algo.name=grpo`` a plain baseline);
   3. YAML files, in the order given (later files override earlier ones, dicts merge deeply);
   4. dotted overrides such as ``algo.gamma=0.01 rollout.n=8`` (values parsed as YAML scalars).
 
@@ -102,6 +105,9 @@ class AlgoConfig(_Section):
     dynamic_sampling_max_tries: int = Field(20, ge=1)
     dynamic_sampling_acc_low: float = Field(0.01, ge=0, le=1)
     dynamic_sampling_acc_high: float = Field(0.99, ge=0, le=1)
+    dynamic_sampling_gen_batch_size: Optional[int] = Field(
+        None, ge=1, description="prompts generated per round under dynamic sampling (DAPO's gen_batch_size); "
+                                "default rollout.batch_size. One large round is cheaper than several small ones")
 
     @model_validator(mode="after")
     def _baselines_stay_baselines(self) -> "AlgoConfig":
@@ -272,10 +278,19 @@ class LearnerConfig(_Section):
     freeze_language_model: bool = Field(False, description="train only the vision tower and its merger (the "
                                                            "language model keeps its weights: its format cannot drift)")
     cpu_offload: bool = False
-    weight_transport: Literal["object_store", "cuda_ipc"] = Field(
+    weight_transport: Literal["object_store", "cuda_ipc", "nccl", "gloo"] = Field(
         "object_store", description="how published weights reach the rollout and perception pools: object_store "
-        "(any placement) or cuda_ipc (GPU; every receiver on learner rank 0's GPU). See trainer/weights.py")
-    weight_bucket_mb: int = Field(512, ge=1, description="cuda_ipc: size of one flat weight bucket (MiB)")
+        "(any placement), cuda_ipc (GPU; every receiver on learner rank 0's GPU), nccl (GPU; a bucketed "
+        "broadcast from learner rank 0 to every receiver) or gloo (the same broadcast between CPU processes). "
+        "See trainer/weights.py")
+    weight_bucket_mb: int = Field(512, ge=1, description="cuda_ipc, nccl, gloo: size of one flat weight bucket (MiB)")
+
+    @model_validator(mode="after")
+    def _gpu_transports_have_gpus(self) -> "LearnerConfig":
+        if self.weight_transport in ("nccl", "cuda_ipc") and self.num_gpus == 0:
+            raise ValueError(f"learner.weight_transport={self.weight_transport} moves weights between GPUs, but "
+                             "learner.num_gpus=0; use object_store, or gloo (a broadcast between CPU processes)")
+        return self
 
     @model_validator(mode="after")
     def _something_trains(self) -> "LearnerConfig":
@@ -349,6 +364,14 @@ class JobConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _gen_rounds_cover_a_batch(self) -> "JobConfig":
+        gen = self.algo.dynamic_sampling_gen_batch_size
+        if gen is not None and gen < self.rollout.batch_size:
+            raise ValueError(f"algo.dynamic_sampling_gen_batch_size={gen} must be >= rollout.batch_size="
+                             f"{self.rollout.batch_size} (it is how many prompts one generation round draws)")
+        return self
+
+    @model_validator(mode="after")
     def _diagnostic_has_a_pass(self) -> "JobConfig":
         if self.perception.diagnostic and not self.algo.uses_perception and self.perception.masked_logp == "learner_grad":
             raise ValueError("perception.diagnostic=true under a baseline needs a no-grad masked pass: set "
@@ -382,6 +405,8 @@ def config_warnings(cfg: JobConfig) -> list[str]:
     if cfg.algo.perception_kl_masked_grad and cfg.perception.masked_logp != "learner_grad":
         out.append("algo.perception_kl_masked_grad=true has no effect unless perception.masked_logp=learner_grad "
                    "(elsewhere the masked log-probs carry no gradient)")
+    if cfg.algo.dynamic_sampling_gen_batch_size is not None and not cfg.algo.dynamic_sampling:
+        out.append("algo.dynamic_sampling_gen_batch_size has no effect without algo.dynamic_sampling=true")
     if cfg.algo.gamma >= 0.04:
         out.append(f"algo.gamma={cfg.algo.gamma}: the paper reports collapse for gamma >= 0.04 without "
                    "the double entropy loss")
@@ -456,7 +481,8 @@ def resolve_config(files: list[str | Path] = (), overrides: list[str] = (), *, b
     name = algo.get("name", DEFAULT_ALGO)
     if name not in PRESETS:
         raise ConfigError([f"algo.name: {name!r} is not a preset; allowed: {', '.join(PRESETS)}"])
-    tree["algo"] = {**PRESETS[name], **algo}
+    by_preset = _check_algo_by_preset(tree.pop("algo_by_preset", {}))
+    tree["algo"] = {**PRESETS[name], **by_preset.get(name, {}), **algo}
     try:
         cfg = JobConfig.model_validate(tree)
     except ValidationError as e:
@@ -466,6 +492,32 @@ def resolve_config(files: list[str | Path] = (), overrides: list[str] = (), *, b
             logger.warning(message)
             warnings.warn(message, ConfigWarning, stacklevel=2)
     return cfg
+
+
+def _check_algo_by_preset(by_preset: Any) -> dict[str, dict]:
+    """Validate ``algo_by_preset`` as a whole: preset names as keys, each entry a valid preset + values."""
+    if not isinstance(by_preset, dict):
+        raise ConfigError([f"algo_by_preset: expected a mapping of preset name -> algo values, got {by_preset!r}"])
+    problems = []
+    for preset, values in by_preset.items():
+        where = f"algo_by_preset.{preset}"
+        if preset not in PRESETS:
+            problems.append(f"{where}: {preset!r} is not a preset; allowed: {', '.join(PRESETS)}")
+        elif not isinstance(values, dict):
+            problems.append(f"{where}: expected a mapping of algo values, got {values!r}")
+        elif "name" in values:
+            problems.append(f"{where}.name: an entry applies to its preset; it cannot rename it")
+        else:
+            tree = {"algo": {**PRESETS[preset], **values, "name": preset}}
+            try:
+                JobConfig.model_validate(tree)
+            except ValidationError as e:
+                for m in _describe_errors(e, tree):
+                    m = m.replace("did you mean 'algo.", f"did you mean '{where}.")
+                    problems.append(f"{where}.{m[5:]}" if m.startswith("algo.") else f"{where}: {m}")
+    if problems:
+        raise ConfigError(problems)
+    return by_preset
 
 
 def dump_config(cfg: JobConfig) -> str:

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +33,7 @@ from trainer.batch import RolloutBatch
 from trainer.config import JobConfig, dump_config
 from trainer.data import BadPrompt, DataError, PromptExample, load_split_from_config, prompt_images
 from trainer.metrics import CURVES_FILE, MetricsWriter, StepLine, plot_curves, read_metrics
+from trainer.weights import BROADCAST_TRANSPORTS
 
 logger = logging.getLogger(__name__)
 
@@ -404,13 +406,51 @@ class Trainer:
 
     def _sync_weights(self, context: str = "") -> None:
         """Publish ``self.version`` from the learner and load it into the rollout and perception pools."""
-        handle = self.services.learner.publish_weights(self.version)
-        held = set(self.services.rollout.receive_weights(handle))
-        if self.services.perception is not None:
-            held |= set(self.services.perception.receive_weights(handle))
+        svc = self.services
+        receivers = [p for p in (svc.rollout, svc.perception) if p is not None]
+        broadcast = self.cfg.learner.weight_transport in BROADCAST_TRANSPORTS
+        if broadcast:
+            self._form_weight_group(receivers)
+        handle = svc.learner.publish_weights(self.version)
+        # Every pool's receive starts before any is awaited: a broadcast needs all members at once.
+        started = [(pool, pool.start_receive(handle)) for pool in receivers]
+        held = set()
+        for pool, refs in started:
+            held |= set(pool.finish_receive(handle, refs))
+        if broadcast:
+            try:
+                svc.learner.wait_weights_sent()
+            except Exception as e:  # a member died mid-broadcast: the others hold the version or report -1
+                logger.warning("%sweight broadcast of version %d failed (%s); the group is re-formed at the next "
+                               "sync and restarted workers catch up by the object store", context, self.version, e)
+                self._weight_group = None
         held.discard(-1)  # a worker that died during the sync loads the handle when it restarts
         if held - {self.version}:
             raise RuntimeError(f"{context}after publishing version {self.version} the pools hold {sorted(held)}")
+
+    def _form_weight_group(self, receivers: list) -> None:
+        """(Re-)form the nccl/gloo weight group: at the first sync, and whenever a receiver process changed.
+
+        Every member receives every broadcast, so a restarted worker (new process) needs a new
+        group; until then it catches up through ``fallback_publish`` (the object store).
+        """
+        import ray
+
+        members = tuple(tuple(pool.current_pids()) for pool in receivers)
+        if getattr(self, "_weight_group", None) == members:
+            return
+        learner, backend = self.services.learner, self.cfg.learner.weight_transport
+        world = 1 + sum(pool.weight_group_ranks() for pool in receivers)
+        host, port = learner.weight_group_address()
+        group_id = uuid.uuid4().hex[:12]
+        refs, rank = [learner.join_weight_group(group_id, host, port, world)], 1
+        for pool in receivers:
+            refs += pool.join_weight_group(group_id, host, port, rank, world, backend)
+            rank += pool.weight_group_ranks()
+            pool.fallback_publish = lambda version: learner.publish_weights(version, transport="object_store")
+        ray.get(refs, timeout=self.cfg.cluster.get_timeout_s)
+        logger.info("weight group %s (%s): learner rank 0 and %d receiving processes", group_id, backend, world - 1)
+        self._weight_group = members
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -472,8 +512,8 @@ class Trainer:
             need = cfg.rollout.batch_size - sum(len(b.groups()) for b in kept)
             if need <= 0:
                 break
-            rollout_reqs, mask_reqs = self._requests(self.sampler.take(cfg.rollout.batch_size if
-                                                                        algo.dynamic_sampling else need))
+            draw = (algo.dynamic_sampling_gen_batch_size or cfg.rollout.batch_size) if algo.dynamic_sampling else need
+            rollout_reqs, mask_reqs = self._requests(self.sampler.take(draw))
             t = time.perf_counter()
             masked_refs = svc.corruption.submit(mask_reqs) if svc.corruption is not None else None
             timings["timing/corruption_submit"] = timings.get("timing/corruption_submit", 0) + time.perf_counter() - t

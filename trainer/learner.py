@@ -69,7 +69,10 @@ from trainer.batch import RolloutBatch
 from trainer.checkpoint import replace_dir
 from trainer.config import AlgoConfig, LearnerConfig, MaskedLogpPlacement
 from trainer.modeling import load_model, load_processor, model_inputs, token_logprobs
-from trainer.weights import WeightsHandle, digest, pack_state_dict, share_cuda_ipc
+from trainer.weights import (
+    BROADCAST_TRANSPORTS, WeightsHandle, current_weight_group, digest, join_weight_group, pack_state_dict,
+    share_cuda_ipc,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -644,16 +647,18 @@ class Learner:
                 return hf_state_dict(self.module)
         return None
 
-    def publish_weights(self, version: int) -> Optional[WeightsHandle]:
+    def publish_weights(self, version: int, transport: Optional[str] = None) -> Optional[WeightsHandle]:
         """The sending half of the weight sync (DESIGN.md step 6). Collective; rank 0 returns the handle.
 
-        ``learner.weight_transport`` picks the transport (trainer/weights.py):
+        ``transport`` (default ``learner.weight_transport``) picks how (trainer/weights.py):
         ``object_store`` puts the safetensors blob of the HF-named weights into the Ray object store
         and the handle carries its ObjectRef (without a running Ray, the blob itself, so the class
         stays usable in a plain process); ``cuda_ipc`` packs them into GPU buckets that receivers on
-        this GPU open directly (packed while gathered under ZeRO-3, no host copy).
+        this GPU open directly (packed while gathered under ZeRO-3, no host copy); ``nccl``/``gloo``
+        pack them into buckets and start broadcasting them to this rank's weight group
+        (:meth:`join_weight_group`); :meth:`wait_weights_sent` joins the broadcast.
         """
-        transport = self.cfg.weight_transport
+        transport = transport or self.cfg.weight_transport
         self.weight_version = int(version)
         with self._gathered():
             if self.rank != 0:
@@ -664,6 +669,16 @@ class Learner:
                                        "this rank runs on " + str(self.device))
                 return share_cuda_ipc(hf_state_dict(self.module, to_cpu=False), int(version),
                                       bucket_bytes=self.cfg.weight_bucket_mb << 20)
+            if transport in BROADCAST_TRANSPORTS:
+                group = current_weight_group()
+                if group is None or group.backend != transport:
+                    raise RuntimeError(f"learner.weight_transport={transport} broadcasts to a weight group; "
+                                       "learner rank 0 has joined none (the driver forms it before publishing)")
+                if transport == "nccl" and self.device.type != "cuda":
+                    raise RuntimeError("learner.weight_transport=nccl needs the learner on a GPU; use gloo on CPU")
+                # Packed into the group's buckets while gathered: the broadcast reads the copies.
+                return group.publish(hf_state_dict(self.module, to_cpu=False), int(version),
+                                     bucket_bytes=self.cfg.weight_bucket_mb << 20)
             sd = hf_state_dict(self.module)
         blob = pack_state_dict(sd)
         ref: Any = blob
@@ -674,6 +689,20 @@ class Learner:
                 ref = ray.put(blob)
         return WeightsHandle(version=int(version), transport="object_store", num_tensors=len(sd),
                              num_bytes=len(blob), digest=digest(blob), ref=ref)
+
+    def join_weight_group(self, group_id: str, host: str, port: int, world_size: int) -> int:
+        """Rank 0 joins the weight-broadcast group as its rank 0 (collectively with every receiver)."""
+        if self.rank != 0:
+            raise RuntimeError("only learner rank 0 publishes weights")
+        join_weight_group(group_id, host, port, 0, world_size, self.cfg.weight_transport,
+                          device=self.device if self.cfg.weight_transport == "nccl" else None)
+        return os.getpid()
+
+    def wait_weights_sent(self, timeout_s: Optional[float] = None) -> None:
+        """Join the weight broadcast started by :meth:`publish_weights` (a no-op for other transports)."""
+        group = current_weight_group()
+        if group is not None and self.rank == 0:
+            group.wait_sent(timeout_s)
 
     def param_digest(self) -> str:
         """sha256 of every full parameter (gathered under ZeRO-3) on every rank: ranks must agree."""
@@ -987,15 +1016,42 @@ class LearnerGroup:
         out["step_time_s"] = float(max(m["step_time_s"] for m in per_rank))
         return out
 
-    def publish_weights(self, version: int) -> WeightsHandle:
-        """Rank 0's handle of the full HF-named weights (every rank takes part in the gather)."""
-        return self._all("publish_weights", version)[0]
+    def publish_weights(self, version: int, transport: Optional[str] = None) -> WeightsHandle:
+        """Rank 0's handle of the full HF-named weights (every rank takes part in the gather).
+
+        With ``nccl``/``gloo`` the broadcast is still running when this returns: the receivers'
+        calls complete it, then :meth:`wait_weights_sent`.
+        """
+        return self._all("publish_weights", version, transport)[0]
+
+    def weight_group_address(self) -> tuple[str, int]:
+        """Where rank 0 hosts the weight group's store: its node's IP and a free port there."""
+        _, ip, port = self._get(self.actors[0].node_and_port.remote())
+        return ip, port
+
+    def join_weight_group(self, group_id: str, host: str, port: int, world_size: int) -> Any:
+        """Start rank 0's join (an ObjectRef): every member must be joining at the same time."""
+        return self.actors[0].call.remote("join_weight_group", group_id, host, port, world_size)
+
+    def wait_weights_sent(self) -> None:
+        self._get(self.actors[0].call.remote("wait_weights_sent", self.timeout))
 
     def save_checkpoint(self, path: str | os.PathLike, *, keep_last: Optional[int] = None,
                         extra: Optional[dict[str, Any]] = None) -> Path:
-        """Every rank writes its part; rank 0 renames the finished folder into place (see Learner)."""
+        """Every rank writes its part; rank 0 renames the finished folder into place (see Learner).
+
+        A rank that dies during the save fails it at once (the others may be waiting on it in a
+        barrier): nothing appears under ``path``, earlier checkpoints are untouched, and the
+        crashed save's temporary folder is swept by the next save's pruning.
+        """
         # Absolute here: the actors' working directory need not be the driver's.
-        return self._all("save_checkpoint", Path(path).absolute(), keep_last=keep_last, extra=extra)[0]
+        final = Path(path).absolute()
+        try:
+            return self._all("save_checkpoint", final, keep_last=keep_last, extra=extra)[0]
+        except self._ray.exceptions.RayActorError as e:
+            raise RuntimeError(f"a learner rank died while saving checkpoint {final}; nothing was written under "
+                               f"that name and the earlier checkpoints are intact. The learner group is lost: "
+                               f"restart the run with --resume ({type(e).__name__})") from e
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         return self._all("load_checkpoint", Path(path).absolute())[0]

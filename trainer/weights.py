@@ -17,9 +17,16 @@ Transports (``learner.weight_transport``):
   device-to-device, no host copy, no serialisation. The publisher keeps the buckets alive until
   its next publish, so receivers must copy before then (the driver's step order guarantees it).
   The digest is a checksum of the buckets' contents, computed on the GPU on both sides.
-- ``nccl`` (GPUs on different devices or nodes): a bucketed broadcast from learner rank 0 to the
-  pools over an NCCL group they all join. Not implemented yet: the handle type is reserved and
-  receivers refuse it by name. A lent machine has one GPU, where NCCL cannot pair two ranks.
+- ``nccl`` (GPUs on different devices or nodes) and ``gloo`` (CPU processes, also across
+  nodes): a bucketed broadcast from learner rank 0 to every receiver process over a process group
+  they all join (:class:`WeightGroup`, rank 0 = the publisher; its own TCP store, outside
+  torch's default group, so DeepSpeed's group and vLLM's are untouched). The publisher packs the
+  weights into buckets on its device and broadcasts them from a background thread, so the
+  receivers' calls, launched by the driver right after, meet it; the handle carries the layout,
+  the group's id and the buckets' checksum, which every receiver verifies. Every member must
+  receive every version (a collective), so the driver re-forms the group whenever a member process
+  changes. Both backends share the code; ``gloo`` is what the CPU tests run, ``nccl`` is untested
+  (a lent machine has one GPU, where NCCL cannot pair two ranks).
 
 Receivers with a transformers model copy the tensors into it with :func:`load_hf_named_weights`
 (saved names mapped back to the model's own by :func:`hf_name_map`); the vLLM engine's
@@ -32,11 +39,13 @@ generated the rollout).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import math
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Sequence
@@ -45,7 +54,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-Transport = Literal["object_store", "nccl", "cuda_ipc"]
+Transport = Literal["object_store", "cuda_ipc", "nccl", "gloo"]
+BROADCAST_TRANSPORTS = ("nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -56,9 +66,9 @@ class WeightsHandle:
     transport: Transport
     num_tensors: int
     num_bytes: int
-    digest: str  # object_store: sha256 of the blob; cuda_ipc: bucket checksum — receivers verify it
+    digest: str  # object_store: sha256 of the blob; the others: bucket checksum — receivers verify it
     ref: Any = None  # ObjectRef[bytes] for object_store
-    extra: Mapping[str, Any] = field(default_factory=dict)  # cuda_ipc: layout, IPC handles, GPU UUID
+    extra: Mapping[str, Any] = field(default_factory=dict)  # layout; cuda_ipc: IPC handles; nccl/gloo: group id
 
 
 def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bytes:
@@ -103,9 +113,11 @@ def load_handle(handle: WeightsHandle, timeout_s: Optional[float] = None) -> dic
     """
     if handle.transport == "cuda_ipc":
         return open_cuda_ipc(handle)
+    if handle.transport in BROADCAST_TRANSPORTS:
+        return receive_broadcast(handle)
     if handle.transport != "object_store":
         raise NotImplementedError(f"weight transport {handle.transport!r} is not implemented; "
-                                  "use learner.weight_transport object_store or cuda_ipc")
+                                  "use learner.weight_transport object_store, cuda_ipc, nccl or gloo")
     return unpack_state_dict(fetch_blob(handle, timeout_s), expected_digest=handle.digest)
 
 
@@ -203,9 +215,11 @@ _IPC_FIXED: dict[str, Any] = {"tensor_cls": torch.Tensor, "storage_cls": torch.s
 
 
 def handle_to_dict(handle: WeightsHandle) -> dict[str, Any]:
-    """A ``cuda_ipc`` handle as plain values (for msgpack channels); :func:`handle_from_dict` inverts it."""
-    if handle.transport != "cuda_ipc":
-        raise ValueError("only cuda_ipc handles travel as plain values (object_store ones hold an ObjectRef)")
+    """A ``cuda_ipc``/``nccl``/``gloo`` handle as plain values (for msgpack channels such as vLLM's
+    ``collective_rpc``); :func:`handle_from_dict` inverts it."""
+    if handle.transport == "object_store":
+        raise ValueError("only cuda_ipc, nccl and gloo handles travel as plain values (object_store ones hold "
+                         "an ObjectRef)")
     return {f.name: getattr(handle, f.name) for f in dataclasses.fields(handle) if f.name != "ref"}
 
 
@@ -292,6 +306,158 @@ def open_cuda_ipc(handle: WeightsHandle) -> dict[str, torch.Tensor]:
         raise ValueError(f"cuda_ipc weights of version {handle.version} do not match their handle's checksum "
                          f"({got} != {handle.digest}): the publisher released or overwrote them")
     return unpack_buckets(buckets, slots)
+
+
+# --------------------------------------------------------------------------------------------
+# Broadcast (nccl / gloo): learner rank 0 sends the buckets to every receiver process
+# --------------------------------------------------------------------------------------------
+
+class StaleWeights(RuntimeError):
+    """A worker holds another version than the one it must serve, and a broadcast cannot reach it alone."""
+
+    def __init__(self, held: int, wanted: int):
+        super().__init__(f"this worker holds weight version {held}, the pool serves {wanted} (broadcast)")
+        self.held, self.wanted = held, wanted
+
+    def __reduce__(self):  # pickles through Ray with its arguments
+        return StaleWeights, (self.held, self.wanted)
+
+
+class WeightGroup:
+    """One process's membership in a weight-broadcast group (rank 0 publishes, the others receive).
+
+    The group has its own ``TCPStore`` (hosted by rank 0) and a bare ``ProcessGroupGloo`` /
+    ``ProcessGroupNCCL`` over it: it is not torch's default group, so it coexists with the
+    DeepSpeed group of the learner and the engine's own groups in vLLM workers.
+    """
+
+    def __init__(self, group_id: str, host: str, port: int, rank: int, world_size: int, backend: str,
+                 timeout_s: float = 600.0, device: Optional[torch.device | str] = None):
+        import datetime
+
+        import torch.distributed as dist
+
+        if backend not in BROADCAST_TRANSPORTS:
+            raise ValueError(f"backend must be one of {BROADCAST_TRANSPORTS}, got {backend!r}")
+        self.group_id, self.rank, self.world_size, self.backend = group_id, rank, world_size, backend
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self._store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+        store = dist.PrefixStore(f"papo-weights/{group_id}", self._store)
+        if backend == "nccl":
+            self.device = torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+        else:
+            self.device = torch.device("cpu")
+            self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        self._sender: Optional[threading.Thread] = None
+        self._send_error: Optional[BaseException] = None
+        self._sending: list[torch.Tensor] = []
+
+    def _broadcast(self, buckets: Sequence[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        for b in buckets:
+            self.pg.broadcast([b], opts).wait()
+        if self.backend == "nccl":
+            torch.cuda.synchronize(self.device)
+
+    def publish(self, state_dict: Mapping[str, torch.Tensor], version: int,
+                bucket_bytes: int = 512 << 20) -> WeightsHandle:
+        """Rank 0: pack ``state_dict`` on this group's device and start broadcasting it; return the handle.
+
+        Returns at once; the broadcasts complete when every receiver calls :meth:`receive`.
+        :meth:`wait_sent` joins them (the next ``publish`` does too, first).
+        """
+        if self.rank != 0:
+            raise RuntimeError("only rank 0 of a weight group publishes")
+        self.wait_sent()
+        buckets, slots = pack_buckets(state_dict, bucket_bytes, device=self.device)
+        handle = WeightsHandle(
+            version=int(version), transport=self.backend, num_tensors=len(slots),  # type: ignore[arg-type]
+            num_bytes=sum(int(b.numel()) for b in buckets), digest=bucket_checksum(buckets),
+            extra={"group": self.group_id, "bucket_sizes": [int(b.numel()) for b in buckets],
+                   "slots": [dataclasses.astuple(s) for s in slots]})
+        self._sending = buckets
+
+        def send() -> None:
+            try:
+                self._broadcast(buckets)
+            except BaseException as e:  # noqa: BLE001 - reported by wait_sent in the caller's thread
+                self._send_error = e
+
+        self._send_error = None
+        self._sender = threading.Thread(target=send, name=f"papo-weights-v{version}", daemon=True)
+        self._sender.start()
+        return handle
+
+    def wait_sent(self, timeout_s: Optional[float] = None) -> None:
+        """Join the running broadcast; raise if it failed (a receiver died, or never came)."""
+        if self._sender is not None:
+            self._sender.join(timeout_s)
+            if self._sender.is_alive():
+                raise TimeoutError(f"weight broadcast of group {self.group_id} still running after {timeout_s} s")
+            self._sender = None
+            self._sending = []
+            if self._send_error is not None:
+                err, self._send_error = self._send_error, None
+                raise RuntimeError(f"weight broadcast to group {self.group_id} failed: {err}") from err
+
+    def receive(self, handle: WeightsHandle) -> dict[str, torch.Tensor]:
+        """Rank > 0: receive ``handle``'s buckets; the named tensors (views of fresh buckets), checksum verified."""
+        if handle.extra.get("group") != self.group_id:
+            raise RuntimeError(f"weights of version {handle.version} were broadcast to group "
+                               f"{handle.extra.get('group')}, this process is in group {self.group_id}")
+        buckets = [torch.empty(int(n), dtype=torch.uint8, device=self.device) for n in handle.extra["bucket_sizes"]]
+        self._broadcast(buckets)
+        got = bucket_checksum(buckets)
+        if got != handle.digest:
+            raise ValueError(f"broadcast weights of version {handle.version} do not match their handle's "
+                             f"checksum ({got} != {handle.digest})")
+        slots = [TensorSlot(n, d, tuple(s), b, o) for n, d, s, b, o in handle.extra["slots"]]
+        return unpack_buckets(buckets, slots)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.wait_sent(timeout_s=0)
+        with contextlib.suppress(Exception):
+            self.pg.abort() if hasattr(self.pg, "abort") else None
+        self.pg = None
+
+
+#: This process's current weight group (one at a time: joining a new one leaves the old one).
+_GROUP: Optional[WeightGroup] = None
+
+
+def join_weight_group(group_id: str, host: str, port: int, rank: int, world_size: int, backend: str,
+                      timeout_s: float = 600.0, device: Optional[torch.device | str] = None) -> WeightGroup:
+    """Join (collectively: every member calls it at once) the group that broadcasts weights to this process."""
+    global _GROUP
+    leave_weight_group()
+    _GROUP = WeightGroup(group_id, host, port, rank, world_size, backend, timeout_s, device)
+    return _GROUP
+
+
+def leave_weight_group() -> None:
+    global _GROUP
+    if _GROUP is not None:
+        _GROUP.close()
+        _GROUP = None
+
+
+def current_weight_group() -> Optional[WeightGroup]:
+    return _GROUP
+
+
+def receive_broadcast(handle: WeightsHandle) -> dict[str, torch.Tensor]:
+    """The weights of an ``nccl``/``gloo`` handle, received over this process's weight group."""
+    if _GROUP is None:
+        raise RuntimeError(f"a {handle.transport} weights handle reached a process that is in no weight group "
+                           "(the driver forms it before the first publish)")
+    return _GROUP.receive(handle)
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_deepspeed_on_gpu_trains_and_publishes_over_cuda_ipc(tiny, stage, dtype)
     from trainer.learner import hf_state_dict
 
     path, _, batch, images, masked = tiny
-    learner = make_learner(path, zero_stage=stage, dtype=dtype, weight_transport="cuda_ipc")
+    learner = make_learner(path, zero_stage=stage, dtype=dtype, weight_transport="cuda_ipc", num_gpus=1)
     assert learner.device.type == "cuda"
     first = filled(learner, batch, images, masked)
     losses = [learner.train_step(first, images)["loss"]]

@@ -326,6 +326,53 @@ def test_worker_killed_mid_generation_is_restarted_synced_and_resubmitted(ray_cl
     assert parity_error(ray, sample, pool_state["changed"], 1.0) < PARITY_TOL
 
 
+def test_gloo_broadcast_reaches_the_engine_and_a_restarted_worker_catches_up(ray_cluster, pool_state, examples):
+    """Weights broadcast over a gloo group (this process is rank 0, as learner rank 0 is in a run).
+
+    vLLM: every engine worker joins and receives in its own process; hf: the actor does.
+    """
+    from trainer.learner import free_port
+    from trainer.weights import WeightGroup
+
+    ray, pool = ray_cluster, pool_state["pool"]
+    assert "changed" in pool_state, "needs the weight update of the parity test"
+    changed, image_processor = pool_state["changed"]
+    v2 = load_model(str(pool.worker_kwargs["model_path"]), dtype="float32").eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(2)
+        for p, q in zip(v2.parameters(), changed.parameters()):
+            p.copy_(q + torch.randn(p.shape, generator=gen) * 0.05)
+    port, world = free_port(), 1 + pool.weight_group_ranks()
+    joins = pool.join_weight_group("t-rollout", "127.0.0.1", port, 1, world, "gloo")
+    group = WeightGroup("t-rollout", "127.0.0.1", port, 0, world, "gloo", timeout_s=TIMEOUT_S)
+    try:
+        ray.get(joins, timeout=TIMEOUT_S)
+        handle = group.publish(hf_state_dict(v2), 2, bucket_bytes=1 << 20)  # several buckets
+        assert len(handle.extra["bucket_sizes"]) > 1
+        assert pool.receive_weights(handle) == [2]
+        group.wait_sent(TIMEOUT_S)
+        requests = make_requests(ray, examples)
+        spec = SamplingSpec(n=2, temperature=1.0, max_tokens=16, seed=3)
+        result = pool.generate(requests, spec)
+        assert result.weight_version == 2
+        assert parity_error(ray, result.batch, (v2, image_processor), 1.0) < PARITY_TOL
+
+        # A restarted worker cannot receive a broadcast alone: the pool fetches version 2 once by
+        # the object store and resubmits.
+        blob = pack_state_dict(hf_state_dict(v2))
+        fallbacks = []
+        pool.fallback_publish = lambda v: fallbacks.append(v) or WeightsHandle(
+            version=v, transport="object_store", num_tensors=handle.num_tensors, num_bytes=len(blob),
+            digest=digest(blob), ref=ray.put(blob))
+        ray.kill(pool.actors[0], no_restart=False)
+        result = pool.generate(requests, spec)
+        pool_state["pids"].add(pool.worker_info()[0]["pid"])
+        assert fallbacks == [2] and result.weight_version == 2 and pool.versions() == [2]
+        assert parity_error(ray, result.batch, (v2, image_processor), 1.0) < PARITY_TOL
+    finally:
+        group.close()
+
+
 def test_shutdown_stops_engines_and_leaks_no_shared_memory(ray_cluster, pool_state):
     pool = pool_state["pool"]
     pool.shutdown()

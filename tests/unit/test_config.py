@@ -60,6 +60,49 @@ def test_baseline_with_a_papo_term_fails(name, term):
     assert f"algo.{term.split('=')[0]}" in msg and name in msg and "baseline" in msg
 
 
+def test_algo_by_preset_tunes_one_preset_and_leaves_the_others_alone(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"algo": {"beta": 0.04}, "algo_by_preset": {"papo": {"gamma": 0.01},
+                                                                              "dapo": {"clip_high": 0.25}}}))
+    papo = resolve_config([f])
+    assert papo.algo.gamma == 0.01 and papo.algo.beta == 0.04 and papo.algo.clip_high == 0.3
+    grpo = resolve_config([f], ["algo.name=grpo"])  # a baseline again: no PAPO term, no error
+    assert grpo.algo.gamma == 0.0 and grpo.algo.beta == 0.04 and not grpo.needs_masked_pass
+    assert resolve_config([f], ["algo.name=dapo"]).algo.clip_high == 0.25
+    # algo.* given by the user beats the config's per-preset value, which beats the built-in preset.
+    assert resolve_config([f], ["algo.gamma=0.03"]).algo.gamma == 0.03
+    assert resolve_config([f], ["algo_by_preset.papo.gamma=0.005"]).algo.gamma == 0.005
+    assert "algo_by_preset" not in dump_config(papo)  # the resolved config holds the values themselves
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"papoo": {"gamma": 0.01}}, "algo_by_preset.papoo: 'papoo' is not a preset"),
+    ({"grpo": {"gamma": 0.01}}, "algo_by_preset.grpo.gamma=0.01 switches on a PAPO term"),
+    ({"papo": {"gama": 0.01}}, "algo_by_preset.papo.gama: unknown key; did you mean 'algo_by_preset.papo.gamma'"),
+    ({"papo": {"gamma": -1}}, "algo_by_preset.papo.gamma: Input should be greater than or equal to 0"),
+    ({"papo": {"name": "grpo"}}, "algo_by_preset.papo.name: an entry applies to its preset"),
+    ({"papo": 0.01}, "algo_by_preset.papo: expected a mapping"),
+    (3, "algo_by_preset: expected a mapping"),
+])
+def test_bad_algo_by_preset_names_the_entry(tmp_path, entry, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"algo_by_preset": entry}))
+    with pytest.raises(ConfigError) as e:  # even an entry for a preset the job does not use is checked
+        resolve_config([f], ["algo.name=dapo"] if "papo" in str(entry) else [])
+    assert message in str(e.value), str(e.value)
+
+
+def test_dynamic_sampling_generation_round_is_at_least_a_batch():
+    cfg = resolve_config(overrides=["algo.dynamic_sampling=true", "rollout.batch_size=32", "learner.mini_batch_size=160",
+                                    "algo.dynamic_sampling_gen_batch_size=96"])
+    assert cfg.algo.dynamic_sampling_gen_batch_size == 96
+    with pytest.raises(ConfigError, match=r"dynamic_sampling_gen_batch_size=16 must be >= rollout.batch_size=32"):
+        resolve_config(overrides=["algo.dynamic_sampling=true", "rollout.batch_size=32", "learner.mini_batch_size=160",
+                                  "algo.dynamic_sampling_gen_batch_size=16"])
+    with pytest.warns(ConfigWarning, match="no effect without algo.dynamic_sampling"):
+        resolve_config(overrides=["rollout.batch_size=32", "learner.mini_batch_size=160", "algo.dynamic_sampling_gen_batch_size=96"])
+
+
 def test_baseline_with_diagnostic_is_fine():
     cfg = resolve_config(overrides=["algo.name=grpo", "perception.diagnostic=true"])
     assert cfg.algo.gamma == 0 and cfg.needs_masked_pass
@@ -193,8 +236,13 @@ def test_precomputed_masks_need_their_column_and_pool_sizes_are_checked():
 
 
 def test_weight_transport_fields_reject_bad_values_naming_them():
-    with pytest.raises(ConfigError, match=r"learner\.weight_transport.*'object_store' or 'cuda_ipc'"):
-        resolve_config(overrides=["learner.weight_transport=nccl"])
+    with pytest.raises(ConfigError, match=r"learner\.weight_transport.*'cuda_ipc', 'nccl' or 'gloo'"):
+        resolve_config(overrides=["learner.weight_transport=mpi"])
     with pytest.raises(ConfigError, match=r"learner\.weight_bucket_mb"):
         resolve_config(overrides=["learner.weight_bucket_mb=0"])
-    assert resolve_config(overrides=["learner.weight_transport=cuda_ipc"]).learner.weight_transport == "cuda_ipc"
+    for transport in ("cuda_ipc", "nccl", "gloo"):
+        assert resolve_config(overrides=[f"learner.weight_transport={transport}"]).learner.weight_transport == transport
+    for transport in ("cuda_ipc", "nccl"):  # GPU transports on a CPU learner: named, with the way out
+        with pytest.raises(ConfigError, match=rf"learner.weight_transport={transport} moves weights between GPUs, "
+                                              r"but learner.num_gpus=0; use object_store, or gloo"):
+            resolve_config(overrides=[f"learner.weight_transport={transport}", "learner.num_gpus=0"])

@@ -175,3 +175,67 @@ def test_papo_train_on_a_busy_run_folder_exits_2_before_any_work(tmp_path, capsy
     err = capsys.readouterr().err
     assert "is in use by a running papo train" in err and "trainer.name" in err
     assert not (tmp_path / "busy").exists()  # nothing was created or moved
+
+
+# ---- DAPO dynamic sampling (Trainer._generate) with a rollout pool and a grader as test doubles ----------------
+
+class _Rollout:
+    """Serves each request n times; prompt ``row`` is all right (row % 3 == 0), all wrong (1) or half right (2)."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def generate(self, requests, spec):
+        from services.rollout import RolloutResult
+        from trainer.batch import RolloutBatch
+
+        self.calls.append(len(requests))
+        rows = [(g, row) for g, (row, _epoch) in enumerate(requests) for _ in range(spec.n)]
+        text = [("right" if row % 3 == 0 or (row % 3 == 2 and k % 2 == 0) else "wrong")
+                for k, (_g, row) in enumerate(rows)]
+        batch = RolloutBatch.from_sequences(
+            [[1, 2]] * len(rows), [[3]] * len(rows), [[-0.5]] * len(rows), group_ids=[g for g, _ in rows],
+            row_ids=[row for _, row in rows], weight_version=0, image_refs=[[]] * len(rows),
+            answers=["right"] * len(rows), response_text=text)
+        return RolloutResult(batch=batch, errors={}, weight_version=0, num_requests=len(requests))
+
+
+class _Grader:
+    def score(self, items):
+        return [{"overall": float(t == a), "accuracy": float(t == a)} for t, a in items]
+
+
+def _dapo_trainer(overrides: list[str]):
+    from types import SimpleNamespace
+
+    from trainer.config import resolve_config
+    from trainer.driver import Trainer
+
+    cfg = resolve_config(overrides=["algo.name=dapo", "rollout.batch_size=4", "rollout.n=4",
+                                    "learner.mini_batch_size=16", "learner.micro_batch_size=4", *overrides])
+    trainer = Trainer.__new__(Trainer)  # no cluster: only the pieces _generate uses
+    trainer.cfg, trainer.version = cfg, 0
+    trainer.sampler = PromptSampler(30, seed=0, shuffle=False)
+    trainer.services = SimpleNamespace(rollout=_Rollout(), reward=_Grader(), corruption=None)
+    trainer._requests = lambda picks: (picks, None)
+    return trainer
+
+
+@pytest.mark.parametrize("gen_batch, calls", [(None, [4, 4, 4]), (12, [12])])
+def test_dynamic_sampling_keeps_only_mixed_groups_in_rounds_of_the_generation_batch(gen_batch, calls):
+    trainer = _dapo_trainer([] if gen_batch is None else [f"algo.dynamic_sampling_gen_batch_size={gen_batch}"])
+    batch, stats = trainer._generate(step=1, timings={})
+    # Prompts 0..11 in order: only rows 2, 5, 8, 11 have mixed answers; one round of 12 finds them all.
+    assert trainer.services.rollout.calls == calls
+    assert sorted(set(batch.row_ids.tolist())) == [2, 5, 8, 11]
+    assert [g.tolist() for g in batch.groups()] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert stats["generated_groups"] == 12 and stats["kept_groups"] == 4
+    assert trainer.sampler.take(1) == [(12, 0)]  # every generated prompt was drawn from the sampler once
+
+
+def test_dynamic_sampling_that_finds_no_mixed_group_stops_with_a_clear_error():
+    trainer = _dapo_trainer(["algo.dynamic_sampling_max_tries=2"])
+    trainer.sampler = PromptSampler(2, seed=0, shuffle=False)  # rows 0 and 1: all right, all wrong
+    with pytest.raises(RuntimeError, match=r"dynamic sampling kept 0 of 4 groups after "
+                                           r"algo.dynamic_sampling_max_tries=2 tries"):
+        trainer._generate(step=1, timings={})

@@ -289,6 +289,6 @@ def test_frozen_language_model_trains_only_the_vision_tower(tiny):
 def test_cuda_ipc_on_a_cpu_learner_is_refused_clearly(tiny):
     if torch.cuda.is_available():
         pytest.skip("on a GPU the transport works (tests/gpu)")
-    learner = make_learner(tiny[0], zero_stage=0, weight_transport="cuda_ipc")
+    learner = make_learner(tiny[0], zero_stage=0, weight_transport="cuda_ipc", num_gpus=1)  # asked for, not there
     with pytest.raises(RuntimeError, match="weight_transport=cuda_ipc needs the learner on a GPU"):
         learner.publish_weights(version=1)

@@ -136,8 +136,10 @@ def test_receive_weights_checks_digest_names_and_transport(worker):
         worker.receive_weights(handle, blob + b"x")
     with pytest.raises(ValueError, match="blob"):
         worker.receive_weights(handle, None)
-    with pytest.raises(NotImplementedError, match="nccl"):
-        worker.receive_weights(WeightsHandle(7, "nccl", 1, 1, ""), None)
+    with pytest.raises(NotImplementedError, match="'mpi' is not implemented"):
+        worker.receive_weights(WeightsHandle(7, "mpi", 1, 1, ""), None)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="a gloo weights handle reached a process that is in no weight group"):
+        worker.receive_weights(WeightsHandle(0, "gloo", 1, 1, ""), None)  # a broadcast is received even at v0
     bad_handle, bad_blob = _handle({"not.a.param": torch.zeros(2)}, version=7)
     with pytest.raises(RuntimeError, match="1 tensors, the handle announces 2"):
         worker.receive_weights(WeightsHandle(7, "object_store", 2, len(bad_blob), digest(bad_blob)), bad_blob)

@@ -77,7 +77,7 @@ def test_cuda_ipc_handles_are_refused_clearly_without_a_gpu():
     handle = WeightsHandle(1, "cuda_ipc", 1, 256, "sum32:0", extra={"slots": [], "pid": 0, "token": "x"})
     with pytest.raises(RuntimeError, match="without a GPU"):
         load_handle(handle)
-    with pytest.raises(NotImplementedError, match="'nccl'"):
+    with pytest.raises(RuntimeError, match="a nccl weights handle reached a process that is in no weight group"):
         load_handle(WeightsHandle(1, "nccl", 1, 1, ""))
 
 
@@ -89,3 +89,73 @@ def test_only_cuda_ipc_handles_become_plain_values():
     assert "ref" not in d and handle_from_dict(d) == h
     with pytest.raises(ValueError, match="only cuda_ipc"):
         handle_to_dict(WeightsHandle(3, "object_store", 1, 1, "x", ref=b"blob"))
+
+
+def test_gloo_broadcast_reaches_every_member_bit_exactly_and_checks_the_layout():
+    """Rank 0 publishes two versions; two receiver processes get both, in order, checksum verified.
+
+    The handles are built before the receivers start (the layout and checksum travel in them);
+    the broadcasts meet the receivers' calls through the publisher's background thread.
+    """
+    import multiprocessing as mp
+    import pickle
+
+    from tests.unit._weight_group_member import member
+    from trainer.learner import free_port
+    from trainer.weights import WeightGroup, WeightsHandle
+
+    g = torch.Generator().manual_seed(0)
+    versions = {v: {"a.weight": torch.randn(5, 7, generator=g), "b.bias": torch.randn(3, generator=g).to(torch.bfloat16),
+                    "c.idx": torch.arange(4, dtype=torch.int64) * v} for v in (1, 2)}
+    port, world = free_port(), 3
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    publisher_handles = []
+    group = None
+    try:
+        # The receivers get the handles first, so build them from a throwaway publish of the same layout.
+        from trainer.weights import bucket_checksum, pack_buckets
+
+        for v, sd in versions.items():
+            buckets, slots = pack_buckets(sd, bucket_bytes=256)
+            publisher_handles.append(WeightsHandle(
+                v, "gloo", len(slots), sum(b.numel() for b in buckets), bucket_checksum(buckets),
+                extra={"group": "g1", "bucket_sizes": [b.numel() for b in buckets],
+                       "slots": [(s.name, s.dtype, s.shape, s.bucket, s.offset) for s in slots]}))
+        wrong_group = WeightsHandle(3, "gloo", 1, 256, "x", extra={"group": "other", "bucket_sizes": [256],
+                                                                     "slots": [("w", "uint8", (256,), 0, 0)]})
+        for rank in (1, 2):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=member, args=(child, "g1", port, rank, world,
+                                                 [*publisher_handles, wrong_group]))
+            p.start()
+            pipes.append(parent)
+            procs.append(p)
+        group = WeightGroup("g1", "127.0.0.1", port, 0, world, "gloo", timeout_s=60)
+        for (v, sd), expected in zip(versions.items(), publisher_handles):
+            handle = group.publish(sd, v, bucket_bytes=256)
+            assert handle == expected  # same layout and checksum as the receivers were told
+            group.wait_sent(timeout_s=60)
+        results = [pickle.loads(c.recv_bytes()) if c.poll(120) else "timeout" for c in pipes]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        if group is not None:
+            group.close()
+    for got in results:
+        assert not isinstance(got, str), got
+        assert [v for v, _ in got] == [1, 2, 3]
+        for (v, tensors), sd in zip(got[:2], versions.values()):
+            assert tensors.keys() == sd.keys()
+            for k in sd:
+                assert tensors[k].dtype == sd[k].dtype and torch.equal(tensors[k], sd[k]), (v, k)
+        assert "broadcast to group other, this process is in group g1" in got[2][1]
+
+
+def test_weight_group_refuses_an_unknown_backend():
+    from trainer.weights import WeightGroup
+
+    with pytest.raises(ValueError, match="backend must be one of"):
+        WeightGroup("g", "127.0.0.1", 1, 0, 1, "mpi")

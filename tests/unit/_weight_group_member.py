@@ -1,0 +1,23 @@
+"""A receiver process of tests/unit/test_weights.py's broadcast test (spawned: it must be importable)."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+
+def member(conn: Any, group_id: str, port: int, rank: int, world: int, handles: list) -> None:
+    """Join the group, receive every handle in order, send back (version, tensors) or the error text."""
+    try:
+        from trainer.weights import join_weight_group, load_handle
+
+        join_weight_group(group_id, "127.0.0.1", port, rank, world, "gloo", timeout_s=60)
+        out = []
+        for h in handles:
+            try:
+                out.append((h.version, {k: v.clone() for k, v in load_handle(h).items()}))
+            except Exception as e:  # noqa: BLE001 - reported to the parent
+                out.append((h.version, f"{type(e).__name__}: {e}"))
+        conn.send_bytes(pickle.dumps(out))
+    except BaseException as e:  # noqa: BLE001
+        conn.send_bytes(pickle.dumps(f"{type(e).__name__}: {e}"))
