@@ -1,4 +1,4 @@
-"""Benchmark of the weight sync: ``object_store`` vs ``cuda_ipc`` for one publish + one receive.
+"""Benchmark of the weight sync: ``object_store`` vs ``cuda_ipc`` vs ``gloo`` for one publish + one receive.
 
 A synthetic model of ``--params`` parameters laid out like a Qwen2.5 decoder (embedding, per
 layer q/k/v/o and gate/up/down projections, norms) in ``--dtype`` is published from this process
@@ -12,6 +12,10 @@ end to end (publish call + receive call, the receiver's copy included) and in pa
   object store hands a local reader shared memory; Ray's own put/get are not in the numbers.
 - ``cuda_ipc`` (GPU only): publisher = packing into GPU buckets + checksum + IPC handles;
   receiver = opening the handles + checksum + device-to-device copy into its parameters.
+- ``gloo`` (CPU and GPU; the broadcast that ``nccl`` runs between GPUs): publisher = packing into
+  host buckets + checksum, then the broadcast runs in the publisher's background thread;
+  receiver = receiving the buckets over the two-process group + checksum + copy into its
+  parameters. ``nccl`` needs a second GPU for the receiver, so it is not measured here.
 
 Every receive is verified: the receiver returns a checksum of its parameters, which must equal
 the publisher's. Prints a table (and the ratio object_store / cuda_ipc) and writes JSON
@@ -36,8 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import machine_info, warn_if_loaded, write_report  # noqa: E402
-from trainer.weights import (WeightsHandle, digest, load_handle, pack_state_dict, release_cuda_ipc,  # noqa: E402
-                             share_cuda_ipc, unpack_state_dict)
+from trainer.learner import free_port  # noqa: E402
+from trainer.weights import (WeightGroup, WeightsHandle, digest, join_weight_group, load_handle,  # noqa: E402
+                             pack_state_dict, release_cuda_ipc, share_cuda_ipc, unpack_state_dict)
 
 
 def model_shapes(params: float, vocab: int = 151_936) -> dict[str, tuple[int, ...]]:
@@ -79,6 +84,10 @@ def receiver(conn: Any, shapes: dict[str, tuple[int, ...]], dtype: str, device: 
         msg = pickle.loads(conn.recv_bytes())
         if msg is None:
             break
+        if msg[0] == "join":  # the gloo group: rank 1 of 2
+            join_weight_group("bench", "127.0.0.1", msg[1], 1, 2, "gloo")
+            conn.send_bytes(pickle.dumps("joined"))
+            continue
         handle, blob_path = msg
         t0 = time.perf_counter()
         if handle.transport == "object_store":
@@ -99,11 +108,16 @@ def receiver(conn: Any, shapes: dict[str, tuple[int, ...]], dtype: str, device: 
                                       "total_s": t1 - t0, "checksum": param_checksum(params)}))
 
 
-def publish(transport: str, state: dict[str, torch.Tensor], version: int, shm: Path) -> tuple[WeightsHandle, str, dict]:
+def publish(transport: str, state: dict[str, torch.Tensor], version: int, shm: Path,
+            group: WeightGroup | None = None) -> tuple[WeightsHandle, str, dict]:
     device = next(iter(state.values())).device
     t0 = time.perf_counter()
     if transport == "cuda_ipc":
         handle = share_cuda_ipc(state, version)
+        return handle, "", {"publish_s": time.perf_counter() - t0}
+    if transport == "gloo":
+        assert group is not None
+        handle = group.publish(state, version)  # packed; the broadcast is now running
         return handle, "", {"publish_s": time.perf_counter() - t0}
     host = {k: v.to("cpu") for k, v in state.items()}
     _sync(device)
@@ -123,14 +137,15 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=None, help="model size (default 1.5e9 on GPU, 2e8 on CPU)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--transports", nargs="+", default=None, help="default: both on GPU, object_store on CPU")
+    ap.add_argument("--transports", nargs="+", default=None, choices=["object_store", "cuda_ipc", "gloo"],
+                    help="default: object_store, cuda_ipc and gloo on GPU; object_store and gloo on CPU")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "weight_sync.json"))
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     params = args.params or (1.5e9 if cuda else 2e8)
-    transports = args.transports or (["object_store", "cuda_ipc"] if cuda else ["object_store"])
+    transports = args.transports or (["object_store", "cuda_ipc", "gloo"] if cuda else ["object_store", "gloo"])
     shapes = model_shapes(params)
     n_params = sum(int(torch.Size(s).numel()) for s in shapes.values())
     g = torch.Generator(device=device).manual_seed(0)
@@ -150,15 +165,23 @@ def main() -> None:
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     rows: list[dict[str, Any]] = []
     version = 0
+    group = None
     try:
+        if "gloo" in transports:
+            port = free_port()
+            parent.send_bytes(pickle.dumps(("join", port)))
+            group = WeightGroup("bench", "127.0.0.1", port, 0, 2, "gloo")
+            assert pickle.loads(parent.recv_bytes()) == "joined"
         for transport in transports:
             timings = []
             for rep in range(args.repeats + 1):
                 version += 1
                 t0 = time.perf_counter()
-                handle, path, pub = publish(transport, state, version, shm)
+                handle, path, pub = publish(transport, state, version, shm, group)
                 parent.send_bytes(pickle.dumps((handle, path)))
                 got = pickle.loads(parent.recv_bytes())
+                if transport == "gloo":
+                    group.wait_sent()
                 total = time.perf_counter() - t0
                 if path:
                     Path(path).unlink(missing_ok=True)
@@ -171,6 +194,8 @@ def main() -> None:
             row["GB/s"] = nbytes / 1e9 / row["total_s"]
             rows.append(row)
     finally:
+        if group is not None:
+            group.close()
         parent.send_bytes(pickle.dumps(None))
         proc.join(60)
         if proc.is_alive():

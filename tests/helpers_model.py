@@ -88,6 +88,18 @@ def tiny_setup(folder: Path) -> tuple[Path, Any, RolloutBatch, list, list]:
     return path, processor, batch, images, masked
 
 
+def model_and_ray_batch(ray: Any, folder: Path, *, prompts: int = 2, n: int = 2) -> tuple[Path, RolloutBatch]:
+    """The tiny model written to ``folder`` and a batch whose images (real and masked) are in the object store."""
+    from trainer.modeling import load_processor
+
+    path = write_model(folder)
+    batch, images, masked = make_batch(load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+                                       prompts=prompts, n=n)
+    batch.image_refs = [[ray.put(im) for im in row] for row in images]
+    batch.masked_image_refs = [[ray.put(im) for im in row] for row in masked]
+    return path, batch
+
+
 def make_learner(path: Path, *, algo: Any = None, masked_logp: str = "pool", **cfg: Any) -> Any:
     """A one-rank :class:`~trainer.learner.Learner` on the tiny model (``cfg`` overrides :func:`learner_cfg`)."""
     from trainer.learner import Learner

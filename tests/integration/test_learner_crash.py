@@ -14,9 +14,8 @@ import time
 
 import pytest
 
-from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, make_batch, write_model
+from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, model_and_ray_batch
 from trainer.learner import CHECKPOINT_MARKER, LearnerGroup, prune_checkpoints
-from trainer.modeling import load_processor
 
 TIMEOUT = 300.0
 
@@ -25,11 +24,7 @@ TIMEOUT = 300.0
 def test_a_rank_killed_during_save_fails_the_save_and_keeps_the_previous_checkpoint(ray_cluster, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    ray = ray_cluster
-    path = write_model(tmp_path / "model")
-    processor = load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    batch, images, _ = make_batch(processor, prompts=2, n=2)
-    batch.image_refs = [[ray.put(im) for im in row] for row in images]
+    path, batch = model_and_ray_batch(ray_cluster, tmp_path / "model")
     ckpts = tmp_path / "checkpoints"
     g = LearnerGroup(str(path), learner_cfg(num_ranks=2, num_cpus=0.5, zero_stage=2, mini_batch_size=4,
                                             micro_batch_size=2), algo_cfg(gamma=0.0), min_pixels=MIN_PIXELS,

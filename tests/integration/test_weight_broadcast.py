@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from services.logprob import LogProbPool
-from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, make_batch, write_model
+from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, model_and_ray_batch
 from trainer.config import resolve_config
 from trainer.learner import LearnerGroup
-from trainer.modeling import load_processor
 
 TIMEOUT = 300.0
 
@@ -24,11 +23,7 @@ def test_driver_sync_broadcasts_over_gloo_and_survives_a_restarted_receiver(ray_
     from trainer.driver import Trainer
 
     ray = ray_cluster
-    path = write_model(tmp_path / "model")
-    processor = load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    batch, images, masked = make_batch(processor, prompts=2, n=2)
-    batch.image_refs = [[ray.put(im) for im in row] for row in images]
-    batch.masked_image_refs = [[ray.put(im) for im in row] for row in masked]
+    path, batch = model_and_ray_batch(ray, tmp_path / "model")
     learner = LearnerGroup(str(path), learner_cfg(zero_stage=0, mini_batch_size=4, micro_batch_size=2,
                                                   weight_transport="gloo"), algo_cfg(gamma=0.0),
                            min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, get_timeout_s=TIMEOUT)
