@@ -105,6 +105,10 @@ class AlgoConfig(_Section):
     dynamic_sampling_max_tries: int = Field(20, ge=1)
     dynamic_sampling_acc_low: float = Field(0.01, ge=0, le=1)
     dynamic_sampling_acc_high: float = Field(0.99, ge=0, le=1)
+    dynamic_sampling_exhausted: Literal["error", "fill"] = Field(
+        "error", description="when the tries run out short of a batch: error (DAPO's behaviour) or fill the "
+                             "batch with the last try's uninformative groups (zero advantages: only the KL terms "
+                             "act on them)")
     dynamic_sampling_gen_batch_size: Optional[int] = Field(
         None, ge=1, description="prompts generated per round under dynamic sampling (DAPO's gen_batch_size); "
                                 "default rollout.batch_size. One large round is cheaper than several small ones")
@@ -278,6 +282,9 @@ class LearnerConfig(_Section):
     freeze_language_model: bool = Field(False, description="train only the vision tower and its merger (the "
                                                            "language model keeps its weights: its format cannot drift)")
     cpu_offload: bool = False
+    omp_threads: Optional[int] = Field(None, ge=1, description="CPU threads per learner rank; default "
+                                       "cluster.omp_threads_per_actor (the update runs alone in its phase of the step, "
+                                       "so a CPU learner can use more threads than the pools that run side by side)")
     weight_transport: Literal["object_store", "cuda_ipc", "nccl", "gloo"] = Field(
         "object_store", description="how published weights reach the rollout and perception pools: object_store "
         "(any placement), cuda_ipc (GPU; every receiver on learner rank 0's GPU), nccl (GPU; a bucketed "

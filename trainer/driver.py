@@ -249,6 +249,7 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig, resume: Optional[str | os.PathLike] = None,
                  on_ray_init: Optional[Any] = None):
+        self._t_created = time.perf_counter()  # start-up (Ray, engines, pools) counts in the summary's total
         # The run folder first: a second live run on the same folder stops here, before any work.
         self.resumed_from: Optional[Path] = latest_checkpoint(resume) if resume is not None else None
         self.run_dir = (run_dir_of(self.resumed_from) if self.resumed_from is not None
@@ -334,7 +335,7 @@ class Trainer:
                 min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
                 temperature=cfg.rollout.temperature, total_optimizer_steps=cfg.trainer.total_steps * steps_per_rollout,
                 seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code, get_timeout_s=timeout,
-                omp_threads=cfg.cluster.omp_threads_per_actor)
+                omp_threads=cfg.learner.omp_threads or cfg.cluster.omp_threads_per_actor)
             pool_kwargs = dict(num_cpus=cfg.logprob.num_cpus, num_gpus=cfg.logprob.num_gpus, dtype=cfg.model.dtype,
                                min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
                                temperature=cfg.rollout.temperature, micro_batch_size=cfg.logprob.micro_batch_size,
@@ -507,7 +508,8 @@ class Trainer:
         algo = cfg.algo
         spec = SamplingSpec.from_config(cfg.rollout, seed=cfg.seed * 1_000_003 + step * 7919)
         kept: list[RolloutBatch] = []
-        stats = {"generated_groups": 0, "kept_groups": 0, "grading_errors": 0, "request_errors": 0}
+        stats = {"generated_groups": 0, "kept_groups": 0, "filled_groups": 0, "grading_errors": 0, "request_errors": 0}
+        spare: Optional[tuple[RolloutBatch, list[torch.Tensor]]] = None  # the last try's uninformative groups
         for attempt in range(algo.dynamic_sampling_max_tries if algo.dynamic_sampling else 1):
             need = cfg.rollout.batch_size - sum(len(b.groups()) for b in kept)
             if need <= 0:
@@ -535,19 +537,31 @@ class Trainer:
             stats["generated_groups"] += len(groups)
             if algo.dynamic_sampling:
                 # DAPO: only groups whose accuracy varies carry a gradient.
-                keep = [g for g in groups if algo.dynamic_sampling_acc_low < float(batch.accuracy[g].mean())
-                        < algo.dynamic_sampling_acc_high][:need]
+                low, high = algo.dynamic_sampling_acc_low, algo.dynamic_sampling_acc_high
+                mixed = [low < float(batch.accuracy[g].mean()) < high for g in groups]
+                keep = [g for g, m in zip(groups, mixed) if m][:need]
+                spare = (batch, [g for g, m in zip(groups, mixed) if not m])
                 if not keep:
                     continue
                 batch = batch.select(torch.cat(keep))
             # Group ids restart at 0 in every try: make them unique before concatenating.
             kept.append(batch.renumber_groups(start=sum(len(b.groups()) for b in kept)))
         else:
-            if algo.dynamic_sampling and sum(len(b.groups()) for b in kept) < cfg.rollout.batch_size:
-                raise RuntimeError(
-                    f"dynamic sampling kept {sum(len(b.groups()) for b in kept)} of {cfg.rollout.batch_size} groups "
-                    f"after algo.dynamic_sampling_max_tries={algo.dynamic_sampling_max_tries} tries: nearly every "
-                    "group is all-correct or all-wrong; lower rollout.batch_size or raise the tries")
+            short = cfg.rollout.batch_size - sum(len(b.groups()) for b in kept)
+            if algo.dynamic_sampling and short > 0:
+                what = (f"dynamic sampling kept {cfg.rollout.batch_size - short} of {cfg.rollout.batch_size} groups "
+                        f"after algo.dynamic_sampling_max_tries={algo.dynamic_sampling_max_tries} tries: nearly every "
+                        "group is all-correct or all-wrong")
+                if algo.dynamic_sampling_exhausted == "error" or spare is None or len(spare[1]) < short:
+                    raise RuntimeError(f"{what}; lower rollout.batch_size, raise the tries, or set "
+                                       "algo.dynamic_sampling_exhausted=fill to train on what there is")
+                # Uninformative groups have zero advantages: the step trains on the mixed groups, and
+                # the KL terms alone act on the rest (what pulls a collapsed policy back).
+                logger.warning("%s; filling %d groups with uninformative ones (algo.dynamic_sampling_exhausted=fill)",
+                               what, short)
+                filler = spare[0].select(torch.cat(spare[1][:short]))
+                kept.append(filler.renumber_groups(start=cfg.rollout.batch_size - short))
+                stats["filled_groups"] = short
         batch = RolloutBatch.concat(kept) if len(kept) > 1 else kept[0]
         stats["kept_groups"] = len(batch.groups())
         if stats["kept_groups"] != cfg.rollout.batch_size:
@@ -688,6 +702,7 @@ class Trainer:
             plot_curves(metrics_path, self.run_dir / CURVES_FILE,
                         keys=("train/reward", "eval/accuracy", "train/perception_kl", "train/entropy"))
         summary = {"run_dir": str(self.run_dir), "wall_s": time.perf_counter() - t0,
+                   "startup_s": t0 - self._t_created, "total_s": time.perf_counter() - self._t_created,
                    "start": start, "end": last_eval, "best": self.best}
         self._print_summary(summary, metrics_path)
         return summary
@@ -701,7 +716,8 @@ class Trainer:
             v = d.get(key)
             return "n/a" if v is None else f"{v:.3f}"
 
-        lines = [f"done in {summary['wall_s']:.0f} s; run directory {self.run_dir}",
+        lines = [f"done in {summary['total_s']:.0f} s ({summary['startup_s']:.0f} s start-up: Ray, engines, pools; "
+                 f"{summary['wall_s']:.0f} s of steps and evals); run directory {self.run_dir}",
                  f"  eval accuracy        {acc(start)} -> {acc(end)} (best {acc(best)} at step {best.get('step')}, "
                  f"checkpoint {self.run_dir / 'best'})",
                  f"  black-image accuracy {acc(start, 'eval/black_accuracy')} -> {acc(end, 'eval/black_accuracy')}"]

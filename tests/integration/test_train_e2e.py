@@ -59,3 +59,5 @@ def test_train_runs_the_real_step(ray_cluster, small_assets, tmp_path, algo):
     else:
         assert all("train/perception_kl" not in r for r in rows[1:])
     assert summary["end"]["eval/accuracy"] == rows[-1]["eval/accuracy"]
+    # The printed total counts start-up (Ray, engines, pools) as well as the steps.
+    assert summary["startup_s"] > 0 and summary["total_s"] >= summary["startup_s"] + summary["wall_s"]

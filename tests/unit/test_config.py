@@ -93,14 +93,13 @@ def test_bad_algo_by_preset_names_the_entry(tmp_path, entry, message):
 
 
 def test_dynamic_sampling_generation_round_is_at_least_a_batch():
-    cfg = resolve_config(overrides=["algo.dynamic_sampling=true", "rollout.batch_size=32", "learner.mini_batch_size=160",
-                                    "algo.dynamic_sampling_gen_batch_size=96"])
+    base = ["algo.dynamic_sampling=true", "rollout.batch_size=32", "learner.mini_batch_size=160"]
+    cfg = resolve_config(overrides=[*base, "algo.dynamic_sampling_gen_batch_size=96"])
     assert cfg.algo.dynamic_sampling_gen_batch_size == 96
     with pytest.raises(ConfigError, match=r"dynamic_sampling_gen_batch_size=16 must be >= rollout.batch_size=32"):
-        resolve_config(overrides=["algo.dynamic_sampling=true", "rollout.batch_size=32", "learner.mini_batch_size=160",
-                                  "algo.dynamic_sampling_gen_batch_size=16"])
+        resolve_config(overrides=[*base, "algo.dynamic_sampling_gen_batch_size=16"])
     with pytest.warns(ConfigWarning, match="no effect without algo.dynamic_sampling"):
-        resolve_config(overrides=["rollout.batch_size=32", "learner.mini_batch_size=160", "algo.dynamic_sampling_gen_batch_size=96"])
+        resolve_config(overrides=[*base[1:], "algo.dynamic_sampling_gen_batch_size=96"])
 
 
 def test_baseline_with_diagnostic_is_fine():
@@ -200,7 +199,10 @@ def test_pixel_limits_are_one_field():
 
 def test_demo_config_resolves_and_round_trips(tmp_path):
     cfg = resolve_config([named_config("demo")])
-    assert cfg.algo.name == "papo" and cfg.algo.gamma == 0.02 and cfg.algo.beta == 0.04
+    assert cfg.algo.name == "papo" and cfg.algo.gamma == 0.01 and cfg.algo.beta == 0.04 and cfg.algo.kl_kind == "k2"
+    # The same file runs the baseline (bench/papo_vs_grpo.py, `papo train algo.name=grpo`).
+    grpo = resolve_config([named_config("demo")], ["algo.name=grpo"])
+    assert grpo.algo.gamma == 0.0 and grpo.algo.beta == 0.04 and grpo.algo.kl_kind == "k2"
     assert cfg.model.max_pixels == 112 * 112
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(dump_config(cfg))

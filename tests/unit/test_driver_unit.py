@@ -239,3 +239,17 @@ def test_dynamic_sampling_that_finds_no_mixed_group_stops_with_a_clear_error():
     with pytest.raises(RuntimeError, match=r"dynamic sampling kept 0 of 4 groups after "
                                            r"algo.dynamic_sampling_max_tries=2 tries"):
         trainer._generate(step=1, timings={})
+
+
+def test_exhausted_dynamic_sampling_can_fill_the_batch_with_uninformative_groups():
+    trainer = _dapo_trainer(["algo.dynamic_sampling_max_tries=2", "algo.dynamic_sampling_exhausted=fill"])
+    trainer.sampler = PromptSampler(3, seed=0, shuffle=False)  # rows 0, 1, 2: only row 2 has mixed answers
+    batch, stats = trainer._generate(step=1, timings={})
+    assert stats["kept_groups"] == 4 and stats["filled_groups"] == 2 and stats["generated_groups"] == 8
+    groups = batch.groups()
+    assert len(groups) == 4 and len(batch) == 16
+    rows = [int(batch.row_ids[g[0]]) for g in groups]
+    accuracy = [batch.accuracy[g].tolist() for g in groups]
+    # The two mixed groups first (one per try), then the last try's uninformative ones (all alike).
+    assert rows[:2] == [2, 2] and all(r != 2 for r in rows[2:])
+    assert all(len(set(a)) == 1 for a in accuracy[2:]) and all(len(set(a)) == 2 for a in accuracy[:2])

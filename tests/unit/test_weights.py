@@ -105,7 +105,8 @@ def test_gloo_broadcast_reaches_every_member_bit_exactly_and_checks_the_layout()
     from trainer.weights import WeightGroup, WeightsHandle
 
     g = torch.Generator().manual_seed(0)
-    versions = {v: {"a.weight": torch.randn(5, 7, generator=g), "b.bias": torch.randn(3, generator=g).to(torch.bfloat16),
+    versions = {v: {"a.weight": torch.randn(5, 7, generator=g),
+                    "b.bias": torch.randn(3, generator=g).to(torch.bfloat16),
                     "c.idx": torch.arange(4, dtype=torch.int64) * v} for v in (1, 2)}
     port, world = free_port(), 3
     ctx = mp.get_context("spawn")
