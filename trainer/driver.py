@@ -273,6 +273,7 @@ class Trainer:
             self.val_set = load_split_from_config(cfg.data, cfg.data.val_path, cfg.data.val_split, model=cfg.model)
         self.sampler = PromptSampler(len(self.train_set.examples), cfg.seed, cfg.data.shuffle)
         self.version = 0
+        self._weight_group: Optional[tuple] = None  # receiver pids of the nccl/gloo weight group now formed
         self.bad_prompts = 0
         self.start_step = 0  # the last finished step (a resumed run continues after it)
         self.best: dict[str, Any] = {"step": None, "accuracy": None}
@@ -438,7 +439,7 @@ class Trainer:
         import ray
 
         members = tuple(tuple(pool.current_pids()) for pool in receivers)
-        if getattr(self, "_weight_group", None) == members:
+        if self._weight_group == members:
             return
         learner, backend = self.services.learner, self.cfg.learner.weight_transport
         world = 1 + sum(pool.weight_group_ranks() for pool in receivers)

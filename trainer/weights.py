@@ -421,10 +421,8 @@ class WeightGroup:
         return unpack_buckets(buckets, slots)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # a broadcast still running or failed is abandoned with the group
             self.wait_sent(timeout_s=0)
-        with contextlib.suppress(Exception):
-            self.pg.abort() if hasattr(self.pg, "abort") else None
         self.pg = None
 
 

@@ -6,14 +6,15 @@ import pickle
 from typing import Any
 
 
-def member(conn: Any, group_id: str, port: int, rank: int, world: int, handles: list) -> None:
-    """Join the group, receive every handle in order, send back (version, tensors) or the error text."""
+def member(conn: Any, group_id: str, port: int, rank: int, world: int) -> None:
+    """Join the group, then receive each handle the parent sends (None ends); reply (version, tensors) or the
+    error text per handle."""
     try:
         from trainer.weights import join_weight_group, load_handle
 
         join_weight_group(group_id, "127.0.0.1", port, rank, world, "gloo", timeout_s=60)
         out = []
-        for h in handles:
+        while (h := pickle.loads(conn.recv_bytes())) is not None:
             try:
                 out.append((h.version, {k: v.clone() for k, v in load_handle(h).items()}))
             except Exception as e:  # noqa: BLE001 - reported to the parent

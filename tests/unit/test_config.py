@@ -120,6 +120,8 @@ def test_baseline_with_diagnostic_is_fine():
     ("algo.loss_avg=mean", "algo.loss_avg", "'token', 'seq', 'token_global'"),
     ("rollout.n=abc", "rollout.n", "2 <= x"),
     ("perception.masked_logp=gpu", "perception.masked_logp", "'pool', 'learner', 'learner_grad'"),
+    ("algo.dynamic_sampling_exhausted=skip", "algo.dynamic_sampling_exhausted", "'error' or 'fill'"),
+    ("learner.omp_threads=0", "learner.omp_threads", "1 <= x"),
 ])
 def test_bad_values_name_field_and_range(override, field, allowed):
     with pytest.raises(ConfigError) as e:

@@ -94,8 +94,7 @@ def test_only_cuda_ipc_handles_become_plain_values():
 def test_gloo_broadcast_reaches_every_member_bit_exactly_and_checks_the_layout():
     """Rank 0 publishes two versions; two receiver processes get both, in order, checksum verified.
 
-    The handles are built before the receivers start (the layout and checksum travel in them);
-    the broadcasts meet the receivers' calls through the publisher's background thread.
+    Each handle reaches the receivers while the publisher's background thread is broadcasting.
     """
     import multiprocessing as mp
     import pickle
@@ -110,33 +109,26 @@ def test_gloo_broadcast_reaches_every_member_bit_exactly_and_checks_the_layout()
                     "c.idx": torch.arange(4, dtype=torch.int64) * v} for v in (1, 2)}
     port, world = free_port(), 3
     ctx = mp.get_context("spawn")
-    pipes, procs = [], []
-    publisher_handles = []
-    group = None
+    pipes, procs, group = [], [], None
     try:
-        # The receivers get the handles first, so build them from a throwaway publish of the same layout.
-        from trainer.weights import bucket_checksum, pack_buckets
-
-        for v, sd in versions.items():
-            buckets, slots = pack_buckets(sd, bucket_bytes=256)
-            publisher_handles.append(WeightsHandle(
-                v, "gloo", len(slots), sum(b.numel() for b in buckets), bucket_checksum(buckets),
-                extra={"group": "g1", "bucket_sizes": [b.numel() for b in buckets],
-                       "slots": [(s.name, s.dtype, s.shape, s.bucket, s.offset) for s in slots]}))
-        wrong_group = WeightsHandle(3, "gloo", 1, 256, "x", extra={"group": "other", "bucket_sizes": [256],
-                                                                     "slots": [("w", "uint8", (256,), 0, 0)]})
         for rank in (1, 2):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=member, args=(child, "g1", port, rank, world,
-                                                 [*publisher_handles, wrong_group]))
+            p = ctx.Process(target=member, args=(child, "g1", port, rank, world))
             p.start()
             pipes.append(parent)
             procs.append(p)
         group = WeightGroup("g1", "127.0.0.1", port, 0, world, "gloo", timeout_s=60)
-        for (v, sd), expected in zip(versions.items(), publisher_handles):
-            handle = group.publish(sd, v, bucket_bytes=256)
-            assert handle == expected  # same layout and checksum as the receivers were told
+        for v, sd in versions.items():
+            handle = group.publish(sd, v, bucket_bytes=256)  # several buckets
+            assert len(handle.extra["bucket_sizes"]) > 1
+            for c in pipes:
+                c.send_bytes(pickle.dumps(handle))
             group.wait_sent(timeout_s=60)
+        wrong_group = WeightsHandle(3, "gloo", 1, 256, "x", extra={"group": "other", "bucket_sizes": [256],
+                                                                     "slots": [("w", "uint8", (256,), 0, 0)]})
+        for c in pipes:
+            c.send_bytes(pickle.dumps(wrong_group))
+            c.send_bytes(pickle.dumps(None))
         results = [pickle.loads(c.recv_bytes()) if c.poll(120) else "timeout" for c in pipes]
     finally:
         for p in procs:
