@@ -524,14 +524,16 @@ class GradingPool:
         if reason == WORKER_CRASHED:
             self._stats["crashes"] += 1
             log.warning("grading worker %s died (%s)", w.pid, "while grading an item" if w.outstanding else "idle")
-        if w.outstanding:
-            _, current = w.outstanding.popleft()
-            self._finish(current, error_score(reason))
-            for _, task in reversed(w.outstanding):
-                self._pending.appendleft(task)
+        current = w.outstanding.popleft()[1] if w.outstanding else None
+        for _, task in reversed(w.outstanding):
+            self._pending.appendleft(task)
         self._slots[slot] = None
+        # Start the replacement before the failed item's batch can resolve, so a caller that
+        # reads stats() after its result sees the restart counted.
         if not self._closing:
             self._respawn_missing()
+        if current is not None:
+            self._finish(current, error_score(reason))
 
     def _check_timeouts(self, now: float) -> None:
         for i, w in enumerate(self._slots):
