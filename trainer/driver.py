@@ -21,9 +21,10 @@ import socket
 import sys
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -328,33 +329,51 @@ class Trainer:
             services.reward = RewardClient(url, token=cfg.reward.token)
             if not serve_started:
                 services.reward.health()  # an external server that is down fails here, before any engine starts
-            services.rollout = RolloutPool.from_config(cfg.rollout, cfg.model, cfg.cluster, seed=cfg.seed)
             steps_per_rollout = cfg.learner.ppo_epochs * (cfg.rollout.batch_size * cfg.rollout.n
                                                           // cfg.learner.mini_batch_size)
-            services.learner = LearnerGroup(
-                cfg.model.path, cfg.learner, cfg.algo, masked_logp=cfg.perception.masked_logp,
-                min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
-                temperature=cfg.rollout.temperature, total_optimizer_steps=cfg.trainer.total_steps * steps_per_rollout,
-                seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code, get_timeout_s=timeout,
-                omp_threads=cfg.learner.omp_threads or cfg.cluster.omp_threads_per_actor)
             pool_kwargs = dict(num_cpus=cfg.logprob.num_cpus, num_gpus=cfg.logprob.num_gpus, dtype=cfg.model.dtype,
                                min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
                                temperature=cfg.rollout.temperature, micro_batch_size=cfg.logprob.micro_batch_size,
                                get_timeout_s=timeout, omp_threads=cfg.cluster.omp_threads_per_actor,
                                trust_remote_code=cfg.model.trust_remote_code)
+            # Each pool's constructor waits for its actors to load the model. They are independent, so
+            # they start side by side: the engine's start-up no longer waits for the learner's.
+            build: dict[str, Callable[[], Any]] = {
+                "rollout": lambda: RolloutPool.from_config(cfg.rollout, cfg.model, cfg.cluster, seed=cfg.seed),
+                "learner": lambda: LearnerGroup(
+                    cfg.model.path, cfg.learner, cfg.algo, masked_logp=cfg.perception.masked_logp,
+                    min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
+                    temperature=cfg.rollout.temperature,
+                    total_optimizer_steps=cfg.trainer.total_steps * steps_per_rollout, seed=cfg.seed,
+                    trust_remote_code=cfg.model.trust_remote_code, get_timeout_s=timeout,
+                    omp_threads=cfg.learner.omp_threads or cfg.cluster.omp_threads_per_actor),
+            }
             if cfg.needs_masked_pass:
                 c = cfg.corruption
-                services.corruption = CorruptionPool(strategy=c.strategy, patch_size=c.patch_size, prob=c.prob,
-                                                     max_pixels=cfg.data.max_raw_pixels, noise_std=c.noise_std,
-                                                     num_workers=c.num_workers, num_cpus=c.num_cpus)
+                build["corruption"] = lambda: CorruptionPool(
+                    strategy=c.strategy, patch_size=c.patch_size, prob=c.prob, max_pixels=cfg.data.max_raw_pixels,
+                    noise_std=c.noise_std, num_workers=c.num_workers, num_cpus=c.num_cpus)
                 if cfg.perception.masked_logp == "pool":
                     p = cfg.perception
                     sizing = {k: v for k, v in (("num_cpus", p.num_cpus), ("num_gpus", p.num_gpus)) if v is not None}
-                    services.perception = LogProbPool(cfg.model.path, role="perception", num_workers=p.num_workers,
-                                                      **{**pool_kwargs, **sizing})
+                    build["perception"] = lambda: LogProbPool(cfg.model.path, role="perception",
+                                                              num_workers=p.num_workers, **{**pool_kwargs, **sizing})
             if cfg.needs_reference:
-                services.reference = LogProbPool(cfg.model.ref_path or cfg.model.path, role="reference",
-                                                 num_workers=cfg.logprob.reference_workers, **pool_kwargs)
+                build["reference"] = lambda: LogProbPool(cfg.model.ref_path or cfg.model.path, role="reference",
+                                                         num_workers=cfg.logprob.reference_workers, **pool_kwargs)
+            futures: dict[str, Future] = {}
+            try:
+                with ThreadPoolExecutor(len(build), thread_name_prefix="papo-start") as ex:
+                    futures = {name: ex.submit(fn) for name, fn in build.items()}
+            finally:
+                # Leaving the block waited for every constructor, a failed one's too: each pool that
+                # started belongs to `services` before anything is raised, so shutdown() stops it.
+                for name, f in futures.items():
+                    if f.done() and f.exception() is None:
+                        setattr(services, name, f.result())
+            for f in futures.values():
+                if f.exception() is not None:
+                    raise f.exception()
         except BaseException:
             services.shutdown()
             raise

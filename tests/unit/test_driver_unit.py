@@ -1,4 +1,5 @@
-"""Driver pieces that need no cluster: the prompt sampler and the image checks before a rollout."""
+"""Driver pieces that need no cluster: the prompt sampler, the image checks before a rollout, dynamic sampling
+and the start-up of the pools (the pools and the grader as test doubles)."""
 
 from __future__ import annotations
 
@@ -253,3 +254,74 @@ def test_exhausted_dynamic_sampling_can_fill_the_batch_with_uninformative_groups
     # The two mixed groups first (one per try), then the last try's uninformative ones (all alike).
     assert rows[:2] == [2, 2] and all(r != 2 for r in rows[2:])
     assert all(len(set(a)) == 1 for a in accuracy[2:]) and all(len(set(a)) == 2 for a in accuracy[:2])
+
+
+# ---- start-up (Trainer._start_services) with the pools as test doubles -----------------------------------------
+
+def _startup_doubles(monkeypatch, fail: str | None):
+    """Each pool double waits at one barrier for all the others: start-up passes only if they start side by side."""
+    import threading
+
+    import rewards.client
+    import services.corruption
+    import services.logprob
+    import services.rollout
+    import trainer.learner
+
+    names = ["rollout", "learner", "corruption", "perception", "reference"]
+    barrier = threading.Barrier(len(names), timeout=10)
+    started: list[str] = []
+    stopped: list[str] = []
+
+    class Pool:
+        def __init__(self, name: str):
+            self.name = name
+            started.append(name)
+            barrier.wait()
+            if name == fail:
+                raise RuntimeError(f"{name} could not load the model")
+
+        def shutdown(self):
+            stopped.append(self.name)
+
+    class Client:
+        def __init__(self, url, token=None):
+            pass
+
+        def health(self):
+            return {"status": "ok"}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(rewards.client, "RewardClient", Client)
+    monkeypatch.setattr(services.rollout.RolloutPool, "from_config", classmethod(lambda cls, *a, **k: Pool("rollout")))
+    monkeypatch.setattr(trainer.learner, "LearnerGroup", lambda *a, **k: Pool("learner"))
+    monkeypatch.setattr(services.corruption, "CorruptionPool", lambda *a, **k: Pool("corruption"))
+    monkeypatch.setattr(services.logprob, "LogProbPool", lambda *a, role, **k: Pool(role))
+    return started, stopped
+
+
+def _startup_trainer():
+    from trainer.config import resolve_config
+    from trainer.driver import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = resolve_config(overrides=["algo.name=papo", "algo.beta=0.04", "reward.url=http://127.0.0.1:9"])
+    return trainer
+
+
+def test_services_start_side_by_side(monkeypatch):
+    started, stopped = _startup_doubles(monkeypatch, fail=None)
+    services = _startup_trainer()._start_services()
+    assert sorted(started) == ["corruption", "learner", "perception", "reference", "rollout"]
+    assert [getattr(services, n).name for n in ("rollout", "learner", "corruption", "perception", "reference")] == [
+        "rollout", "learner", "corruption", "perception", "reference"]
+    assert stopped == []
+
+
+def test_a_pool_that_fails_to_start_leaves_no_other_pool_running(monkeypatch):
+    started, stopped = _startup_doubles(monkeypatch, fail="learner")
+    with pytest.raises(RuntimeError, match="learner could not load the model"):
+        _startup_trainer()._start_services()
+    assert sorted(stopped) == ["corruption", "perception", "reference", "rollout"]
