@@ -30,8 +30,8 @@ import torch
 
 from trainer.batch import RolloutBatch
 from trainer.modeling import load_model, load_processor, response_logprobs
-from trainer.weights import (BROADCAST_TRANSPORTS, StaleWeights, WeightsHandle, hf_name_map, join_weight_group,
-                             load_handle, load_hf_named_weights)
+from trainer.weights import (BROADCAST_TRANSPORTS, BroadcastFailed, StaleWeights, WeightsHandle, hf_name_map,
+                             join_weight_group, load_handle, load_hf_named_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ class LogProbWorker:
         return self.compute_logprobs(batch, resolve_image_refs(refs, self.timeout)), self.version
 
     def join_weight_group(self, group_id: str, host: str, port: int, rank: int, world_size: int,
-                          backend: str) -> int:
+                          backend: str, timeout_s: float = 600.0) -> int:
         """Join the learner's weight-broadcast group as ``rank`` (collective); returns the pid."""
-        join_weight_group(group_id, host, port, rank, world_size, backend,
+        join_weight_group(group_id, host, port, rank, world_size, backend, timeout_s,
                           device=self.device if backend == "nccl" else None)
         return os.getpid()
 
@@ -235,9 +235,9 @@ class LogProbPool:
         return len(self.actors)
 
     def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str) -> list[Any]:
+                          backend: str, timeout_s: float = 600.0) -> list[Any]:
         """Start every worker's join (ObjectRefs): the learner and the other pools must join at the same time."""
-        return [a.join_weight_group.remote(group_id, host, port, first_rank + w, world_size, backend)
+        return [a.join_weight_group.remote(group_id, host, port, first_rank + w, world_size, backend, timeout_s)
                 for w, a in enumerate(self.actors)]
 
     def current_pids(self) -> list[int]:
@@ -270,6 +270,9 @@ class LogProbPool:
             except RayActorError as e:
                 logger.warning("%s worker %d died while syncing weights (%s); it re-syncs on restart",
                                self.role, w, type(e).__name__)
+                versions.append(-1)
+            except BroadcastFailed as e:  # another member died: this one keeps its version and catches up
+                logger.warning("%s worker %d: %s; it catches up through the object store", self.role, w, e)
                 versions.append(-1)
         return versions
 

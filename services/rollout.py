@@ -66,8 +66,8 @@ import torch
 from PIL import Image
 
 from trainer.batch import RolloutBatch
-from trainer.weights import (BROADCAST_TRANSPORTS, StaleWeights, WeightsHandle, digest, fetch_blob, handle_to_dict,
-                             hf_name_map, join_weight_group, load_handle, load_hf_named_weights, unpack_state_dict)
+from trainer.weights import (BROADCAST_TRANSPORTS, BroadcastFailed, StaleWeights, WeightsHandle, digest, fetch_blob,
+                             handle_to_dict, hf_name_map, join_weight_group, load_handle, load_hf_named_weights, unpack_state_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -610,7 +610,12 @@ class RolloutWorker:
             reports = self._llm.collective_rpc("papo_load_weights_ipc", args=(handle_to_dict(handle),))
         elif handle.transport in BROADCAST_TRANSPORTS:
             # Every vLLM worker is a member of the weight group and receives the buckets itself.
-            reports = self._llm.collective_rpc("papo_load_weights_broadcast", args=(handle_to_dict(handle),))
+            try:
+                reports = self._llm.collective_rpc("papo_load_weights_broadcast", args=(handle_to_dict(handle),))
+            except BroadcastFailed:
+                raise
+            except Exception as e:  # an engine's own worker processes re-raise under their executor's type
+                raise BroadcastFailed(f"vLLM workers could not receive weight version {handle.version}: {e}") from e
         else:
             # The worker reads a file: collective_rpc would turn tensors into Python lists, and a
             # file in /dev/shm (RAM) costs one memcpy.
@@ -651,7 +656,7 @@ class RolloutWorker:
         load_hf_named_weights(self._model, state, self._hf_names)
 
     def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str) -> list[int]:
+                          backend: str, timeout_s: float = 600.0) -> list[int]:
         """Join the learner's weight-broadcast group as ranks ``first_rank..+weight_group_ranks`` (collective).
 
         vLLM: each engine worker (one per tensor-parallel rank) joins in its own process; hf: this process.
@@ -659,9 +664,9 @@ class RolloutWorker:
         """
         if self.backend == "vllm":
             return self._llm.collective_rpc("papo_join_weight_group",
-                                            args=(group_id, host, port, first_rank, world_size, backend))
+                                            args=(group_id, host, port, first_rank, world_size, backend, timeout_s))
         device = next(self._model.parameters()).device if backend == "nccl" else None
-        join_weight_group(group_id, host, port, first_rank, world_size, backend, device=device)
+        join_weight_group(group_id, host, port, first_rank, world_size, backend, timeout_s, device=device)
         return [os.getpid()]
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -762,8 +767,8 @@ class RolloutActor:
         return self.worker.weight_version
 
     def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str) -> list[int]:
-        return self.worker.join_weight_group(group_id, host, port, first_rank, world_size, backend)
+                          backend: str, timeout_s: float = 600.0) -> list[int]:
+        return self.worker.join_weight_group(group_id, host, port, first_rank, world_size, backend, timeout_s)
 
     def receive_weights(self, handle: WeightsHandle) -> int:
         if handle.version == self.worker.weight_version and handle.transport not in BROADCAST_TRANSPORTS:
@@ -942,11 +947,11 @@ class RolloutPool:
         return sum(int(i.get("weight_group_ranks", 1)) for i in self.info)
 
     def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str) -> list[Any]:
+                          backend: str, timeout_s: float = 600.0) -> list[Any]:
         """Start every worker's join (ObjectRefs): the learner and the other pools must join at the same time."""
         refs, rank = [], first_rank
         for a, info in zip(self.actors, self.info):
-            refs.append(a.join_weight_group.remote(group_id, host, port, rank, world_size, backend))
+            refs.append(a.join_weight_group.remote(group_id, host, port, rank, world_size, backend, timeout_s))
             rank += int(info.get("weight_group_ranks", 1))
         return refs
 
@@ -983,6 +988,9 @@ class RolloutPool:
                 # serves (RolloutActor.generate), so the pool stays usable.
                 logger.warning("rollout worker %d died while syncing weights (%s); it re-syncs on restart",
                                w, type(e).__name__)
+                versions.append(-1)
+            except BroadcastFailed as e:  # another member died: this one keeps its version and catches up
+                logger.warning("rollout worker %d: %s; it catches up through the object store", w, e)
                 versions.append(-1)
         if any(v not in (handle.version, -1) for v in versions):
             raise RuntimeError(f"rollout workers report versions {versions} after syncing to {handle.version}")

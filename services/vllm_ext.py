@@ -116,7 +116,7 @@ class PapoWorkerExtension:
                 "num_params": sum(1 for _ in model.parameters())}
 
     def papo_join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                               backend: str) -> int:
+                               backend: str, timeout_s: float = 600.0) -> int:
         """Join the learner's weight-broadcast group as rank ``first_rank`` + this worker's rank; returns the pid."""
         import os
 
@@ -124,7 +124,7 @@ class PapoWorkerExtension:
 
         device = getattr(self, "device", None) if backend == "nccl" else None
         join_weight_group(group_id, host, port, first_rank + int(getattr(self, "rank", 0)), world_size, backend,
-                          device=device)
+                          timeout_s, device=device)
         return os.getpid()
 
     def papo_load_weights_broadcast(self, handle: dict[str, Any]) -> dict[str, Any]:

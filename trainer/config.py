@@ -291,6 +291,10 @@ class LearnerConfig(_Section):
         "broadcast from learner rank 0 to every receiver) or gloo (the same broadcast between CPU processes). "
         "See trainer/weights.py")
     weight_bucket_mb: int = Field(512, ge=1, description="cuda_ipc, nccl, gloo: size of one flat weight bucket (MiB)")
+    weight_broadcast_timeout_s: float = Field(
+        120.0, gt=0, description="nccl, gloo: how long one bucket's broadcast may take. A receiver that died "
+        "mid-broadcast fails the sender at once, but the other receivers wait on it this long before the "
+        "driver re-forms the group")
 
     @model_validator(mode="after")
     def _gpu_transports_have_gpus(self) -> "LearnerConfig":

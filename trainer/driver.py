@@ -442,6 +442,7 @@ class Trainer:
             try:
                 svc.learner.wait_weights_sent()
             except Exception as e:  # a member died mid-broadcast: the others hold the version or report -1
+                # (their receive failed after learner.weight_broadcast_timeout_s; they catch up on next use)
                 logger.warning("%sweight broadcast of version %d failed (%s); the group is re-formed at the next "
                                "sync and restarted workers catch up by the object store", context, self.version, e)
                 self._weight_group = None
@@ -466,7 +467,8 @@ class Trainer:
         group_id = uuid.uuid4().hex[:12]
         refs, rank = [learner.join_weight_group(group_id, host, port, world)], 1
         for pool in receivers:
-            refs += pool.join_weight_group(group_id, host, port, rank, world, backend)
+            refs += pool.join_weight_group(group_id, host, port, rank, world, backend,
+                                           self.cfg.learner.weight_broadcast_timeout_s)
             rank += pool.weight_group_ranks()
             pool.fallback_publish = lambda version: learner.publish_weights(version, transport="object_store")
         ray.get(refs, timeout=self.cfg.cluster.get_timeout_s)

@@ -695,6 +695,7 @@ class Learner:
         if self.rank != 0:
             raise RuntimeError("only learner rank 0 publishes weights")
         join_weight_group(group_id, host, port, 0, world_size, self.cfg.weight_transport,
+                          self.cfg.weight_broadcast_timeout_s,
                           device=self.device if self.cfg.weight_transport == "nccl" else None)
         return os.getpid()
 

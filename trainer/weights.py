@@ -323,6 +323,17 @@ class StaleWeights(RuntimeError):
         return StaleWeights, (self.held, self.wanted)
 
 
+class BroadcastFailed(RuntimeError):
+    """A receiver's broadcast failed (a member died mid-broadcast, or the group timed out); it keeps its version.
+
+    Its pool reports it like a worker that died during the sync: its next request finds it on an
+    old version and it catches up through the object store (:class:`StaleWeights`).
+    """
+
+    def __reduce__(self):  # pickles through Ray with its message
+        return BroadcastFailed, self.args
+
+
 class WeightGroup:
     """One process's membership in a weight-broadcast group (rank 0 publishes, the others receive).
 
@@ -412,7 +423,11 @@ class WeightGroup:
             raise RuntimeError(f"weights of version {handle.version} were broadcast to group "
                                f"{handle.extra.get('group')}, this process is in group {self.group_id}")
         buckets = [torch.empty(int(n), dtype=torch.uint8, device=self.device) for n in handle.extra["bucket_sizes"]]
-        self._broadcast(buckets)
+        try:
+            self._broadcast(buckets)
+        except Exception as e:
+            raise BroadcastFailed(f"receiving weight version {handle.version} over group {self.group_id} failed "
+                                  f"(a member died mid-broadcast, or it timed out): {e}") from e
         got = bucket_checksum(buckets)
         if got != handle.digest:
             raise ValueError(f"broadcast weights of version {handle.version} do not match their handle's "

@@ -6,13 +6,13 @@ import pickle
 from typing import Any
 
 
-def member(conn: Any, group_id: str, port: int, rank: int, world: int) -> None:
+def member(conn: Any, group_id: str, port: int, rank: int, world: int, timeout_s: float = 60) -> None:
     """Join the group, then receive each handle the parent sends (None ends); reply (version, tensors) or the
     error text per handle."""
     try:
         from trainer.weights import join_weight_group, load_handle
 
-        join_weight_group(group_id, "127.0.0.1", port, rank, world, "gloo", timeout_s=60)
+        join_weight_group(group_id, "127.0.0.1", port, rank, world, "gloo", timeout_s=timeout_s)
         out = []
         while (h := pickle.loads(conn.recv_bytes())) is not None:
             try:

@@ -147,6 +147,60 @@ def test_gloo_broadcast_reaches_every_member_bit_exactly_and_checks_the_layout()
         assert "broadcast to group other, this process is in group g1" in got[2][1]
 
 
+def test_a_member_killed_before_a_broadcast_fails_the_sender_at_once_and_never_hangs_the_others():
+    """What the driver relies on: the publisher's wait_sent raises at once, and a surviving receiver either
+    holds the version or raises BroadcastFailed (its pool reports it like a dead worker) within the group's
+    timeout (learner.weight_broadcast_timeout_s), never hangs."""
+    import multiprocessing as mp
+    import pickle
+    import time
+
+    from tests.unit._weight_group_member import member
+    from trainer.learner import free_port
+    from trainer.weights import WeightGroup
+
+    port, world, timeout = free_port(), 3, 5.0
+    ctx = mp.get_context("spawn")
+    pipes, procs, group = [], [], None
+    try:
+        for rank in (1, 2):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=member, args=(child, "g2", port, rank, world, timeout))
+            p.start()
+            pipes.append(parent)
+            procs.append(p)
+        group = WeightGroup("g2", "127.0.0.1", port, 0, world, "gloo", timeout_s=timeout)
+        procs[1].kill()
+        procs[1].join(30)
+        start = time.monotonic()
+        sent = {"w": torch.randn(256, 256)}
+        handle = group.publish(sent, 1, bucket_bytes=64 << 10)
+        pipes[0].send_bytes(pickle.dumps(handle))
+        pipes[0].send_bytes(pickle.dumps(None))
+        with pytest.raises(RuntimeError, match="weight broadcast to group g2 failed"):
+            group.wait_sent(timeout_s=60)
+        sender_s = time.monotonic() - start
+        got = pickle.loads(pipes[0].recv_bytes()) if pipes[0].poll(60) else "timeout"
+        receiver_s = time.monotonic() - start
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        if group is not None:
+            group.close()
+    assert sender_s < timeout
+    assert not isinstance(got, str), got
+    assert [v for v, _ in got] == [1]
+    # Whether gloo reached the survivor before it failed on the dead member depends on its send order:
+    # the survivor holds the exact weights, or reports BroadcastFailed; it never loads a partial copy.
+    if isinstance(got[0][1], str):
+        assert got[0][1].startswith("BroadcastFailed: receiving weight version 1 over group g2 failed"), got[0][1]
+    else:
+        assert torch.equal(got[0][1]["w"], sent["w"])
+    assert receiver_s < 4 * timeout
+
+
 def test_weight_group_refuses_an_unknown_backend():
     from trainer.weights import WeightGroup
 
