@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -91,33 +93,50 @@ def test_only_cuda_ipc_handles_become_plain_values():
         handle_to_dict(WeightsHandle(3, "object_store", 1, 1, "x", ref=b"blob"))
 
 
-def test_gloo_broadcast_reaches_every_member_bit_exactly_and_checks_the_layout():
-    """Rank 0 publishes two versions; two receiver processes get both, in order, checksum verified.
-
-    Each handle reaches the receivers while the publisher's background thread is broadcasting.
-    """
+@contextlib.contextmanager
+def _gloo_group(group_id: str, timeout_s: float):
+    """Rank 0 here and two receiver processes (ranks 1, 2) in one gloo weight group: (group, pipes, procs)."""
     import multiprocessing as mp
-    import pickle
 
     from tests.unit._weight_group_member import member
     from trainer.learner import free_port
-    from trainer.weights import WeightGroup, WeightsHandle
+    from trainer.weights import WeightGroup
 
-    g = torch.Generator().manual_seed(0)
-    versions = {v: {"a.weight": torch.randn(5, 7, generator=g),
-                    "b.bias": torch.randn(3, generator=g).to(torch.bfloat16),
-                    "c.idx": torch.arange(4, dtype=torch.int64) * v} for v in (1, 2)}
     port, world = free_port(), 3
     ctx = mp.get_context("spawn")
     pipes, procs, group = [], [], None
     try:
         for rank in (1, 2):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=member, args=(child, "g1", port, rank, world))
+            p = ctx.Process(target=member, args=(child, group_id, port, rank, world, timeout_s))
             p.start()
             pipes.append(parent)
             procs.append(p)
-        group = WeightGroup("g1", "127.0.0.1", port, 0, world, "gloo", timeout_s=60)
+        group = WeightGroup(group_id, "127.0.0.1", port, 0, world, "gloo", timeout_s=timeout_s)
+        yield group, pipes, procs
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        if group is not None:
+            group.close()
+
+
+def test_gloo_broadcast_reaches_every_member_bit_exactly_and_checks_the_layout():
+    """Rank 0 publishes two versions; two receiver processes get both, in order, checksum verified.
+
+    Each handle reaches the receivers while the publisher's background thread is broadcasting.
+    """
+    import pickle
+
+    from trainer.weights import WeightsHandle
+
+    g = torch.Generator().manual_seed(0)
+    versions = {v: {"a.weight": torch.randn(5, 7, generator=g),
+                    "b.bias": torch.randn(3, generator=g).to(torch.bfloat16),
+                    "c.idx": torch.arange(4, dtype=torch.int64) * v} for v in (1, 2)}
+    with _gloo_group("g1", timeout_s=60) as (group, pipes, _):
         for v, sd in versions.items():
             handle = group.publish(sd, v, bucket_bytes=256)  # several buckets
             assert len(handle.extra["bucket_sizes"]) > 1
@@ -130,13 +149,6 @@ def test_gloo_broadcast_reaches_every_member_bit_exactly_and_checks_the_layout()
             c.send_bytes(pickle.dumps(wrong_group))
             c.send_bytes(pickle.dumps(None))
         results = [pickle.loads(c.recv_bytes()) if c.poll(120) else "timeout" for c in pipes]
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-        if group is not None:
-            group.close()
     for got in results:
         assert not isinstance(got, str), got
         assert [v for v, _ in got] == [1, 2, 3]
@@ -151,25 +163,11 @@ def test_a_member_killed_before_a_broadcast_fails_the_sender_at_once_and_never_h
     """What the driver relies on: the publisher's wait_sent raises at once, and a surviving receiver either
     holds the version or raises BroadcastFailed (its pool reports it like a dead worker) within the group's
     timeout (learner.weight_broadcast_timeout_s), never hangs."""
-    import multiprocessing as mp
     import pickle
     import time
 
-    from tests.unit._weight_group_member import member
-    from trainer.learner import free_port
-    from trainer.weights import WeightGroup
-
-    port, world, timeout = free_port(), 3, 5.0
-    ctx = mp.get_context("spawn")
-    pipes, procs, group = [], [], None
-    try:
-        for rank in (1, 2):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=member, args=(child, "g2", port, rank, world, timeout))
-            p.start()
-            pipes.append(parent)
-            procs.append(p)
-        group = WeightGroup("g2", "127.0.0.1", port, 0, world, "gloo", timeout_s=timeout)
+    timeout = 5.0
+    with _gloo_group("g2", timeout_s=timeout) as (group, pipes, procs):
         procs[1].kill()
         procs[1].join(30)
         start = time.monotonic()
@@ -182,13 +180,6 @@ def test_a_member_killed_before_a_broadcast_fails_the_sender_at_once_and_never_h
         sender_s = time.monotonic() - start
         got = pickle.loads(pipes[0].recv_bytes()) if pipes[0].poll(60) else "timeout"
         receiver_s = time.monotonic() - start
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-        if group is not None:
-            group.close()
     assert sender_s < timeout
     assert not isinstance(got, str), got
     assert [v for v, _ in got] == [1]
