@@ -12,7 +12,12 @@ def member(conn: Any, group_id: str, port: int, rank: int, world: int, timeout_s
     try:
         from trainer.weights import join_weight_group, load_handle
 
+        # Imports done: join only when the parent says every member is up, so the group's
+        # (short) timeout measures the broadcast, not how long a loaded machine takes to import torch.
+        conn.send_bytes(b"ready")
+        conn.recv_bytes()
         join_weight_group(group_id, "127.0.0.1", port, rank, world, "gloo", timeout_s=timeout_s)
+        conn.send_bytes(b"joined")
         out = []
         while (h := pickle.loads(conn.recv_bytes())) is not None:
             try:

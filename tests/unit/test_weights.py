@@ -97,6 +97,7 @@ def test_only_cuda_ipc_handles_become_plain_values():
 def _gloo_group(group_id: str, timeout_s: float):
     """Rank 0 here and two receiver processes (ranks 1, 2) in one gloo weight group: (group, pipes, procs)."""
     import multiprocessing as mp
+    import pickle
 
     from tests.unit._weight_group_member import member
     from trainer.learner import free_port
@@ -112,7 +113,16 @@ def _gloo_group(group_id: str, timeout_s: float):
             p.start()
             pipes.append(parent)
             procs.append(p)
+        for c in pipes:
+            assert (c.recv_bytes() if c.poll(120) else "no reply") == b"ready", "a receiver process did not start"
+        for c in pipes:
+            c.send_bytes(b"go")
         group = WeightGroup(group_id, "127.0.0.1", port, 0, world, "gloo", timeout_s=timeout_s)
+        # Rank 0's join returns once its own links are up; the receivers' link to each other may
+        # still be connecting, and a test that kills one must not cut it.
+        for c in pipes:
+            msg = c.recv_bytes() if c.poll(120) else b"no reply"
+            assert msg == b"joined", pickle.loads(msg) if msg.startswith(b"\x80") else msg
         yield group, pipes, procs
     finally:
         for p in procs:
@@ -166,7 +176,7 @@ def test_a_member_killed_before_a_broadcast_fails_the_sender_at_once_and_never_h
     import pickle
     import time
 
-    timeout = 5.0
+    timeout = 10.0
     with _gloo_group("g2", timeout_s=timeout) as (group, pipes, procs):
         procs[1].kill()
         procs[1].join(30)
