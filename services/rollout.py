@@ -67,7 +67,8 @@ from PIL import Image
 
 from trainer.batch import RolloutBatch
 from trainer.weights import (BROADCAST_TRANSPORTS, BroadcastFailed, StaleWeights, WeightsHandle, digest, fetch_blob,
-                             handle_to_dict, hf_name_map, join_weight_group, load_handle, load_hf_named_weights, unpack_state_dict)
+                             handle_to_dict, hf_name_map, join_weight_group, load_handle, load_hf_named_weights,
+                             unpack_state_dict)
 
 logger = logging.getLogger(__name__)
 
