@@ -122,6 +122,7 @@ def test_baseline_with_diagnostic_is_fine():
     ("perception.masked_logp=gpu", "perception.masked_logp", "'pool', 'learner', 'learner_grad'"),
     ("algo.dynamic_sampling_exhausted=skip", "algo.dynamic_sampling_exhausted", "'error' or 'fill'"),
     ("learner.omp_threads=0", "learner.omp_threads", "1 <= x"),
+    ("learner.weight_broadcast_timeout_s=0", "learner.weight_broadcast_timeout_s", "0 < x"),
 ])
 def test_bad_values_name_field_and_range(override, field, allowed):
     with pytest.raises(ConfigError) as e:
