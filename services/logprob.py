@@ -94,7 +94,7 @@ class LogProbWorker:
         return self.compute_logprobs(batch, resolve_image_refs(refs, self.timeout)), self.version
 
     def join_weight_group(self, group_id: str, host: str, port: int, rank: int, world_size: int,
-                          backend: str, timeout_s: float = 600.0) -> int:
+                          backend: str, timeout_s: float) -> int:
         """Join the learner's weight-broadcast group as ``rank`` (collective); returns the pid."""
         join_weight_group(group_id, host, port, rank, world_size, backend, timeout_s,
                           device=self.device if backend == "nccl" else None)

@@ -657,7 +657,7 @@ class RolloutWorker:
         load_hf_named_weights(self._model, state, self._hf_names)
 
     def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str, timeout_s: float = 600.0) -> list[int]:
+                          backend: str, timeout_s: float) -> list[int]:
         """Join the learner's weight-broadcast group as ranks ``first_rank..+weight_group_ranks`` (collective).
 
         vLLM: each engine worker (one per tensor-parallel rank) joins in its own process; hf: this process.
@@ -768,7 +768,7 @@ class RolloutActor:
         return self.worker.weight_version
 
     def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str, timeout_s: float = 600.0) -> list[int]:
+                          backend: str, timeout_s: float) -> list[int]:
         return self.worker.join_weight_group(group_id, host, port, first_rank, world_size, backend, timeout_s)
 
     def receive_weights(self, handle: WeightsHandle) -> int:

@@ -116,7 +116,7 @@ class PapoWorkerExtension:
                 "num_params": sum(1 for _ in model.parameters())}
 
     def papo_join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                               backend: str, timeout_s: float = 600.0) -> int:
+                               backend: str, timeout_s: float) -> int:
         """Join the learner's weight-broadcast group as rank ``first_rank`` + this worker's rank; returns the pid."""
         import os
 
