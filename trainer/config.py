@@ -269,6 +269,8 @@ class LearnerConfig(_Section):
     zero_stage: int = Field(2, ge=0, le=3)
     dtype: DType = "bfloat16"
     lr: float = Field(1e-6, gt=0)
+    vision_lr: Optional[float] = Field(None, gt=0, description="LR of the vision tower and its merger (same "
+                                       "schedule); default learner.lr")
     weight_decay: float = Field(1e-2, ge=0)
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
@@ -308,6 +310,9 @@ class LearnerConfig(_Section):
         if self.freeze_vision_tower and self.freeze_language_model:
             raise ValueError("learner.freeze_vision_tower and learner.freeze_language_model are both true: "
                              "nothing would train")
+        if self.freeze_vision_tower and self.vision_lr is not None:
+            raise ValueError("learner.vision_lr is set but learner.freeze_vision_tower is true: the vision tower "
+                             "does not train")
         return self
 
 

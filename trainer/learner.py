@@ -325,9 +325,10 @@ class Learner:
         if learner.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self._optimizer = GuardedAdamW(trainable, lr=learner.lr, betas=tuple(learner.betas),
-                                       weight_decay=learner.weight_decay)
+        self._optimizer = GuardedAdamW(self._param_groups(model, learner), lr=learner.lr,
+                                       betas=tuple(learner.betas), weight_decay=learner.weight_decay)
+        # Each group's LR before the schedule's factor, in the optimiser's group order.
+        self._base_lrs = [group["lr"] for group in self._optimizer.param_groups]
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self._optimizer, config=self.ds_config)
         self.module: torch.nn.Module = self.engine.module
         self.grad_accum = int(self.ds_config["gradient_accumulation_steps"])
@@ -470,12 +471,28 @@ class Learner:
             return float("inf")
         return norm
 
+    @staticmethod
+    def _param_groups(model: torch.nn.Module, learner: LearnerConfig) -> list[dict[str, Any]]:
+        """The trainable parameters as AdamW groups: the language model at ``lr``, the vision tower
+        (with its merger) at ``vision_lr`` when that is set. One group when the two LRs agree."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if learner.vision_lr is None or learner.vision_lr == learner.lr:
+            return [{"params": trainable, "lr": learner.lr}]
+        visual = {id(p) for p in model.model.visual.parameters()}
+        groups = [{"params": [p for p in trainable if id(p) not in visual], "lr": learner.lr},
+                  {"params": [p for p in trainable if id(p) in visual], "lr": learner.vision_lr}]
+        return [g for g in groups if g["params"]]
+
+    def _lr_factor(self) -> float:
+        return lr_factor(self.optimizer_steps, schedule=self.cfg.lr_scheduler,
+                         warmup_steps=self.cfg.warmup_steps, total_steps=self.total_optimizer_steps)
+
     def _set_lr(self) -> float:
-        lr = self.cfg.lr * lr_factor(self.optimizer_steps, schedule=self.cfg.lr_scheduler,
-                                     warmup_steps=self.cfg.warmup_steps, total_steps=self.total_optimizer_steps)
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        """Every group's LR for the next optimiser step; returns the language model's (``learner.lr``'s)."""
+        factor = self._lr_factor()
+        for group, base in zip(self.engine.optimizer.param_groups, self._base_lrs, strict=True):
+            group["lr"] = base * factor
+        return self.cfg.lr * factor
 
     def _check_inputs(self, batch: RolloutBatch, masked_images: Optional[Sequence[Sequence[Any]]],
                       loss: LossSettings) -> None:
@@ -566,7 +583,7 @@ class Learner:
         # loss/pg_loss: the mini-batch objective (sum over its micro-batches), mean over mini-batches.
         out.update({k: v / max(n_minis, 1) for k, v in objective.items()})
         out.update(grad_norm=float(np.mean(norms)) if norms else float("nan"),
-                   lr=lrs[-1] if lrs else self.engine.optimizer.param_groups[0]["lr"],
+                   lr=lrs[-1] if lrs else self.cfg.lr * self._lr_factor(),
                    optimizer_steps=len(norms), skipped_steps=skipped, total_optimizer_steps=self.optimizer_steps,
                    total_skipped_steps=self.skipped_steps, response_tokens=tokens_total,
                    step_time_s=time.perf_counter() - t0)

@@ -123,6 +123,7 @@ def test_baseline_with_diagnostic_is_fine():
     ("algo.dynamic_sampling_exhausted=skip", "algo.dynamic_sampling_exhausted", "'error' or 'fill'"),
     ("learner.omp_threads=0", "learner.omp_threads", "1 <= x"),
     ("learner.weight_broadcast_timeout_s=0", "learner.weight_broadcast_timeout_s", "0 < x"),
+    ("learner.vision_lr=-1e-3", "learner.vision_lr", "0 < x"),
 ])
 def test_bad_values_name_field_and_range(override, field, allowed):
     with pytest.raises(ConfigError) as e:

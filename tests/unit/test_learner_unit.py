@@ -229,6 +229,28 @@ def test_lr_schedule_reaches_the_optimizer_that_steps(tiny, stage):
     assert learner._optimizer.param_groups[0]["lr"] == pytest.approx(expected[3])
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_vision_lr_moves_the_vision_tower_at_its_own_rate(tiny, stage):
+    """Adam's first step moves a weight by about its LR whatever the gradient's size, so the largest
+    change in each part of the model is that part's LR times the warm-up factor (1/2 here)."""
+    path, _, batch, images, masked = tiny
+    learner = make_learner(path, zero_stage=stage, lr=1e-3, vision_lr=1e-2, warmup_steps=2, weight_decay=0.0)
+    assert [g["lr"] for g in learner._optimizer.param_groups] == pytest.approx([5e-4, 5e-3])
+    before = learner.export_weights()
+    stats = learner.train_step(filled(learner, batch, images, masked), images)
+    after = learner.export_weights()
+    assert stats["lr"] == pytest.approx(5e-4)  # the language model's, i.e. learner.lr's schedule
+
+    def largest_change(visual: bool) -> float:
+        return max(float((after[k] - before[k]).abs().max()) for k in before if k.startswith("visual.") == visual)
+
+    assert largest_change(visual=True) == pytest.approx(5e-3, rel=0.02)
+    assert largest_change(visual=False) == pytest.approx(5e-4, rel=0.02)
+    assert [g["lr"] for g in learner._optimizer.param_groups] == pytest.approx([1e-3, 1e-2])
+    with pytest.raises(ValueError, match="the vision tower does not train"):
+        learner_cfg(vision_lr=1e-2, freeze_vision_tower=True)
+
+
 def test_a_plain_process_leaves_no_rank_variables_behind(tiny):
     import os
 
