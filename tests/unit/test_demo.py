@@ -90,6 +90,20 @@ def _nearest_colour(rgb: np.ndarray) -> str:
     return min(COLORS, key=lambda c: float(np.sum((np.asarray(COLORS[c]) - rgb) ** 2)))
 
 
+def test_jittered_colours_stay_nearest_their_own_base_colour() -> None:
+    """Labels are unambiguous with a margin: for each pair of base colours, the two jitter boxes
+    stay at least 40 RGB units apart along the line joining them (recipe 1's orange/yellow pair: 14)."""
+    import itertools
+
+    from trainer.demo import COLOR_JITTER
+
+    for a, b in itertools.combinations(COLORS, 2):
+        d = np.asarray(COLORS[b], float) - np.asarray(COLORS[a], float)
+        dist = float(np.linalg.norm(d))
+        reach = COLOR_JITTER * float(np.abs(d).sum()) / dist  # the box's largest step along d
+        assert dist - 2 * reach >= 40, (a, b, dist, reach)
+
+
 def _shape_kind(mask: np.ndarray) -> str:
     ys, xs = np.nonzero(mask)
     fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))

@@ -99,6 +99,16 @@ def test_recipe_string_changes_the_cache_key() -> None:
     assert len({key(base), *map(key, others)}) == len(others) + 1
 
 
+def test_the_palette_keys_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    def key() -> str:
+        return recipe(seed=0, min_pixels=3136, max_pixels=12544, sizes=SIZES, templates=DEFAULT_TEMPLATES,
+                      image_size=56, warm_start=None)[1]
+
+    before = key()
+    monkeypatch.setitem(demo.COLORS, "red", (200, 35, 35))
+    assert key() != before
+
+
 def test_same_seed_same_weights_other_seed_differs(tmp_path: Path) -> None:
     plain = build_demo_assets(tmp_path / "plain", sizes=SMALL)
     weights = {}
