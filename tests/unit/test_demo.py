@@ -90,7 +90,7 @@ def _nearest_colour(rgb: np.ndarray) -> str:
     return min(COLORS, key=lambda c: float(np.sum((np.asarray(COLORS[c]) - rgb) ** 2)))
 
 
-def test_jittered_colours_stay_nearest_their_own_base_colour() -> None:
+def test_palette_colours_stay_apart_after_jitter() -> None:
     """Labels are unambiguous with a margin: for each pair of base colours, the two jitter boxes
     stay at least 40 RGB units apart along the line joining them (recipe 1's orange/yellow pair: 14)."""
     import itertools
