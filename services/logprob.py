@@ -30,8 +30,8 @@ import torch
 
 from trainer.batch import RolloutBatch
 from trainer.modeling import load_model, load_processor, response_logprobs
-from trainer.weights import (BROADCAST_TRANSPORTS, BroadcastFailed, StaleWeights, WeightsHandle, hf_name_map,
-                             join_weight_group, load_handle, load_hf_named_weights)
+from trainer.weights import (BROADCAST_TRANSPORTS, StaleWeights, WeightsHandle, hf_name_map, join_weight_group,
+                             load_handle, load_hf_named_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class LogProbPool:
         return len(self.actors)
 
     def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str, timeout_s: float = 600.0) -> list[Any]:
+                          backend: str, timeout_s: float) -> list[Any]:
         """Start every worker's join (ObjectRefs): the learner and the other pools must join at the same time."""
         return [a.join_weight_group.remote(group_id, host, port, first_rank + w, world_size, backend, timeout_s)
                 for w, a in enumerate(self.actors)]
@@ -261,20 +261,9 @@ class LogProbPool:
         return [a.receive_weights.remote(handle) for a in self.actors]
 
     def finish_receive(self, handle: WeightsHandle, refs: list[Any]) -> list[int]:
-        from ray.exceptions import RayActorError
+        from services.rollout import gather_sync_versions
 
-        versions = []
-        for w, ref in enumerate(refs):
-            try:
-                versions.append(self._ray.get(ref, timeout=self.timeout))
-            except RayActorError as e:
-                logger.warning("%s worker %d died while syncing weights (%s); it re-syncs on restart",
-                               self.role, w, type(e).__name__)
-                versions.append(-1)
-            except BroadcastFailed as e:  # another member died: this one keeps its version and catches up
-                logger.warning("%s worker %d: %s; it catches up through the object store", self.role, w, e)
-                versions.append(-1)
-        return versions
+        return gather_sync_versions(refs, self.timeout, f"{self.role} worker")
 
     def versions(self) -> list[int]:
         return self._ray.get([a.get_version.remote() for a in self.actors], timeout=self.timeout)

@@ -719,6 +719,26 @@ def await_restart(call: Any, deadline: float, what: str) -> Any:
             raise RuntimeError(f"{what} died and cannot be restarted (max_restarts reached): {e}") from e
 
 
+def gather_sync_versions(refs: Sequence[Any], timeout_s: float, what: str) -> list[int]:
+    """The versions the workers report after a weight sync (``receive_weights`` refs), -1 for a worker
+    that died during it (Ray restarts it and it re-syncs before it serves) or whose broadcast failed
+    because another member died (it keeps its version and catches up through the object store)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    versions: list[int] = []
+    for w, ref in enumerate(refs):
+        try:
+            versions.append(ray.get(ref, timeout=timeout_s))
+        except RayActorError as e:
+            logger.warning("%s %d died while syncing weights (%s); it re-syncs on restart", what, w, type(e).__name__)
+            versions.append(-1)
+        except BroadcastFailed as e:
+            logger.warning("%s %d: %s; it catches up through the object store", what, w, e)
+            versions.append(-1)
+    return versions
+
+
 def resync_handle(pool: Any, role: str) -> Optional[WeightsHandle]:
     """``pool.current_handle``, or for a broadcast (nccl/gloo) one, the same version by the object store.
 
@@ -948,7 +968,7 @@ class RolloutPool:
         return sum(int(i.get("weight_group_ranks", 1)) for i in self.info)
 
     def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str, timeout_s: float = 600.0) -> list[Any]:
+                          backend: str, timeout_s: float) -> list[Any]:
         """Start every worker's join (ObjectRefs): the learner and the other pools must join at the same time."""
         refs, rank = [], first_rank
         for a, info in zip(self.actors, self.info):
@@ -976,23 +996,9 @@ class RolloutPool:
         return [a.receive_weights.remote(handle) for a in self.actors]
 
     def finish_receive(self, handle: WeightsHandle, refs: list[Any]) -> list[int]:
-        import ray
-
-        from ray.exceptions import RayActorError
-
-        versions: list[int] = []
-        for w, ref in enumerate(refs):
-            try:
-                versions.append(ray.get(ref, timeout=self.get_timeout_s))
-            except RayActorError as e:
-                # It restarts with the folder's weights and re-syncs to current_handle before it
-                # serves (RolloutActor.generate), so the pool stays usable.
-                logger.warning("rollout worker %d died while syncing weights (%s); it re-syncs on restart",
-                               w, type(e).__name__)
-                versions.append(-1)
-            except BroadcastFailed as e:  # another member died: this one keeps its version and catches up
-                logger.warning("rollout worker %d: %s; it catches up through the object store", w, e)
-                versions.append(-1)
+        # A dead worker restarts with the folder's weights and re-syncs to current_handle before it
+        # serves (RolloutActor.generate), so the pool stays usable.
+        versions = gather_sync_versions(refs, self.get_timeout_s, "rollout worker")
         if any(v not in (handle.version, -1) for v in versions):
             raise RuntimeError(f"rollout workers report versions {versions} after syncing to {handle.version}")
         return versions

@@ -343,7 +343,7 @@ def test_gloo_broadcast_reaches_the_engine_and_a_restarted_worker_catches_up(ray
         for p, q in zip(v2.parameters(), changed.parameters()):
             p.copy_(q + torch.randn(p.shape, generator=gen) * 0.05)
     port, world = free_port(), 1 + pool.weight_group_ranks()
-    joins = pool.join_weight_group("t-rollout", "127.0.0.1", port, 1, world, "gloo")
+    joins = pool.join_weight_group("t-rollout", "127.0.0.1", port, 1, world, "gloo", TIMEOUT_S)
     group = WeightGroup("t-rollout", "127.0.0.1", port, 0, world, "gloo", timeout_s=TIMEOUT_S)
     try:
         ray.get(joins, timeout=TIMEOUT_S)
