@@ -6,7 +6,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 def machine_info() -> dict[str, Any]:
@@ -14,12 +14,18 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()), "cuda": cuda,
-            "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "loadavg": list(os.getloadavg()),
+        "cuda": cuda,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+    }
 
 
-def warn_if_loaded(when: str, consequence: str) -> Optional[str]:
+def warn_if_loaded(when: str, consequence: str) -> str | None:
     """Print and return a warning when the 1-minute load average exceeds the core count (other
     processes share the machine: ``consequence`` says what that does to this benchmark)."""
     load1, cpus = os.getloadavg()[0], os.cpu_count() or 1

@@ -49,9 +49,7 @@ def floor(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.asarray(image))
 
 
-def loop_baseline(
-    image: Image.Image, patch_size: int = PATCH_SIZE, prob: float = PROB, seed: int = 0
-) -> Image.Image:
+def loop_baseline(image: Image.Image, patch_size: int = PATCH_SIZE, prob: float = PROB, seed: int = 0) -> Image.Image:
     """Per-cell loop with the official semantics (authors' ``random_patch_blackening``), seeded.
 
     Grid from the top-left corner, partial edge cells, one ``random() < prob`` draw per cell in
@@ -96,10 +94,10 @@ def bench_functions(sizes: list[int], rounds: int, min_time_s: float) -> list[di
         assert np.array_equal(np.asarray(vectorised(image, 3)), expected)
         array = np.asarray(image)
         methods = {
-            "floor": lambda: floor(image),
-            "vectorised": lambda: vectorised(image),
-            "array": lambda: patch_blackening(array, patch_size=PATCH_SIZE, prob=PROB, seed=0),
-            "loop": lambda: loop_baseline(image),
+            "floor": lambda image=image: floor(image),
+            "vectorised": lambda image=image: vectorised(image),
+            "array": lambda array=array: patch_blackening(array, patch_size=PATCH_SIZE, prob=PROB, seed=0),
+            "loop": lambda image=image: loop_baseline(image),
         }
         samples: dict[str, list[float]] = {name: [] for name in methods}
         # Interleave the methods round by round so load from other processes on this shared
@@ -109,7 +107,7 @@ def bench_functions(sizes: list[int], rounds: int, min_time_s: float) -> list[di
                 samples[name].append(time_per_call(fn, min_time_s))
         ms = {name: 1e3 * statistics.median(values) for name, values in samples.items()}
 
-        def ratio(numerator: str, denominator: str) -> float:
+        def ratio(numerator: str, denominator: str, samples: dict[str, list[float]] = samples) -> float:
             # Median of per-round ratios: both timings of a round saw the same machine load.
             pairs = zip(samples[numerator], samples[denominator])
             return statistics.median(a / b for a, b in pairs)
@@ -145,9 +143,7 @@ def bench_ray(
     rows = []
     try:
         for num_workers in workers:
-            pool = CorruptionPool(
-                num_workers=num_workers, num_cpus=num_cpus, patch_size=PATCH_SIZE, prob=PROB
-            )
+            pool = CorruptionPool(num_workers=num_workers, num_cpus=num_cpus, patch_size=PATCH_SIZE, prob=PROB)
             with pool:
                 for size, payload in itertools.product(sizes, ["pil", "array"]):
                     count = images_per_size[size]
@@ -161,9 +157,7 @@ def bench_ray(
                     for round_index in range(rounds + 1):  # round 0 warms the actors up
                         start = time.perf_counter()
                         refs = [ray.put(image) for image in images]
-                        requests = [
-                            MaskRequest([ref], 0, row, round_index) for row, ref in enumerate(refs)
-                        ]
+                        requests = [MaskRequest([ref], 0, row, round_index) for row, ref in enumerate(refs)]
                         submit_start = time.perf_counter()
                         masked_refs = pool.submit(requests)
                         submitted = time.perf_counter()
@@ -226,8 +220,7 @@ def main() -> None:
         ray_rows = bench_ray(args.sizes, [1, 2], images_per_size, ray_rounds, args.ray_cpus)
         print("\nRay CorruptionPool, per image: put + submit + get (end to end) and submit alone")
         print(
-            f"{'size':>6} {'payload':>8} {'actors':>7} {'images':>7} {'e2e ms':>8} "
-            f"{'submit ms':>10} {'e2e/floor':>10}"
+            f"{'size':>6} {'payload':>8} {'actors':>7} {'images':>7} {'e2e ms':>8} {'submit ms':>10} {'e2e/floor':>10}"
         )
         floors = {row["size"]: row["floor_ms"] for row in functions}
         for row in ray_rows:

@@ -50,8 +50,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import machine_info, warn_if_loaded, write_report  # noqa: E402
 
-DEFAULTS: dict[str, float] = {"lr": 1e-3, "beta2": 0.999, "beta": 0.04, "prompts": 16, "n": 8, "steps": 200,
-                              "max_new": 16, "warmup": 0}
+DEFAULTS: dict[str, float] = {
+    "lr": 1e-3,
+    "beta2": 0.999,
+    "beta": 0.04,
+    "prompts": 16,
+    "n": 8,
+    "steps": 200,
+    "max_new": 16,
+    "warmup": 0,
+}
 INT_KEYS = {"prompts", "n", "steps", "max_new", "warmup"}
 
 
@@ -69,7 +77,7 @@ def parse_variant(spec: str) -> tuple[str, str, dict[str, float]]:
     if len(parts) < 2 or parts[1] not in ("grpo", "sft"):
         raise SystemExit(f"--variant {spec!r}: expected NAME:grpo|sft[:key=value,...]")
     opts = dict(DEFAULTS)
-    for item in (parts[2].split(",") if len(parts) == 3 and parts[2] else []):
+    for item in parts[2].split(",") if len(parts) == 3 and parts[2] else []:
         key, _, value = item.partition("=")
         if key not in DEFAULTS:
             raise SystemExit(f"--variant {spec!r}: unknown option {key!r}; allowed: {', '.join(DEFAULTS)}")
@@ -89,8 +97,9 @@ def load_examples(processor: Any, data_dir: Path, split: str) -> list[Example]:
     return out
 
 
-def generate(model: Any, processor: Any, examples: list[Example], *, n: int, max_new: int, sample: bool,
-             black: bool = False) -> list[list[int]]:
+def generate(
+    model: Any, processor: Any, examples: list[Example], *, n: int, max_new: int, sample: bool, black: bool = False
+) -> list[list[int]]:
     """Response token ids (up to and including EOS), ``n`` per example, example-major."""
     import torch
     from PIL import Image
@@ -99,15 +108,23 @@ def generate(model: Any, processor: Any, examples: list[Example], *, n: int, max
 
     tok = processor.tokenizer
     images = [Image.new("RGB", e.image.size) if black else e.image for e in examples]
-    inputs = processor(text=[e.text for e in examples], images=images, padding=True, return_tensors="pt",
-                       return_mm_token_type_ids=True)
+    inputs = processor(
+        text=[e.text for e in examples], images=images, padding=True, return_tensors="pt", return_mm_token_type_ids=True
+    )
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=sample, num_return_sequences=n,
-                             temperature=1.0 if sample else None, top_p=1.0 if sample else None,
-                             bad_words_ids=[[t] for t in VISION_TOKEN_IDS], eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new,
+            do_sample=sample,
+            num_return_sequences=n,
+            temperature=1.0 if sample else None,
+            top_p=1.0 if sample else None,
+            bad_words_ids=[[t] for t in VISION_TOKEN_IDS],
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
     responses = []
-    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+    for row in out[:, inputs["input_ids"].shape[1] :].tolist():
         ids = []
         for t in row:
             ids.append(t)
@@ -123,9 +140,10 @@ def accuracy(model: Any, processor: Any, examples: list[Example], *, max_new: in
     model.eval()
     correct = 0.0
     for start in range(0, len(examples), 64):
-        part = examples[start:start + 64]
+        part = examples[start : start + 64]
         texts = processor.tokenizer.batch_decode(
-            generate(model, processor, part, n=1, max_new=max_new, sample=False, black=black), skip_special_tokens=True)
+            generate(model, processor, part, n=1, max_new=max_new, sample=False, black=black), skip_special_tokens=True
+        )
         correct += sum(rewards.score("exact", t, e.answer)["accuracy"] for t, e in zip(texts, part))
     return correct / max(len(examples), 1)
 
@@ -134,13 +152,30 @@ def as_batch(examples: list[Example], responses: list[list[int]], pad_id: int) -
     from trainer.batch import RolloutBatch
 
     return RolloutBatch.from_sequences(
-        [e.prompt_ids for e in examples], responses, [[0.0] * len(r) for r in responses],
-        group_ids=list(range(len(responses))), row_ids=list(range(len(responses))), weight_version=0,
-        image_refs=[[] for _ in responses], answers=[e.answer for e in examples], pad_token_id=pad_id)
+        [e.prompt_ids for e in examples],
+        responses,
+        [[0.0] * len(r) for r in responses],
+        group_ids=list(range(len(responses))),
+        row_ids=list(range(len(responses))),
+        weight_version=0,
+        image_refs=[[] for _ in responses],
+        answers=[e.answer for e in examples],
+        pad_token_id=pad_id,
+    )
 
 
-def run_variant(name: str, mode: str, opts: dict[str, float], *, model_dir: Path, processor: Any,
-                train: list[Example], val: list[Example], eval_every: int, seed: int) -> dict[str, Any]:
+def run_variant(
+    name: str,
+    mode: str,
+    opts: dict[str, float],
+    *,
+    model_dir: Path,
+    processor: Any,
+    train: list[Example],
+    val: list[Example],
+    eval_every: int,
+    seed: int,
+) -> dict[str, Any]:
     import torch
 
     import rewards
@@ -159,10 +194,18 @@ def run_variant(name: str, mode: str, opts: dict[str, float], *, model_dir: Path
     curve, stats = [], []
 
     def evaluate(step: int) -> None:
-        curve.append({"step": step, "accuracy": accuracy(model, processor, val, max_new=max_new, black=False),
-                      "black_accuracy": accuracy(model, processor, val, max_new=max_new, black=True)})
-        print(f"  [{name}] step {step}: eval accuracy {curve[-1]['accuracy']:.3f}, "
-              f"black {curve[-1]['black_accuracy']:.3f}", flush=True)
+        curve.append(
+            {
+                "step": step,
+                "accuracy": accuracy(model, processor, val, max_new=max_new, black=False),
+                "black_accuracy": accuracy(model, processor, val, max_new=max_new, black=True),
+            }
+        )
+        print(
+            f"  [{name}] step {step}: eval accuracy {curve[-1]['accuracy']:.3f}, "
+            f"black {curve[-1]['black_accuracy']:.3f}",
+            flush=True,
+        )
 
     evaluate(0)
     t0 = time.perf_counter()
@@ -177,8 +220,10 @@ def run_variant(name: str, mode: str, opts: dict[str, float], *, model_dir: Path
             reward = torch.tensor([s["overall"] for s in scores], dtype=torch.float32)
             advantages = group_advantages(reward, n)
         else:
-            responses = [tok.encode(RESPONSE_TEMPLATE.format(answer=e.answer), add_special_tokens=False)
-                         + [tok.eos_token_id] for e in rows]
+            responses = [
+                tok.encode(RESPONSE_TEMPLATE.format(answer=e.answer), add_special_tokens=False) + [tok.eos_token_id]
+                for e in rows
+            ]
         batch = as_batch(rows, responses, int(tok.pad_token_id or 0))
         model.train()
         inputs = model_inputs(model, processor.image_processor, batch, [[e.image] for e in rows])
@@ -186,8 +231,9 @@ def run_variant(name: str, mode: str, opts: dict[str, float], *, model_dir: Path
         if mode == "grpo":
             with torch.no_grad():
                 ref_logp, _ = token_logprobs(ref, inputs, batch.response_ids, batch.response_mask)
-            loss, metrics = papo_loss(logp, logp.detach(), advantages, batch.response_mask, ref_logp=ref_logp,
-                                      beta=opts["beta"])
+            loss, metrics = papo_loss(
+                logp, logp.detach(), advantages, batch.response_mask, ref_logp=ref_logp, beta=opts["beta"]
+            )
         else:
             loss = -(logp.sum() / batch.response_mask.sum())
             metrics = {"entropy": float(loss.detach())}
@@ -198,20 +244,37 @@ def run_variant(name: str, mode: str, opts: dict[str, float], *, model_dir: Path
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         optim.step()
         if step % 5 == 0:
-            row = {"step": step, "entropy": metrics["entropy"], "grad_norm": grad_norm,
-                   "response_length": float(batch.response_mask.sum(1).float().mean())}
+            row = {
+                "step": step,
+                "entropy": metrics["entropy"],
+                "grad_norm": grad_norm,
+                "response_length": float(batch.response_mask.sum(1).float().mean()),
+            }
             if mode == "grpo":
-                row.update(reward=float(reward.mean()), accuracy=sum(s["accuracy"] for s in scores) / len(scores),
-                           ref_kl=metrics.get("ref_kl", 0.0),
-                           groups_with_signal=float((advantages.reshape(-1, n).abs().sum(1) > 0).float().mean()))
+                row.update(
+                    reward=float(reward.mean()),
+                    accuracy=sum(s["accuracy"] for s in scores) / len(scores),
+                    ref_kl=metrics.get("ref_kl", 0.0),
+                    groups_with_signal=float((advantages.reshape(-1, n).abs().sum(1) > 0).float().mean()),
+                )
             stats.append(row)
         if step % eval_every == 0 or step == int(opts["steps"]):
             evaluate(step)
     seconds = time.perf_counter() - t0
     accs = [c["accuracy"] for c in curve]
-    return {"name": name, "mode": mode, "options": opts, "curve": curve, "train": stats,
-            "start": accs[0], "best": max(accs), "final": accs[-1], "gain": max(accs) - accs[0],
-            "black_final": curve[-1]["black_accuracy"], "s_per_step": seconds / max(int(opts["steps"]), 1)}
+    return {
+        "name": name,
+        "mode": mode,
+        "options": opts,
+        "curve": curve,
+        "train": stats,
+        "start": accs[0],
+        "best": max(accs),
+        "final": accs[-1],
+        "gain": max(accs) - accs[0],
+        "black_final": curve[-1]["black_accuracy"],
+        "s_per_step": seconds / max(int(opts["steps"]), 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,8 +285,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--assets", type=Path, default=None, help="demo assets folder (default: the cached one)")
-    ap.add_argument("--variant", action="append", default=None,
-                    help="NAME:grpo|sft[:key=value,...] (repeatable; default: grpo and an sft ceiling)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="NAME:grpo|sft[:key=value,...] (repeatable; default: grpo and an sft ceiling)",
+    )
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -243,15 +310,39 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, mode, opts in variants:
         print(f"variant {name} ({mode}, {opts})", flush=True)
-        results.append(run_variant(name, mode, opts, model_dir=assets / "model", processor=processor, train=train,
-                                   val=val, eval_every=args.eval_every, seed=args.seed))
-    print(f"\n{'variant':<14}{'mode':<6}{'steps':>6}{'start':>8}{'best':>8}{'final':>8}{'gain':>8}"
-          f"{'black':>8}{'s/step':>8}")
+        results.append(
+            run_variant(
+                name,
+                mode,
+                opts,
+                model_dir=assets / "model",
+                processor=processor,
+                train=train,
+                val=val,
+                eval_every=args.eval_every,
+                seed=args.seed,
+            )
+        )
+    print(
+        f"\n{'variant':<14}{'mode':<6}{'steps':>6}{'start':>8}{'best':>8}{'final':>8}{'gain':>8}"
+        f"{'black':>8}{'s/step':>8}"
+    )
     for r in results:
-        print(f"{r['name']:<14}{r['mode']:<6}{int(r['options']['steps']):>6}{r['start']:>8.3f}{r['best']:>8.3f}"
-              f"{r['final']:>8.3f}{r['gain']:>+8.3f}{r['black_final']:>8.3f}{r['s_per_step']:>8.2f}")
-    write_report(args.out, {"machine": machine_info(), "assets": str(assets), "seed": args.seed,
-                            "validation_rows": len(val), "load_warning": warning, "variants": results})
+        print(
+            f"{r['name']:<14}{r['mode']:<6}{int(r['options']['steps']):>6}{r['start']:>8.3f}{r['best']:>8.3f}"
+            f"{r['final']:>8.3f}{r['gain']:>+8.3f}{r['black_final']:>8.3f}{r['s_per_step']:>8.2f}"
+        )
+    write_report(
+        args.out,
+        {
+            "machine": machine_info(),
+            "assets": str(assets),
+            "seed": args.seed,
+            "validation_rows": len(val),
+            "load_warning": warning,
+            "variants": results,
+        },
+    )
     return 0
 
 

@@ -29,8 +29,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,12 +40,19 @@ from bench._common import machine_info, write_report  # noqa: E402
 from bench._common import warn_if_loaded as _warn_if_loaded  # noqa: E402
 
 # The tiny job of the end-to-end tests: many cheap steps.
-TINY = ["rollout.batch_size=4", "rollout.n=4", "rollout.max_tokens=8", "learner.mini_batch_size=16",
-        "learner.micro_batch_size=8", "logprob.micro_batch_size=16", "data.val_size=16"]
+TINY = [
+    "rollout.batch_size=4",
+    "rollout.n=4",
+    "rollout.max_tokens=8",
+    "learner.mini_batch_size=16",
+    "learner.micro_batch_size=8",
+    "logprob.micro_batch_size=16",
+    "data.val_size=16",
+]
 RSS_KEY = "perf/driver_rss_mb"
 
 
-def warn_if_loaded(when: str) -> Optional[str]:
+def warn_if_loaded(when: str) -> str | None:
     return _warn_if_loaded(when, "the run is slow")
 
 
@@ -60,17 +67,27 @@ def slope_per_100(steps: Sequence[float], values: Sequence[float]) -> float:
     return 100.0 * sxy / sxx if sxx else 0.0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="demo", help="shipped config name or YAML path (default: demo)")
     ap.add_argument("--algo", default="papo", help="algo.name preset (default: %(default)s: every service runs)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=25, help="0 = no periodic eval (default: %(default)s)")
     ap.add_argument("--no-tiny", dest="tiny", action="store_false", help="keep the config's batch sizes")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="a dotted config override (repeatable)")
-    ap.add_argument("--threshold", type=float, default=5.0,
-                    help="MB per 100 steps under which the second-half slope counts as flat (default: %(default)s)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dotted config override (repeatable)",
+    )
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        default=5.0,
+        help="MB per 100 steps under which the second-half slope counts as flat (default: %(default)s)",
+    )
     ap.add_argument("--every", type=int, default=10, help="print the RSS every this many steps")
     ap.add_argument("--ray-cpus", type=float, default=4)
     ap.add_argument("--run-dir", default=None, help="where the run folder goes (default: a temp folder)")
@@ -91,9 +108,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="papo-driver-memory-") as tmp:
             out_dir = Path(args.run_dir) if args.run_dir else Path(tmp)
-            overrides = (TINY if args.tiny else []) + [f"algo.name={args.algo}"] + args.overrides + [
-                f"trainer.output_dir={out_dir}", "trainer.name=driver_memory", f"trainer.total_steps={args.steps}",
-                f"trainer.eval_every={args.eval_every}", "trainer.save_every=0", "trainer.plot=false"]
+            overrides = (
+                (TINY if args.tiny else [])
+                + [f"algo.name={args.algo}"]
+                + args.overrides
+                + [
+                    f"trainer.output_dir={out_dir}",
+                    "trainer.name=driver_memory",
+                    f"trainer.total_steps={args.steps}",
+                    f"trainer.eval_every={args.eval_every}",
+                    "trainer.save_every=0",
+                    "trainer.plot=false",
+                ]
+            )
             cfg = resolve_config([named_config(args.config)], overrides)
             t0 = time.perf_counter()
             trainer = Trainer(cfg)
@@ -102,8 +129,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             finally:
                 trainer.close()
             wall_s = time.perf_counter() - t0
-            rows = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl")
-                    if r["step"] >= 1 and r.get(RSS_KEY) is not None]
+            rows = [
+                r
+                for r in read_metrics(trainer.run_dir / "metrics.jsonl")
+                if r["step"] >= 1 and r.get(RSS_KEY) is not None
+            ]
     finally:
         ray.shutdown()
     w = warn_if_loaded("end")
@@ -118,32 +148,55 @@ def main(argv: Optional[list[str]] = None) -> int:
     slope2 = slope_per_100(steps[half:], rss[half:])
     slope_all = slope_per_100(steps, rss)
     flat = slope2 < args.threshold
-    verdict = (f"VERDICT: {'flat' if flat else 'GROWING'}: driver RSS slope over steps {steps[half]}-{steps[-1]} "
-               f"is {slope2:+.2f} MB per 100 steps ({'<' if flat else '>='} the {args.threshold:g} MB threshold)")
+    verdict = (
+        f"VERDICT: {'flat' if flat else 'GROWING'}: driver RSS slope over steps {steps[half]}-{steps[-1]} "
+        f"is {slope2:+.2f} MB per 100 steps ({'<' if flat else '>='} the {args.threshold:g} MB threshold)"
+    )
     if len(steps) - half < 20:
         verdict += f"; only {len(steps) - half} steps in the fit: a check of the script, not a result"
 
-    print(f"\ndriver memory: config {args.config}{' (tiny)' if args.tiny else ''} algo {args.algo}, "
-          f"{args.steps} steps, eval every {args.eval_every}; {machine['cpus']} CPUs, load "
-          f"{machine['loadavg'][0]:.1f} at start; {wall_s:.0f} s")
+    print(
+        f"\ndriver memory: config {args.config}{' (tiny)' if args.tiny else ''} algo {args.algo}, "
+        f"{args.steps} steps, eval every {args.eval_every}; {machine['cpus']} CPUs, load "
+        f"{machine['loadavg'][0]:.1f} at start; {wall_s:.0f} s"
+    )
     print(f"{'step':>6} {'RSS MB':>9} {'vs step 1':>10}")
     shown = [i for i, s in enumerate(steps) if s == steps[0] or s % args.every == 0 or s == steps[-1]]
     for i in shown:
         print(f"{steps[i]:>6} {rss[i]:>9.1f} {rss[i] - rss[0]:>+10.1f}")
-    print(f"\n{'first MB':>9} {'last MB':>9} {'max MB':>9} {'slope 2nd half':>15} {'slope all':>10}"
-          "  (slopes: MB per 100 steps)")
+    print(
+        f"\n{'first MB':>9} {'last MB':>9} {'max MB':>9} {'slope 2nd half':>15} {'slope all':>10}"
+        "  (slopes: MB per 100 steps)"
+    )
     print(f"{rss[0]:>9.1f} {rss[-1]:>9.1f} {max(rss):>9.1f} {slope2:>+15.2f} {slope_all:>+10.2f}")
     print(verdict)
     if warnings:
         print(f"{len(warnings)} load warning(s) (RSS is unaffected; the wall time is not)")
 
-    report = {"config": {"config": args.config, "tiny": args.tiny, "algo": args.algo, "steps": args.steps,
-                         "eval_every": args.eval_every, "overrides": args.overrides, "ray_cpus": args.ray_cpus},
-              "machine": machine, "loadavg_end": list(os.getloadavg()), "warnings": warnings, "wall_s": wall_s,
-              "first_mb": rss[0], "last_mb": rss[-1], "max_mb": max(rss),
-              "slope_mb_per_100_steps_second_half": slope2, "slope_mb_per_100_steps_all": slope_all,
-              "threshold_mb_per_100_steps": args.threshold, "flat": flat, "verdict": verdict,
-              "rss_mb": dict(zip(steps, rss))}
+    report = {
+        "config": {
+            "config": args.config,
+            "tiny": args.tiny,
+            "algo": args.algo,
+            "steps": args.steps,
+            "eval_every": args.eval_every,
+            "overrides": args.overrides,
+            "ray_cpus": args.ray_cpus,
+        },
+        "machine": machine,
+        "loadavg_end": list(os.getloadavg()),
+        "warnings": warnings,
+        "wall_s": wall_s,
+        "first_mb": rss[0],
+        "last_mb": rss[-1],
+        "max_mb": max(rss),
+        "slope_mb_per_100_steps_second_half": slope2,
+        "slope_mb_per_100_steps_all": slope_all,
+        "threshold_mb_per_100_steps": args.threshold,
+        "flat": flat,
+        "verdict": verdict,
+        "rss_mb": dict(zip(steps, rss)),
+    }
     write_report(args.out, report)
     return 0 if flat else 1
 

@@ -61,21 +61,35 @@ def build_batch(ray, processor, prompts: int, n: int, response_len: int, seed: i
             refs.append(ref)
             masked_refs.append(mref)
             groups.append(g)
-    batch = RolloutBatch.from_sequences(p_ids, r_ids, [[0.0] * len(r) for r in r_ids], group_ids=groups,
-                                        row_ids=groups, weight_version=0, image_refs=refs,
-                                        answers=["x"] * len(r_ids))
+    batch = RolloutBatch.from_sequences(
+        p_ids,
+        r_ids,
+        [[0.0] * len(r) for r in r_ids],
+        group_ids=groups,
+        row_ids=groups,
+        weight_version=0,
+        image_refs=refs,
+        answers=["x"] * len(r_ids),
+    )
     batch.masked_image_refs = masked_refs
     batch.advantages = torch.as_tensor(rng.standard_normal(len(batch)), dtype=torch.float32)
     return batch
 
 
 def run_one(ray, model: Path, batch: RolloutBatch, world_size: int, stage: int, steps: int, micro: int) -> dict:
-    cfg = LearnerConfig(num_ranks=world_size, num_cpus=0.5, num_gpus=0, zero_stage=stage, dtype="float32", lr=1e-5,
-                        mini_batch_size=len(batch), micro_batch_size=micro)
+    cfg = LearnerConfig(
+        num_ranks=world_size,
+        num_cpus=0.5,
+        num_gpus=0,
+        zero_stage=stage,
+        dtype="float32",
+        lr=1e-5,
+        mini_batch_size=len(batch),
+        micro_batch_size=micro,
+    )
     t0 = time.perf_counter()
     algo = AlgoConfig(name="papo_d", **PRESETS["papo_d"])  # PAPO-D: gamma 0.01, eta 0.03, no ref
-    group = LearnerGroup(str(model), cfg, algo, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-                         get_timeout_s=600)
+    group = LearnerGroup(str(model), cfg, algo, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, get_timeout_s=600)
     init_s = time.perf_counter() - t0
     try:
         b = batch.select(range(len(batch)))
@@ -95,9 +109,19 @@ def run_one(ray, model: Path, batch: RolloutBatch, world_size: int, stage: int, 
     finally:
         group.shutdown()
     step_s = statistics.mean(times)
-    return {"world_size": world_size, "zero_stage": stage, "rows": len(batch), "micro_batch_size": micro,
-            "init_s": init_s, "logp_s": logp_s, "masked_s": masked_s, "step_s": step_s,
-            "step_s_all": times, "masked_over_step": masked_s / step_s, "peak_rss_mb": rss}
+    return {
+        "world_size": world_size,
+        "zero_stage": stage,
+        "rows": len(batch),
+        "micro_batch_size": micro,
+        "init_s": init_s,
+        "logp_s": logp_s,
+        "masked_s": masked_s,
+        "step_s": step_s,
+        "step_s_all": times,
+        "masked_over_step": masked_s / step_s,
+        "peak_rss_mb": rss,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,8 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "model"
-            write_tiny_model(model, seed=0, corpus=["What color is the circle? \\boxed{red}"] * 20,
-                             min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+            write_tiny_model(
+                model,
+                seed=0,
+                corpus=["What color is the circle? \\boxed{red}"] * 20,
+                min_pixels=MIN_PIXELS,
+                max_pixels=MAX_PIXELS,
+            )
             processor = load_processor(str(model), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
             batch = build_batch(ray, processor, args.prompts, args.n, args.response_len)
             for ws in args.world_sizes:
@@ -133,17 +162,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
 
-    header = f"{'ranks':>5} {'zero':>4} {'init s':>7} {'logp s':>7} {'masked s':>8} {'step s':>7} " \
-             f"{'masked/step':>11} {'peak RSS MiB/rank':>18}"
+    header = (
+        f"{'ranks':>5} {'zero':>4} {'init s':>7} {'logp s':>7} {'masked s':>8} {'step s':>7} "
+        f"{'masked/step':>11} {'peak RSS MiB/rank':>18}"
+    )
     print(header)
     for r in rows:
         rss = "/".join(f"{x:.0f}" for x in r["peak_rss_mb"])
-        print(f"{r['world_size']:>5} {r['zero_stage']:>4} {r['init_s']:>7.2f} {r['logp_s']:>7.3f} "
-              f"{r['masked_s']:>8.3f} {r['step_s']:>7.3f} {r['masked_over_step']:>11.2f} {rss:>18}")
+        print(
+            f"{r['world_size']:>5} {r['zero_stage']:>4} {r['init_s']:>7.2f} {r['logp_s']:>7.3f} "
+            f"{r['masked_s']:>8.3f} {r['step_s']:>7.3f} {r['masked_over_step']:>11.2f} {rss:>18}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "rows": rows and rows[0]["rows"], "response_len": args.response_len, "omp_threads": 1}
+    meta = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "rows": rows and rows[0]["rows"],
+        "response_len": args.response_len,
+        "omp_threads": 1,
+    }
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,23 +55,36 @@ from bench._common import warn_if_loaded as _warn_if_loaded  # noqa: E402
 # The tiny job of the end-to-end tests with a small validation set, for checking the script; it
 # keeps the config's rollout.max_tokens (24 in the demo): eval uses it too, and 8 tokens cut the
 # demo's answers short (eval accuracy 0 from the start, nothing to compare).
-TINY = ["rollout.batch_size=4", "rollout.n=4", "learner.mini_batch_size=16", "learner.micro_batch_size=8",
-        "logprob.micro_batch_size=16", "data.val_size=16"]
+TINY = [
+    "rollout.batch_size=4",
+    "rollout.n=4",
+    "learner.mini_batch_size=16",
+    "learner.micro_batch_size=8",
+    "logprob.micro_batch_size=16",
+    "data.val_size=16",
+]
 # The baseline logs the perception KL through the diagnostic masked pass (no loss term).
-ALGOS: dict[str, list[str]] = {"grpo": ["algo.name=grpo", "perception.diagnostic=true"],
-                               "papo": ["algo.name=papo"]}
+ALGOS: dict[str, list[str]] = {"grpo": ["algo.name=grpo", "perception.diagnostic=true"], "papo": ["algo.name=papo"]}
 COLOURS = {"grpo": "tab:blue", "papo": "tab:orange"}
 PLOT_KEYS = ("eval/accuracy", "eval/black_accuracy", "eval/masked_accuracy", "train/perception_kl")
 # Per-run quantities summarised per algorithm (mean, std over seeds) and compared PAPO - GRPO.
-SUMMARY_KEYS = ("start_accuracy", "final_accuracy", "best_accuracy", "gain_final", "final_black_accuracy",
-                "final_masked_accuracy", "perception_kl_last", "perception_kl_tail")
+SUMMARY_KEYS = (
+    "start_accuracy",
+    "final_accuracy",
+    "best_accuracy",
+    "gain_final",
+    "final_black_accuracy",
+    "final_masked_accuracy",
+    "perception_kl_last",
+    "perception_kl_tail",
+)
 
 
-def warn_if_loaded(when: str) -> Optional[str]:
+def warn_if_loaded(when: str) -> str | None:
     return _warn_if_loaded(when, "runs are slow")
 
 
-def _get(d: dict[str, Any], key: str) -> Optional[float]:
+def _get(d: dict[str, Any], key: str) -> float | None:
     v = d.get(key)
     return None if v is None else float(v)
 
@@ -83,9 +96,18 @@ def run_one(algo: str, seed: int, base: list[str], args: argparse.Namespace, run
     from trainer.metrics import read_metrics
 
     name = f"{algo}_seed{seed}"
-    overrides = base + ALGOS[algo] + [
-        f"seed={seed}", f"trainer.output_dir={runs_dir}", f"trainer.name={name}", f"trainer.total_steps={args.steps}",
-        f"trainer.eval_every={args.eval_every}", "trainer.save_every=0"]
+    overrides = (
+        base
+        + ALGOS[algo]
+        + [
+            f"seed={seed}",
+            f"trainer.output_dir={runs_dir}",
+            f"trainer.name={name}",
+            f"trainer.total_steps={args.steps}",
+            f"trainer.eval_every={args.eval_every}",
+            "trainer.save_every=0",
+        ]
+    )
     cfg = resolve_config([named_config(args.config)], overrides)
     print(f"\n=== {name}: {args.steps} steps, eval every {args.eval_every} ===", flush=True)
     load_before = list(os.getloadavg())
@@ -98,11 +120,16 @@ def run_one(algo: str, seed: int, base: list[str], args: argparse.Namespace, run
     wall_s = time.perf_counter() - t0
     rows = read_metrics(Path(summary["run_dir"]) / "metrics.jsonl")
     kl = [(r["step"], r["train/perception_kl"]) for r in rows if r.get("train/perception_kl") is not None]
-    tail = kl[-max(1, math.ceil(len(kl) / 10)):]
+    tail = kl[-max(1, math.ceil(len(kl) / 10)) :]
     start, end, best = summary["start"], summary["end"], summary["best"]
     result = {
-        "algo": algo, "seed": seed, "run_dir": summary["run_dir"], "wall_s": wall_s, "train_s": summary["wall_s"],
-        "start_accuracy": _get(start, "eval/accuracy"), "final_accuracy": _get(end, "eval/accuracy"),
+        "algo": algo,
+        "seed": seed,
+        "run_dir": summary["run_dir"],
+        "wall_s": wall_s,
+        "train_s": summary["wall_s"],
+        "start_accuracy": _get(start, "eval/accuracy"),
+        "final_accuracy": _get(end, "eval/accuracy"),
         "best_accuracy": _get(best, "accuracy") if best.get("step") is not None else None,
         "best_step": best.get("step"),
         "start_black_accuracy": _get(start, "eval/black_accuracy"),
@@ -112,7 +139,8 @@ def run_one(algo: str, seed: int, base: list[str], args: argparse.Namespace, run
         "perception_kl_last": kl[-1][1] if kl else None,
         "perception_kl_tail": statistics.mean(v for _, v in tail) if tail else None,
         "perception_kl_tail_steps": len(tail),
-        "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),
+        "loadavg_before": load_before,
+        "loadavg_after": list(os.getloadavg()),
         # The curves, so the JSON alone can be re-plotted or re-analysed.
         "curves": {k: [[r["step"], r[k]] for r in rows if r.get(k) is not None] for k in PLOT_KEYS},
     }
@@ -131,13 +159,18 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
         stats = {}
         for key in SUMMARY_KEYS:
             vals = [r[key] for r in done if r.get(key) is not None]
-            stats[key] = {"mean": statistics.mean(vals) if vals else None,
-                          "std": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals)}
+            stats[key] = {
+                "mean": statistics.mean(vals) if vals else None,
+                "std": statistics.stdev(vals) if len(vals) > 1 else None,
+                "n": len(vals),
+            }
         out[algo] = stats
     out["papo_minus_grpo"] = {
         k: (out["papo"][k]["mean"] - out["grpo"][k]["mean"])
-        if out["papo"][k]["mean"] is not None and out["grpo"][k]["mean"] is not None else None
-        for k in SUMMARY_KEYS}
+        if out["papo"][k]["mean"] is not None and out["grpo"][k]["mean"] is not None
+        else None
+        for k in SUMMARY_KEYS
+    }
     return out
 
 
@@ -158,16 +191,22 @@ def plot(results: list[dict[str, Any]], png: Path) -> list[str]:
     nrows = -(-len(keys) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.6 * nrows), squeeze=False)
     flat = list(axes.flat)
-    for ax in flat[len(keys):]:
+    for ax in flat[len(keys) :]:
         ax.set_visible(False)
     for ax, key in zip(flat, keys):
         for r in done:
             pts = r["curves"].get(key) or []
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=COLOURS[r["algo"]],
-                    linestyle=styles[seeds.index(r["seed"]) % len(styles)], alpha=0.85,
-                    marker="." if len(pts) < 50 else None, label=f"{r['algo'].upper()} seed {r['seed']}")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                color=COLOURS[r["algo"]],
+                linestyle=styles[seeds.index(r["seed"]) % len(styles)],
+                alpha=0.85,
+                marker="." if len(pts) < 50 else None,
+                label=f"{r['algo'].upper()} seed {r['seed']}",
+            )
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -178,27 +217,36 @@ def plot(results: list[dict[str, Any]], png: Path) -> list[str]:
     return keys
 
 
-def _f(v: Optional[float], spec: str = ".3f") -> str:
+def _f(v: float | None, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
 def print_tables(results: list[dict[str, Any]], agg: dict[str, Any], title: str) -> None:
     print(f"\n{title}")
-    head = (f"{'run':<12} {'start':>6} {'final':>6} {'best':>6} {'@step':>6} {'black':>6} {'masked':>6} "
-            f"{'KL last':>8} {'KL tail':>8} {'wall s':>7}")
+    head = (
+        f"{'run':<12} {'start':>6} {'final':>6} {'best':>6} {'@step':>6} {'black':>6} {'masked':>6} "
+        f"{'KL last':>8} {'KL tail':>8} {'wall s':>7}"
+    )
     print(head)
     for r in results:
         name = f"{r['algo']}_seed{r['seed']}"
         if "error" in r:
             print(f"{name:<12} FAILED: {r['error']}")
             continue
-        print(f"{name:<12} {_f(r['start_accuracy']):>6} {_f(r['final_accuracy']):>6} {_f(r['best_accuracy']):>6} "
-              f"{str(r['best_step']):>6} {_f(r['final_black_accuracy']):>6} {_f(r['final_masked_accuracy']):>6} "
-              f"{_f(r['perception_kl_last'], '.4f'):>8} {_f(r['perception_kl_tail'], '.4f'):>8} {r['wall_s']:>7.0f}")
+        print(
+            f"{name:<12} {_f(r['start_accuracy']):>6} {_f(r['final_accuracy']):>6} {_f(r['best_accuracy']):>6} "
+            f"{str(r['best_step']):>6} {_f(r['final_black_accuracy']):>6} {_f(r['final_masked_accuracy']):>6} "
+            f"{_f(r['perception_kl_last'], '.4f'):>8} {_f(r['perception_kl_tail'], '.4f'):>8} {r['wall_s']:>7.0f}"
+        )
     print("\nmean +- std over seeds (final/black/masked: at the last step; KL tail: mean over the last tenth of steps)")
-    cols = [("final_accuracy", "final acc"), ("best_accuracy", "best acc"), ("gain_final", "gain"),
-            ("final_black_accuracy", "black acc"), ("final_masked_accuracy", "masked acc"),
-            ("perception_kl_tail", "KL tail")]
+    cols = [
+        ("final_accuracy", "final acc"),
+        ("best_accuracy", "best acc"),
+        ("gain_final", "gain"),
+        ("final_black_accuracy", "black acc"),
+        ("final_masked_accuracy", "masked acc"),
+        ("perception_kl_tail", "KL tail"),
+    ]
     print(f"{'algo':<12} {'n':>2} " + " ".join(f"{c:>17}" for _, c in cols))
     for algo in ALGOS:
         s = agg[algo]
@@ -210,23 +258,34 @@ def print_tables(results: list[dict[str, Any]], agg: dict[str, Any], title: str)
             cells.append(f"{_f(m, spec)} +- {_f(sd, spec)}" if sd is not None else _f(m, spec))
         print(f"{algo.upper():<12} {n:>2} " + " ".join(f"{c:>17}" for c in cells))
     d = agg["papo_minus_grpo"]
-    print(f"{'PAPO - GRPO':<12} {'':>2} " + " ".join(
-        f"{_f(d[k], '+.4f' if k.startswith('perception') else '+.3f'):>17}" for k, _ in cols))
+    print(
+        f"{'PAPO - GRPO':<12} {'':>2} "
+        + " ".join(f"{_f(d[k], '+.4f' if k.startswith('perception') else '+.3f'):>17}" for k, _ in cols)
+    )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="demo", help="shipped config name or YAML path (default: demo)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="a dotted config override for every run (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dotted config override for every run (repeatable)",
+    )
     ap.add_argument("--tiny", action="store_true", help="4 prompts x n=4, 16 eval prompts: a quick check")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per algorithm (default: %(default)s)")
     ap.add_argument("--seed-list", type=int, nargs="+", default=None, help="explicit seeds (overrides --seeds)")
     ap.add_argument("--steps", type=int, default=150, help="training steps per run (default: %(default)s)")
     ap.add_argument("--eval-every", type=int, default=15, help="eval period in steps (default: %(default)s)")
     ap.add_argument("--ray-cpus", type=float, default=4)
-    ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results" / "papo_vs_grpo"),
-                    help="run directories, JSON and PNG go here (default: %(default)s)")
+    ap.add_argument(
+        "--out-dir",
+        default=str(Path(__file__).parent / "results" / "papo_vs_grpo"),
+        help="run directories, JSON and PNG go here (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
     if not seeds or args.steps < 1 or args.eval_every < 1:
@@ -241,16 +300,32 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     machine = machine_info()
     warnings = [w for w in [warn_if_loaded("start")] if w]
-    config = {"config": args.config, "tiny": args.tiny, "overrides": base, "seeds": seeds, "steps": args.steps,
-              "eval_every": args.eval_every, "ray_cpus": args.ray_cpus, "algos": ALGOS}
+    config = {
+        "config": args.config,
+        "tiny": args.tiny,
+        "overrides": base,
+        "seeds": seeds,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "ray_cpus": args.ray_cpus,
+        "algos": ALGOS,
+    }
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
 
     def write() -> dict[str, Any]:
         agg = aggregate(results)
-        report = {"config": config, "machine": machine, "loadavg_now": list(os.getloadavg()), "warnings": warnings,
-                  "wall_s": time.perf_counter() - t0, "results": results, "summary": agg,
-                  "png": str(png_path), "complete": len(results) == len(seeds) * len(ALGOS)}
+        report = {
+            "config": config,
+            "machine": machine,
+            "loadavg_now": list(os.getloadavg()),
+            "warnings": warnings,
+            "wall_s": time.perf_counter() - t0,
+            "results": results,
+            "summary": agg,
+            "png": str(png_path),
+            "complete": len(results) == len(seeds) * len(ALGOS),
+        }
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         return agg
 
@@ -273,10 +348,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     agg = write()
     drawn = plot(results, png_path)
-    title = (f"PAPO vs GRPO (diagnostic KL): config {args.config}{' --tiny' if args.tiny else ''} "
-             f"{' '.join(args.overrides)}; seeds {seeds}; {args.steps} steps, eval every {args.eval_every}; "
-             f"{machine['cpus']} CPUs, load {machine['loadavg'][0]:.1f} at start; "
-             f"{time.perf_counter() - t0:.0f} s in all")
+    title = (
+        f"PAPO vs GRPO (diagnostic KL): config {args.config}{' --tiny' if args.tiny else ''} "
+        f"{' '.join(args.overrides)}; seeds {seeds}; {args.steps} steps, eval every {args.eval_every}; "
+        f"{machine['cpus']} CPUs, load {machine['loadavg'][0]:.1f} at start; "
+        f"{time.perf_counter() - t0:.0f} s in all"
+    )
     print_tables(results, agg, title)
     if warnings:
         print(f"{len(warnings)} load warning(s): wall times are inflated")

@@ -70,7 +70,11 @@ class MathItems:
         kind = k % 7
         if kind == 0:
             a, b = r.randint(10, 40), r.randint(2, 9)
-            return rf"\frac{{{a}}}{{{b}}}", [rf"\frac{{{a}}}{{{b}}}", rf"\dfrac{{{a * 2}}}{{{b * 2}}}"], rf"\frac{{{b}}}{{{a}}}"
+            return (
+                rf"\frac{{{a}}}{{{b}}}",
+                [rf"\frac{{{a}}}{{{b}}}", rf"\dfrac{{{a * 2}}}{{{b * 2}}}"],
+                rf"\frac{{{b}}}{{{a}}}",
+            )
         if kind == 1:
             x = r.randint(1, 999) / 4
             return f"{x}", [f"{x}", rf"\frac{{{int(x * 4)}}}{{4}}"], f"{x / 10}"
@@ -123,9 +127,23 @@ def start_server(workers: int) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ)
     env.pop("PAPO_REWARD_TOKEN", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.reward_server", "--port", "0", "--workers", str(workers),
-         "--log-level", "warning", "--deadline-s", "600"],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "services.reward_server",
+            "--port",
+            "0",
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+            "--deadline-s",
+            "600",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
     )
     line = proc.stdout.readline()
     m = re.search(r"(http://\S+:\d+)", line)
@@ -198,8 +216,9 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
-def row(fn: str, mode: str, workers, batch: int, lats: list[float], items: int, seconds: float,
-        errors: int, cpu_s: float) -> dict:
+def row(
+    fn: str, mode: str, workers, batch: int, lats: list[float], items: int, seconds: float, errors: int, cpu_s: float
+) -> dict:
     return {
         "reward_fn": fn,
         "mode": mode,
@@ -245,8 +264,9 @@ def bench_batches(url: str, fn: str, workers: int, src, plan: dict[int, int], me
     return rows
 
 
-def bench_per_sample(url: str, fn: str, workers: int, src, n: int, concurrency: int, meter: CpuMeter,
-                     fresh: bool = False) -> dict:
+def bench_per_sample(
+    url: str, fn: str, workers: int, src, n: int, concurrency: int, meter: CpuMeter, fresh: bool = False
+) -> dict:
     """One request per item; ``fresh``: a new TCP connection for each."""
     items = src.items(n)
     # "Connection: close" makes each request open its own connection, as a fresh requests.post
@@ -337,15 +357,19 @@ def main(argv: list[str] | None = None) -> int:
     for fn in args.reward_fns:
         rows += bench_inline(fn, sources[fn], {64: plan[64], 1024: plan[1024]})
 
-    header = (f"{'fn':<7}{'mode':<21}{'workers':>7}{'batch':>6}{'reqs':>6}{'items/s':>10}{'p50 ms':>10}"
-              f"{'p99 ms':>10}{'max ms':>10}{'cpu ms/item':>13}{'errors':>7}")
+    header = (
+        f"{'fn':<7}{'mode':<21}{'workers':>7}{'batch':>6}{'reqs':>6}{'items/s':>10}{'p50 ms':>10}"
+        f"{'p99 ms':>10}{'max ms':>10}{'cpu ms/item':>13}{'errors':>7}"
+    )
     print(header)
     print("-" * len(header))
     for fn in args.reward_fns:
         for r in (r for r in rows if r["reward_fn"] == fn):
-            print(f"{fn:<7}{r['mode']:<21}{r['workers']!s:>7}{r['batch']:>6}{r['requests']:>6}"
-                  f"{r['items_per_s']:>10.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['max_ms']:>10.1f}"
-                  f"{r['cpu_ms_per_item']:>13.3f}{r['errors']:>7}")
+            print(
+                f"{fn:<7}{r['mode']:<21}{r['workers']!s:>7}{r['batch']:>6}{r['requests']:>6}"
+                f"{r['items_per_s']:>10.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{r['max_ms']:>10.1f}"
+                f"{r['cpu_ms_per_item']:>13.3f}{r['errors']:>7}"
+            )
     checks, targets = summarise(rows, args.workers, args.reward_fns)
     load_end = round(os.getloadavg()[0], 2)
     print(f"\nload average (1 min) at start / end: {load_start} / {load_end} on {os.cpu_count()} CPUs")

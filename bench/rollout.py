@@ -37,11 +37,18 @@ def bench_backend(backend: str, args: argparse.Namespace, assets: Any) -> dict[s
     examples = load_split(assets.data_dir, "train").examples
     examples = [examples[i % len(examples)] for i in range(args.prompts)]
     requests = [RolloutRequest.from_example(ex, images=[load_image(p) for p in ex.image_paths]) for ex in examples]
-    spec = SamplingSpec(n=args.n, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens,
-                        min_tokens=args.max_tokens, seed=0)
+    spec = SamplingSpec(
+        n=args.n, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens, min_tokens=args.max_tokens, seed=0
+    )
     t0 = time.perf_counter()
-    worker = RolloutWorker(assets.model_dir, backend=backend, dtype=args.dtype, min_pixels=args.min_pixels,
-                           max_pixels=args.max_pixels, max_model_len=args.max_model_len)
+    worker = RolloutWorker(
+        assets.model_dir,
+        backend=backend,
+        dtype=args.dtype,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        max_model_len=args.max_model_len,
+    )
     start_s = time.perf_counter() - t0
     try:
         worker.generate(requests[:2], spec)  # warm-up (first-call allocations, caches)
@@ -71,10 +78,16 @@ def bench_backend(backend: str, args: argparse.Namespace, assets: Any) -> dict[s
         gen_s = statistics.median(times)
         tok = statistics.median(tokens)
         return {
-            "backend": backend, "engine_start_s": round(start_s, 2), "generate_s": round(gen_s, 3),
-            "tokens": int(tok), "tokens_per_s": round(tok / gen_s, 1), "requests_per_s": round(args.prompts / gen_s, 2),
-            "samples_per_s": round(args.prompts * args.n / gen_s, 1), "weight_sync_s": round(statistics.median(sync), 4),
-            "weight_bytes": len(blob), "generate_s_all": [round(t, 3) for t in times],
+            "backend": backend,
+            "engine_start_s": round(start_s, 2),
+            "generate_s": round(gen_s, 3),
+            "tokens": int(tok),
+            "tokens_per_s": round(tok / gen_s, 1),
+            "requests_per_s": round(args.prompts / gen_s, 2),
+            "samples_per_s": round(args.prompts * args.n / gen_s, 1),
+            "weight_sync_s": round(statistics.median(sync), 4),
+            "weight_bytes": len(blob),
+            "generate_s_all": [round(t, 3) for t in times],
         }
     finally:
         worker.shutdown()
@@ -97,14 +110,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.demo import DatasetSizes, build_demo_assets
 
-    assets = build_demo_assets(args.assets, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                               sizes=DatasetSizes(train=64, validation=8, sft=8))
+    assets = build_demo_assets(
+        args.assets,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        sizes=DatasetSizes(train=64, validation=8, sft=8),
+    )
     rows = [bench_backend(b.strip(), args, assets) for b in args.backends.split(",") if b.strip()]
     by = {r["backend"]: r for r in rows}
     ratio = (by["vllm"]["tokens_per_s"] / by["hf"]["tokens_per_s"]) if {"vllm", "hf"} <= set(by) else None
 
-    cols = ["backend", "engine_start_s", "generate_s", "tokens", "tokens_per_s", "requests_per_s", "samples_per_s",
-            "weight_sync_s"]
+    cols = [
+        "backend",
+        "engine_start_s",
+        "generate_s",
+        "tokens",
+        "tokens_per_s",
+        "requests_per_s",
+        "samples_per_s",
+        "weight_sync_s",
+    ]
     print(f"\nrollout: {args.prompts} prompts x n={args.n} x {args.max_tokens} tokens, 1 image each, {args.dtype}")
     print(" | ".join(f"{c:>14}" for c in cols))
     for r in rows:
@@ -115,9 +140,14 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cuda": torch.cuda.is_available(),
-                    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"},
-        "results": rows, "vllm_over_hf_tokens_per_s": ratio,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "cuda": torch.cuda.is_available(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        },
+        "results": rows,
+        "vllm_over_hf_tokens_per_s": ratio,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,8 +55,14 @@ from bench._common import machine_info, write_report  # noqa: E402
 from bench._common import warn_if_loaded as _warn_if_loaded  # noqa: E402
 
 # The tiny job of the end-to-end tests: a step in a couple of seconds, for checking the script.
-TINY = ["rollout.batch_size=4", "rollout.n=4", "rollout.max_tokens=8", "learner.mini_batch_size=16",
-        "learner.micro_batch_size=8", "logprob.micro_batch_size=16"]
+TINY = [
+    "rollout.batch_size=4",
+    "rollout.n=4",
+    "rollout.max_tokens=8",
+    "learner.mini_batch_size=16",
+    "learner.micro_batch_size=8",
+    "logprob.micro_batch_size=16",
+]
 
 # Variant -> overrides on top of the shared config. beta (the reference pass) comes from the
 # config, so every variant pays the same reference pass and only the masked pass differs.
@@ -72,7 +78,7 @@ PHASES = ["gen", "corruption_submit", "reward", "logprobs", "update", "sync", "s
 SHORT = {"corruption_submit": "corrupt_sub"}  # table headers are 11 wide
 
 
-def warn_if_loaded(when: str) -> Optional[str]:
+def warn_if_loaded(when: str) -> str | None:
     return _warn_if_loaded(when, "timings are noisy and variants measured at different times are not comparable")
 
 
@@ -81,10 +87,19 @@ def run_variant(name: str, base: list[str], args: argparse.Namespace, out_dir: P
     from trainer.config import named_config, resolve_config
     from trainer.driver import Trainer
 
-    overrides = base + VARIANTS[name] + [
-        f"trainer.output_dir={out_dir}", f"trainer.name={name}_r{rnd}",
-        f"trainer.total_steps={args.warmup + args.steps}",
-        "trainer.eval_every=0", "trainer.save_every=0", "trainer.tensorboard=false", "trainer.plot=false"]
+    overrides = (
+        base
+        + VARIANTS[name]
+        + [
+            f"trainer.output_dir={out_dir}",
+            f"trainer.name={name}_r{rnd}",
+            f"trainer.total_steps={args.warmup + args.steps}",
+            "trainer.eval_every=0",
+            "trainer.save_every=0",
+            "trainer.tensorboard=false",
+            "trainer.plot=false",
+        ]
+    )
     cfg = resolve_config([named_config(args.config)], overrides)
     load_before = list(os.getloadavg())
     t0 = time.perf_counter()
@@ -96,15 +111,25 @@ def run_variant(name: str, base: list[str], args: argparse.Namespace, out_dir: P
             m = trainer.step(k)
             timing = {key.removeprefix("timing/"): float(v) for key, v in m.items() if key.startswith("timing/")}
             tag = "warm-up" if k <= args.warmup else "measured"
-            print(f"  {name} round {rnd} step {k} ({tag}): {timing.get('step', float('nan')):.2f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {name} round {rnd} step {k} ({tag}): {timing.get('step', float('nan')):.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             if k > args.warmup:
                 steps.append(timing)
     finally:
         trainer.close()
-    return {"variant": name, "round": rnd, "masked_logp": cfg.perception.masked_logp,
-            "needs_masked_pass": cfg.needs_masked_pass, "start_s": start_s, "steps": steps,
-            "loadavg_before": load_before, "loadavg_after": list(os.getloadavg())}
+    return {
+        "variant": name,
+        "round": rnd,
+        "masked_logp": cfg.perception.masked_logp,
+        "needs_masked_pass": cfg.needs_masked_pass,
+        "start_s": start_s,
+        "steps": steps,
+        "loadavg_before": load_before,
+        "loadavg_after": list(os.getloadavg()),
+    }
 
 
 def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -113,12 +138,18 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     phases = PHASES + sorted({p for s in steps for p in s} - set(PHASES))
     # A phase absent from a step (e.g. corruption_submit under GRPO) costs 0 there.
     mean = {p: statistics.mean(s.get(p, 0.0) for s in steps) for p in phases}
-    return {"variant": name, "overrides": VARIANTS[name], "masked_logp": runs[0]["masked_logp"],
-            "needs_masked_pass": runs[0]["needs_masked_pass"],
-            "start_s": statistics.mean(r["start_s"] for r in runs), "mean_s": mean,
-            "median_step_s": statistics.median(s["step"] for s in steps),
-            "stdev_step_s": statistics.stdev(s["step"] for s in steps) if len(steps) > 1 else 0.0,
-            "measured_steps": len(steps), "rounds": runs}
+    return {
+        "variant": name,
+        "overrides": VARIANTS[name],
+        "masked_logp": runs[0]["masked_logp"],
+        "needs_masked_pass": runs[0]["needs_masked_pass"],
+        "start_s": statistics.mean(r["start_s"] for r in runs),
+        "mean_s": mean,
+        "median_step_s": statistics.median(s["step"] for s in steps),
+        "stdev_step_s": statistics.stdev(s["step"] for s in steps) if len(steps) > 1 else 0.0,
+        "measured_steps": len(steps),
+        "rounds": runs,
+    }
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -144,8 +175,11 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             "logprobs_mean": div(r["mean_s"]["logprobs"], base["mean_s"]["logprobs"]),
             "added_s_per_step": r["mean_s"]["step"] - base["mean_s"]["step"],
             # The spread of the ratio across rounds says how much the load moved it.
-            "step_mean_by_round": [div(mean_step(a), mean_step(base_by_round[a["round"]])) for a in r["rounds"]
-                                   if a["round"] in base_by_round],
+            "step_mean_by_round": [
+                div(mean_step(a), mean_step(base_by_round[a["round"]]))
+                for a in r["rounds"]
+                if a["round"] in base_by_round
+            ],
         }
     return out
 
@@ -153,10 +187,15 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def print_table(rows: list[dict[str, Any]], rat: dict[str, dict[str, float]], title: str) -> None:
     phases = PHASES + sorted({p for r in rows for p in r["mean_s"]} - set(PHASES))
     print(f"\n{title}")
-    print("mean seconds per measured step, by phase as the driver times it (the phases follow one another "
-          "and add up to about the step; start s = the variant's service start-up)")
-    head = (f"{'variant':<18} {'start s':>7} " + " ".join(f"{SHORT.get(p, p)[:11]:>11}" for p in phases)
-            + f" {'median step':>11}")
+    print(
+        "mean seconds per measured step, by phase as the driver times it (the phases follow one another "
+        "and add up to about the step; start s = the variant's service start-up)"
+    )
+    head = (
+        f"{'variant':<18} {'start s':>7} "
+        + " ".join(f"{SHORT.get(p, p)[:11]:>11}" for p in phases)
+        + f" {'median step':>11}"
+    )
     print(head)
     for r in rows:
         cells = " ".join(f"{r['mean_s'].get(p, 0.0):>11.3f}" for p in phases)
@@ -166,26 +205,46 @@ def print_table(rows: list[dict[str, Any]], rat: dict[str, dict[str, float]], ti
         for name, q in rat.items():
             by_round = q["step_mean_by_round"]
             rounds = "  by round: " + " ".join(f"{x:.2f}x" for x in by_round) if len(by_round) > 1 else ""
-            print(f"{name:<18} {q['step_mean']:>10.2f}x {q['step_median']:>12.2f}x {q['logprobs_mean']:>8.2f}x "
-                  f"{q['added_s_per_step']:>+12.3f}{rounds}")
+            print(
+                f"{name:<18} {q['step_mean']:>10.2f}x {q['step_median']:>12.2f}x {q['logprobs_mean']:>8.2f}x "
+                f"{q['added_s_per_step']:>+12.3f}{rounds}"
+            )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="demo", help="shipped config name or YAML path (default: demo)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="a dotted config override for every variant (repeatable)")
-    ap.add_argument("--tiny", action="store_true",
-                    help="4 prompts x n=4 x 8 tokens (the e2e tests' job): a quick check")
-    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                    help=f"comma-separated, from {', '.join(VARIANTS)} (default: %(default)s)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dotted config override for every variant (repeatable)",
+    )
+    ap.add_argument(
+        "--tiny", action="store_true", help="4 prompts x n=4 x 8 tokens (the e2e tests' job): a quick check"
+    )
+    ap.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, from {', '.join(VARIANTS)} (default: %(default)s)",
+    )
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per variant (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=15, help="measured steps per variant (default: %(default)s)")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat the variants this many times, order reversed every other round, and pool the "
-                         "steps (each round restarts the services; default: %(default)s)")
-    ap.add_argument("--ray-cpus", type=float, default=4,
-                    help="logical CPUs of the local Ray cluster (fractional actor requests share the real cores)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the variants this many times, order reversed every other round, and pool the "
+        "steps (each round restarts the services; default: %(default)s)",
+    )
+    ap.add_argument(
+        "--ray-cpus",
+        type=float,
+        default=4,
+        help="logical CPUs of the local Ray cluster (fractional actor requests share the real cores)",
+    )
     ap.add_argument("--run-dir", default=None, help="where the variants' run folders go (default: a temp folder)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_overhead.json"))
     args = ap.parse_args(argv)
@@ -211,7 +270,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for rnd in range(args.rounds):
                 # Reversed every other round (A B C, C B A, ...): a load that drifts steadily over
                 # the run then weighs on every variant alike.
-                for name in (names if rnd % 2 == 0 else names[::-1]):
+                for name in names if rnd % 2 == 0 else names[::-1]:
                     try:
                         runs.setdefault(name, []).append(run_variant(name, base, args, out_dir, rnd))
                     except Exception as e:  # reported; the other variants still give their numbers
@@ -225,19 +284,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = [summarise(name, runs[name]) for name in names if runs.get(name)]
 
     rat = ratios(rows)
-    title = (f"step overhead: config {args.config}{' --tiny' if args.tiny else ''} {' '.join(args.overrides)}; "
-             f"{args.rounds} round(s) x ({args.warmup} warm-up + {args.steps} measured steps) per variant; "
-             f"{machine['cpus']} CPUs, load {machine['loadavg'][0]:.1f} at start")
+    title = (
+        f"step overhead: config {args.config}{' --tiny' if args.tiny else ''} {' '.join(args.overrides)}; "
+        f"{args.rounds} round(s) x ({args.warmup} warm-up + {args.steps} measured steps) per variant; "
+        f"{machine['cpus']} CPUs, load {machine['loadavg'][0]:.1f} at start"
+    )
     print_table(rows, rat, title)
     for f in failures:
         print(f"FAILED: {f['variant']} round {f['round']}: {f['error']}")
     if warnings:
         print(f"{len(warnings)} load warning(s): treat these numbers as a check of the script, not a result")
-    report = {"config": {"config": args.config, "tiny": args.tiny, "overrides": base, "variants": names,
-                         "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
-                         "ray_cpus": args.ray_cpus},
-              "machine": machine, "loadavg_end": list(os.getloadavg()), "warnings": warnings,
-              "results": rows, "ratios_over_grpo": rat, "failures": failures}
+    report = {
+        "config": {
+            "config": args.config,
+            "tiny": args.tiny,
+            "overrides": base,
+            "variants": names,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "ray_cpus": args.ray_cpus,
+        },
+        "machine": machine,
+        "loadavg_end": list(os.getloadavg()),
+        "warnings": warnings,
+        "results": rows,
+        "ratios_over_grpo": rat,
+        "failures": failures,
+    }
     write_report(args.out, report)
     return 1 if failures else 0
 

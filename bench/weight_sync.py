@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import pickle
 import statistics
 import sys
@@ -41,8 +40,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import machine_info, warn_if_loaded, write_report  # noqa: E402
 from trainer.learner import free_port  # noqa: E402
-from trainer.weights import (WeightGroup, WeightsHandle, digest, join_weight_group, load_handle,  # noqa: E402
-                             pack_state_dict, release_cuda_ipc, share_cuda_ipc, unpack_state_dict)
+from trainer.weights import (  # noqa: E402
+    WeightGroup,
+    WeightsHandle,
+    digest,
+    join_weight_group,
+    load_handle,
+    pack_state_dict,
+    release_cuda_ipc,
+    share_cuda_ipc,
+    unpack_state_dict,
+)
 
 
 def model_shapes(params: float, vocab: int = 151_936) -> dict[str, tuple[int, ...]]:
@@ -51,12 +59,20 @@ def model_shapes(params: float, vocab: int = 151_936) -> dict[str, tuple[int, ..
     hidden = 2048 if params >= 1e9 else 896
     inter = int(hidden * 5.5) // 64 * 64
     kv = hidden // 8
-    per_layer = {"self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv, hidden),
-                 "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, hidden),
-                 "self_attn.q_proj.bias": (hidden,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-                 "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
-                 "mlp.down_proj.weight": (hidden, inter), "input_layernorm.weight": (hidden,),
-                 "post_attention_layernorm.weight": (hidden,)}
+    per_layer = {
+        "self_attn.q_proj.weight": (hidden, hidden),
+        "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden),
+        "self_attn.o_proj.weight": (hidden, hidden),
+        "self_attn.q_proj.bias": (hidden,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+    }
     layer_params = sum(int(torch.Size(s).numel()) for s in per_layer.values())
     layers = max(1, round((params - vocab * hidden) / layer_params))
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
@@ -104,12 +120,22 @@ def receiver(conn: Any, shapes: dict[str, tuple[int, ...]], dtype: str, device: 
         _sync(dev)
         del state
         t1 = time.perf_counter()
-        conn.send_bytes(pickle.dumps({"read_s": t_read - t0, "open_s": t_open - t_read, "copy_s": t1 - t_open,
-                                      "total_s": t1 - t0, "checksum": param_checksum(params)}))
+        conn.send_bytes(
+            pickle.dumps(
+                {
+                    "read_s": t_read - t0,
+                    "open_s": t_open - t_read,
+                    "copy_s": t1 - t_open,
+                    "total_s": t1 - t0,
+                    "checksum": param_checksum(params),
+                }
+            )
+        )
 
 
-def publish(transport: str, state: dict[str, torch.Tensor], version: int, shm: Path,
-            group: WeightGroup | None = None) -> tuple[WeightsHandle, str, dict]:
+def publish(
+    transport: str, state: dict[str, torch.Tensor], version: int, shm: Path, group: WeightGroup | None = None
+) -> tuple[WeightsHandle, str, dict]:
     device = next(iter(state.values())).device
     t0 = time.perf_counter()
     if transport == "cuda_ipc":
@@ -128,8 +154,11 @@ def publish(transport: str, state: dict[str, torch.Tensor], version: int, shm: P
     path = shm / f"papo-bench-v{version}.safetensors"
     path.write_bytes(blob)
     t1 = time.perf_counter()
-    return handle, str(path), {"publish_s": t1 - t0, "d2h_s": t_host - t0, "pack_digest_s": t_pack - t_host,
-                               "shm_write_s": t1 - t_pack}
+    return (
+        handle,
+        str(path),
+        {"publish_s": t1 - t0, "d2h_s": t_host - t0, "pack_digest_s": t_pack - t_host, "shm_write_s": t1 - t_pack},
+    )
 
 
 def main() -> None:
@@ -137,8 +166,13 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=None, help="model size (default 1.5e9 on GPU, 2e8 on CPU)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--transports", nargs="+", default=None, choices=["object_store", "cuda_ipc", "gloo"],
-                    help="default: object_store, cuda_ipc and gloo on GPU; object_store and gloo on CPU")
+    ap.add_argument(
+        "--transports",
+        nargs="+",
+        default=None,
+        choices=["object_store", "cuda_ipc", "gloo"],
+        help="default: object_store, cuda_ipc and gloo on GPU; object_store and gloo on CPU",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "weight_sync.json"))
     args = ap.parse_args()
 
@@ -153,8 +187,11 @@ def main() -> None:
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     want = param_checksum(state)
     warning = warn_if_loaded("start", "CPU-side times are inflated")
-    print(f"{n_params / 1e9:.2f} B params ({len(state)} tensors, {nbytes / 2**30:.2f} GiB {args.dtype}) on {device}; "
-          f"{args.repeats} timed syncs per transport after one warm-up", flush=True)
+    print(
+        f"{n_params / 1e9:.2f} B params ({len(state)} tensors, {nbytes / 2**30:.2f} GiB {args.dtype}) on {device}; "
+        f"{args.repeats} timed syncs per transport after one warm-up",
+        flush=True,
+    )
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -188,7 +225,9 @@ def main() -> None:
                 if got["checksum"] != want:
                     raise RuntimeError(f"{transport}: receiver's weights differ from the published ones")
                 if rep:  # the first sync warms allocators, page cache and CUDA contexts
-                    timings.append({"total_s": total, **pub, **{f"recv_{k}": v for k, v in got.items() if k != "checksum"}})
+                    timings.append(
+                        {"total_s": total, **pub, **{f"recv_{k}": v for k, v in got.items() if k != "checksum"}}
+                    )
             release_cuda_ipc()
             row = {"transport": transport, **{k: statistics.median(t[k] for t in timings) for k in timings[0]}}
             row["GB/s"] = nbytes / 1e9 / row["total_s"]
@@ -202,12 +241,27 @@ def main() -> None:
             proc.kill()
 
     base = rows[0]["total_s"]
-    print(f"\n{'transport':<14}{'sync s':>9}{'GB/s':>8}{'publish s':>11}{'receive s':>11}{'vs ' + rows[0]['transport']:>18}")
+    print(
+        f"\n{'transport':<14}{'sync s':>9}{'GB/s':>8}{'publish s':>11}{'receive s':>11}"
+        f"{'vs ' + rows[0]['transport']:>18}"
+    )
     for r in rows:
-        print(f"{r['transport']:<14}{r['total_s']:>9.3f}{r['GB/s']:>8.1f}{r['publish_s']:>11.3f}{r['recv_total_s']:>11.3f}"
-              f"{base / r['total_s']:>17.1f}x")
-    write_report(args.out, {"machine": machine_info(), "warning": warning, "params": n_params, "bytes": nbytes,
-                            "dtype": args.dtype, "repeats": args.repeats, "rows": rows})
+        print(
+            f"{r['transport']:<14}{r['total_s']:>9.3f}{r['GB/s']:>8.1f}{r['publish_s']:>11.3f}{r['recv_total_s']:>11.3f}"
+            f"{base / r['total_s']:>17.1f}x"
+        )
+    write_report(
+        args.out,
+        {
+            "machine": machine_info(),
+            "warning": warning,
+            "params": n_params,
+            "bytes": nbytes,
+            "dtype": args.dtype,
+            "repeats": args.repeats,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import httpx
 
@@ -27,13 +28,13 @@ class RewardServerError(RuntimeError):
     requests were made.
     """
 
-    def __init__(self, message: str, status: Optional[int] = None, attempts: int = 1) -> None:
+    def __init__(self, message: str, status: int | None = None, attempts: int = 1) -> None:
         super().__init__(message)
         self.status = status
         self.attempts = attempts
 
 
-Item = Union[tuple[str, str], Mapping[str, str]]
+Item = tuple[str, str] | Mapping[str, str]
 
 
 class RewardClient:
@@ -51,7 +52,7 @@ class RewardClient:
     def __init__(
         self,
         url: str,
-        token: Optional[str] = None,
+        token: str | None = None,
         timeout: float = 120.0,
         retries: int = 3,
         backoff_s: float = 0.5,
@@ -68,7 +69,7 @@ class RewardClient:
         self.max_backoff_s = max_backoff_s
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
-    def score(self, items: Sequence[Item], reward_fn: Optional[str] = None) -> list[dict[str, Any]]:
+    def score(self, items: Sequence[Item], reward_fn: str | None = None) -> list[dict[str, Any]]:
         """Grade ``items`` (``(response, ground_truth)`` pairs or dicts with those keys).
 
         Returns one ``{"overall", "accuracy", "format", "error"}`` per item, in order. Items the
@@ -92,7 +93,7 @@ class RewardClient:
         return scores
 
     def score_batch(
-        self, responses: Sequence[str], ground_truths: Sequence[str], reward_fn: Optional[str] = None
+        self, responses: Sequence[str], ground_truths: Sequence[str], reward_fn: str | None = None
     ) -> list[dict[str, Any]]:
         """`score` for parallel lists."""
         if len(responses) != len(ground_truths):
@@ -111,7 +112,7 @@ class RewardClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "RewardClient":
+    def __enter__(self) -> RewardClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -121,7 +122,7 @@ class RewardClient:
         attempts = 0
         delay = self.backoff_s
         last_error = ""
-        last_status: Optional[int] = None
+        last_status: int | None = None
         while True:
             attempts += 1
             try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
-from typing import Optional
 
 __all__ = [
     "last_boxed",
@@ -66,7 +65,7 @@ def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
     return spans
 
 
-def last_boxed(text: str) -> Optional[str]:
+def last_boxed(text: str) -> str | None:
     """Content of the last brace-matched ``\\boxed{...}`` in ``text`` (stripped), or None.
 
     "Last" is by opening position, so for ``\\boxed{\\boxed{3}}`` it is the inner ``3``. A final
@@ -143,7 +142,7 @@ def normalize_answer(text: str) -> str:
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?")
 
 
-def as_number(text: str) -> Optional[float]:
+def as_number(text: str) -> float | None:
     """The value of a plain decimal number (after `normalize_answer`), else None.
 
     Thousands separators written ``1,000`` or ``1{,}000`` are accepted only in groups of three,
@@ -171,7 +170,7 @@ _ANSWER_IS_RE = re.compile(
 _BARE_LETTER_RE = re.compile(r"^[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*\.?$")
 
 
-def choice_letter(text: str) -> Optional[str]:
+def choice_letter(text: str) -> str | None:
     """The option letter of a short answer string (``B``, ``(B)``, ``B.``, ``\\text{B}``, ``B: 42``).
 
     Returns the upper-case letter, or None when the text is not a single-option answer.
@@ -181,7 +180,7 @@ def choice_letter(text: str) -> Optional[str]:
     return m.group(1).upper() if m else None
 
 
-def answer_letter(response: str) -> Optional[str]:
+def answer_letter(response: str) -> str | None:
     """The option the response chose, or None.
 
     Order: the last ``\\boxed{}`` (when present it is the answer, even if not a letter); else the
@@ -206,7 +205,7 @@ _FRAC_RE = re.compile(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}")
 _SLASH_RE = re.compile(r"([+-]?\d+)/(\d+)")
 
 
-def simple_number(text: str) -> Optional[tuple[Fraction, bool]]:
+def simple_number(text: str) -> tuple[Fraction, bool] | None:
     """``(value, exact)`` of an integer, a decimal or an integer fraction (``\\frac{3}{4}``,
     ``\\dfrac{-1}{2}``, ``3/4``), else None. ``exact`` is False for decimals, which math-verify
     compares rounded (as floats) rather than exactly. Exponents and percentages are not simple.

@@ -197,4 +197,3 @@ def describe() -> dict[str, str]:
         "choice": "multiple-choice option letter (\\boxed{B}, (B), B., 'the answer is B')",
         "exact": "normalised exact match of the last \\boxed{} (case, spaces, \\text{} ignored)",
     }
-

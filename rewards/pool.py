@@ -39,10 +39,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from rewards import registry
 from rewards.functions import DEFAULT_FORMAT_WEIGHT
@@ -81,8 +82,23 @@ def error_score(error: str) -> dict[str, Any]:
 # per process, so a worker forked after these parses starts with a warm cache (~20% faster on
 # its first few hundred items than after a single warm-up parse).
 _WARM_UP_ANSWERS = (
-    r"\frac{1}{2}", "0.5", "-3", r"50\%", "[1,2)", "(1,2)", r"\{1,2\}", r"2\sqrt{3}", "x^2+1", r"\pi",
-    r"(-\infty, 3]", r"5\text{ cm}", r"30^\circ", "x=3", r"\dfrac{3}{4}", "1,2", "12.5",
+    r"\frac{1}{2}",
+    "0.5",
+    "-3",
+    r"50\%",
+    "[1,2)",
+    "(1,2)",
+    r"\{1,2\}",
+    r"2\sqrt{3}",
+    "x^2+1",
+    r"\pi",
+    r"(-\infty, 3]",
+    r"5\text{ cm}",
+    r"30^\circ",
+    "x=3",
+    r"\dfrac{3}{4}",
+    "1,2",
+    "12.5",
 )
 
 
@@ -94,7 +110,7 @@ def warm_up() -> None:
         math_reward(f"<think>warm-up</think> \\boxed{{{answer}}}", "7")
 
 
-def worker_loop(fd: int, format_weight: float, memory_limit_mb: Optional[int]) -> None:
+def worker_loop(fd: int, format_weight: float, memory_limit_mb: int | None) -> None:
     """Grade ``(task_id, name, response, ground_truth)`` messages from ``fd`` until EOF or None.
 
     Replies ``(task_id, score_dict, None)`` or ``(task_id, None, exception type name)``.
@@ -131,10 +147,10 @@ def worker_loop(fd: int, format_weight: float, memory_limit_mb: Optional[int]) -
 
 @dataclass(eq=False)
 class _Batch:
-    results: list[Optional[dict[str, Any]]]
+    results: list[dict[str, Any] | None]
     remaining: int
     future: Future
-    deadline: Optional[float]
+    deadline: float | None
     done: bool = False
 
 
@@ -188,9 +204,7 @@ class _Zygote:
             ready = b""
         if ready != b"R":
             self.close()
-            raise RuntimeError(
-                f"the grading zygote did not start (exit code {self.proc.poll()}); see its stderr above"
-            )
+            raise RuntimeError(f"the grading zygote did not start (exit code {self.proc.poll()}); see its stderr above")
         self.sock.settimeout(10.0)
 
     def spawn(self) -> _Worker:
@@ -240,10 +254,10 @@ class GradingPool:
         workers: int = 2,
         timeout_s: float = 5.0,
         format_weight: float = DEFAULT_FORMAT_WEIGHT,
-        fn: Optional[str] = None,
-        user_functions: Optional[Mapping[str, str]] = None,
-        deadline_s: Optional[float] = 120.0,
-        memory_limit_mb: Optional[int] = 4096,
+        fn: str | None = None,
+        user_functions: Mapping[str, str] | None = None,
+        deadline_s: float | None = 120.0,
+        memory_limit_mb: int | None = 4096,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -278,7 +292,7 @@ class GradingPool:
         self._ids = itertools.count()
         self._pending: collections.deque[_Task] = collections.deque()
         self._batches: set[_Batch] = set()
-        self._slots: list[Optional[_Worker]] = [None] * self.workers
+        self._slots: list[_Worker | None] = [None] * self.workers
         self._spawn_retry_at = 0.0
         self._stats = collections.Counter()
         self._errors: collections.Counter[str] = collections.Counter()
@@ -293,8 +307,8 @@ class GradingPool:
         self,
         reward_fn: str,
         items: Sequence[tuple[str, str]],
-        deadline_s: Optional[float] = None,
-    ) -> "Future[list[dict[str, Any]]]":
+        deadline_s: float | None = None,
+    ) -> Future[list[dict[str, Any]]]:
         """Queue a batch; the future resolves to one score dict per item, in order.
 
         Each dict has ``overall``, ``accuracy``, ``format`` and ``error`` (None when graded).
@@ -326,7 +340,7 @@ class GradingPool:
         self,
         reward_fn: str,
         items: Sequence[tuple[str, str]],
-        deadline_s: Optional[float] = None,
+        deadline_s: float | None = None,
     ) -> list[dict[str, Any]]:
         """Blocking `submit`."""
         return self.submit(reward_fn, items, deadline_s).result()
@@ -372,7 +386,7 @@ class GradingPool:
         if self._thread.is_alive():  # pragma: no cover - only if the dispatcher itself hangs
             log.error("grading dispatcher did not stop within %.1f s", timeout)
 
-    def __enter__(self) -> "GradingPool":
+    def __enter__(self) -> GradingPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -457,7 +471,7 @@ class GradingPool:
                     self._spawn_retry_at = time.monotonic() + _SPAWN_BACKOFF_S
                     return
 
-    def _next_wakeup(self, now: float) -> Optional[float]:
+    def _next_wakeup(self, now: float) -> float | None:
         times = []
         for w in self._slots:
             if w is None:

@@ -15,7 +15,8 @@ import inspect
 import math
 import os
 import threading
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from rewards import functions as _builtin
 from rewards.extract import format_score
@@ -114,7 +115,7 @@ def load_user_function(spec: str) -> RewardFn:
     return fn
 
 
-def register_user_function(spec: str, name: Optional[str] = None) -> str:
+def register_user_function(spec: str, name: str | None = None) -> str:
     """Load ``path/to/file.py:fn`` and register it (under ``name`` or the function's name).
 
     Returns the registered name. Registering the same spec again replaces the earlier load.
@@ -125,7 +126,7 @@ def register_user_function(spec: str, name: Optional[str] = None) -> str:
     return reg_name
 
 
-def register_user_functions(user_functions: Optional[Mapping[str, str]] = None, fn: Optional[str] = None) -> list[str]:
+def register_user_functions(user_functions: Mapping[str, str] | None = None, fn: str | None = None) -> list[str]:
     """Register the operator's functions: ``user_functions`` (name -> spec) and ``fn`` when it is
     a spec rather than a name. Returns the names registered. Used by every process that grades
     (server, grading workers), so they agree on the registry.

@@ -42,8 +42,10 @@ def patch(path: Path) -> bool:
         if _guarded(op) in text:
             continue
         if text.count(_original(op)) != 1:
-            raise SystemExit(f"{path}: expected one unguarded registration of torchvision::{op}; "
-                             "this torchvision version is not the one the pins expect")
+            raise SystemExit(
+                f"{path}: expected one unguarded registration of torchvision::{op}; "
+                "this torchvision version is not the one the pins expect"
+            )
         text = text.replace(_original(op), _guarded(op))
         changed = True
     if changed:
@@ -59,7 +61,8 @@ def main() -> None:
     changed = patch(target)
     check = subprocess.run(
         [sys.executable, "-c", "import torchvision.transforms.v2, torchvision; print(torchvision.__version__)"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if check.returncode != 0:
         raise SystemExit(f"torchvision still fails to import after patching {target}:\n{check.stderr[-2000:]}")

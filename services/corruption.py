@@ -32,7 +32,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -40,7 +40,7 @@ from PIL import Image
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import ray
 
-ImageLike = Union[Image.Image, np.ndarray]
+ImageLike = Image.Image | np.ndarray
 
 DEFAULT_STRATEGY = "patch_blackening"
 DEFAULT_PATCH_SIZE = 14
@@ -158,8 +158,7 @@ def _check_size(height: int, width: int, max_pixels: int) -> None:
         raise ValueError(f"zero-size image ({width}x{height} pixels) cannot be masked")
     if height * width > max_pixels:
         raise ValueError(
-            f"image of {width}x{height} = {height * width} pixels is above the pixel limit "
-            f"max_pixels={max_pixels}"
+            f"image of {width}x{height} = {height * width} pixels is above the pixel limit max_pixels={max_pixels}"
         )
 
 
@@ -196,13 +195,9 @@ def _to_pixels(image: Any, max_pixels: int) -> _Pixels:
 
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3):
-            raise ValueError(
-                f"image array must be HxW or HxWxC, got an array of shape {image.shape}"
-            )
+            raise ValueError(f"image array must be HxW or HxWxC, got an array of shape {image.shape}")
         if image.dtype.kind not in _ARRAY_KINDS:
-            raise TypeError(
-                f"image array dtype must be bool, integer or float, got {image.dtype}"
-            )
+            raise TypeError(f"image array dtype must be bool, integer or float, got {image.dtype}")
         height, width = image.shape[:2]
         _check_size(height, width, max_pixels)
         if image.ndim == 3 and image.shape[2] == 0:
@@ -212,9 +207,7 @@ def _to_pixels(image: Any, max_pixels: int) -> _Pixels:
         # A view for contiguous inputs; a copy only for strided ones (e.g. a flipped view).
         return _Pixels(np.ascontiguousarray(array), False, None, squeeze)
 
-    raise TypeError(
-        f"expected a PIL image or a numpy array (HxW or HxWxC), got {type(image).__name__}"
-    )
+    raise TypeError(f"expected a PIL image or a numpy array (HxW or HxWxC), got {type(image).__name__}")
 
 
 def _from_pixels(out: np.ndarray, pixels: _Pixels) -> ImageLike:
@@ -226,9 +219,7 @@ def _from_pixels(out: np.ndarray, pixels: _Pixels) -> ImageLike:
     # Every supported mode maps back to itself through numpy; guard it so a Pillow change
     # cannot silently alter the mode the caller gets.
     if image.mode != pixels.pil_mode:
-        raise RuntimeError(
-            f"internal error: PIL mode {pixels.pil_mode!r} came back as {image.mode!r}"
-        )
+        raise RuntimeError(f"internal error: PIL mode {pixels.pil_mode!r} came back as {image.mode!r}")
     return image
 
 
@@ -242,9 +233,7 @@ def grid_shape(height: int, width: int, patch_size: int) -> tuple[int, int]:
     return -(-height // patch_size), -(-width // patch_size)
 
 
-def draw_cells(
-    rng: np.random.Generator, height: int, width: int, patch_size: int, prob: float
-) -> np.ndarray:
+def draw_cells(rng: np.random.Generator, height: int, width: int, patch_size: int, prob: float) -> np.ndarray:
     """Boolean (rows, cols) grid, True where the cell is corrupted.
 
     One uniform draw per cell in row-major order, cell corrupted when ``draw < prob`` (the
@@ -277,8 +266,13 @@ def cells_to_pixels(cells: np.ndarray, height: int, width: int, patch_size: int)
 # 16-bit modes are absent on purpose: Pillow 13's paste through a "1" mask writes only the low
 # byte of I;16/I;16B pixels (found by the property tests), so those take the numpy path.
 _PIL_BLACK: dict[str, Any] = {
-    "1": 0, "L": 0, "I": 0, "F": 0.0,
-    "RGB": (0, 0, 0), "LA": (0, 255), "RGBA": (0, 0, 0, 255),
+    "1": 0,
+    "L": 0,
+    "I": 0,
+    "F": 0.0,
+    "RGB": (0, 0, 0),
+    "LA": (0, 255),
+    "RGBA": (0, 0, 0, 255),
 }
 
 
@@ -298,9 +292,7 @@ def _blacken_pil(image: Image.Image, cells: np.ndarray, patch_size: int) -> Imag
     return out
 
 
-def _mask_cells(
-    image: ImageLike, params: CorruptionParams, choose: Callable[[int, int], np.ndarray]
-) -> ImageLike:
+def _mask_cells(image: ImageLike, params: CorruptionParams, choose: Callable[[int, int], np.ndarray]) -> ImageLike:
     """Blacken the cells ``choose(height, width)`` selects, by the path that suits the type."""
     if isinstance(image, Image.Image):
         image = _prepare_pil(image, params.max_pixels)
@@ -411,7 +403,7 @@ def mask_seed(run_seed: int, row_id: int, epoch: int, image_index: int = 0) -> i
 # --------------------------------------------------------------------------------------------
 
 # A strategy maps (image, seed, params, precomputed value or None) to the corrupted image.
-Strategy = Callable[[ImageLike, Union[int, None], CorruptionParams, Any], ImageLike]
+Strategy = Callable[[ImageLike, int | None, CorruptionParams, Any], ImageLike]
 STRATEGIES: dict[str, Strategy] = {}
 
 
@@ -431,9 +423,7 @@ def get_strategy(name: str) -> Strategy:
     try:
         return STRATEGIES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown corruption strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}"
-        ) from None
+        raise ValueError(f"unknown corruption strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
 
 
 def corrupt(
@@ -450,9 +440,7 @@ def corrupt(
 
 
 @register_strategy("patch_blackening")
-def _patch_blackening(
-    image: ImageLike, seed: int | None, params: CorruptionParams, precomputed: Any
-) -> ImageLike:
+def _patch_blackening(image: ImageLike, seed: int | None, params: CorruptionParams, precomputed: Any) -> ImageLike:
     def choose(height: int, width: int) -> np.ndarray:
         return draw_cells(np.random.default_rng(seed), height, width, params.patch_size, params.prob)
 
@@ -460,10 +448,9 @@ def _patch_blackening(
 
 
 @register_strategy("full")
-def _full(
-    image: ImageLike, seed: int | None, params: CorruptionParams, precomputed: Any
-) -> ImageLike:
+def _full(image: ImageLike, seed: int | None, params: CorruptionParams, precomputed: Any) -> ImageLike:
     """The whole image black (the paper's masking-ratio 1.0 ablation); ignores the seed."""
+
     def choose(height: int, width: int) -> np.ndarray:
         return np.ones(grid_shape(height, width, params.patch_size), dtype=bool)
 
@@ -471,9 +458,7 @@ def _full(
 
 
 @register_strategy("noise")
-def _noise(
-    image: ImageLike, seed: int | None, params: CorruptionParams, precomputed: Any
-) -> ImageLike:
+def _noise(image: ImageLike, seed: int | None, params: CorruptionParams, precomputed: Any) -> ImageLike:
     """Cells chosen exactly as ``patch_blackening`` with the same seed, filled with noise.
 
     Each colour channel of a chosen pixel is drawn i.i.d. from N(0.5, noise_std) in units of
@@ -486,9 +471,7 @@ def _noise(
     src = pixels.array
     dtype = src.dtype
     if not (dtype.kind in "bf" or dtype in (np.dtype(np.uint8), np.dtype(np.uint16))):
-        raise ValueError(
-            f"noise strategy supports bool, uint8, uint16 and float images, got dtype {dtype}"
-        )
+        raise ValueError(f"noise strategy supports bool, uint8, uint16 and float images, got dtype {dtype}")
     height, width, channels = src.shape
     rng = np.random.default_rng(seed)
     cells = draw_cells(rng, height, width, params.patch_size, params.prob)
@@ -540,9 +523,7 @@ def _load_precomputed(value: Any, max_pixels: int) -> ImageLike:
 
 
 @register_strategy("precomputed")
-def _precomputed(
-    image: ImageLike, seed: int | None, params: CorruptionParams, precomputed: Any
-) -> ImageLike:
+def _precomputed(image: ImageLike, seed: int | None, params: CorruptionParams, precomputed: Any) -> ImageLike:
     """Pass through the row's pre-masked image (dataset column ``images_masked``).
 
     The masked image must have the original's size (the image-token count depends on it). It is
@@ -551,8 +532,7 @@ def _precomputed(
     """
     if precomputed is None:
         raise ValueError(
-            "strategy 'precomputed' needs the row's pre-masked image (column images_masked), "
-            "but none was given"
+            "strategy 'precomputed' needs the row's pre-masked image (column images_masked), but none was given"
         )
     if isinstance(image, Image.Image):
         original = _prepare_pil(image, params.max_pixels)  # validates; P -> RGB(A) as usual
@@ -607,9 +587,7 @@ class CorruptionService:
     ) -> None:
         self.strategy_name = strategy
         self.strategy = get_strategy(strategy)
-        self.params = CorruptionParams(
-            patch_size=patch_size, prob=prob, max_pixels=max_pixels, noise_std=noise_std
-        )
+        self.params = CorruptionParams(patch_size=patch_size, prob=prob, max_pixels=max_pixels, noise_std=noise_std)
 
     def mask_prompt(
         self,
@@ -621,10 +599,7 @@ class CorruptionService:
     ) -> list[ImageLike]:
         """The masked images of one prompt, in order."""
         if precomputed is not None and len(precomputed) != len(images):
-            raise ValueError(
-                f"row {row_id}: {len(precomputed)} precomputed masked images for "
-                f"{len(images)} images"
-            )
+            raise ValueError(f"row {row_id}: {len(precomputed)} precomputed masked images for {len(images)} images")
         out = []
         for index, image in enumerate(images):
             seed = mask_seed(run_seed, row_id, epoch, index)
@@ -721,14 +696,8 @@ class CorruptionPool:
             raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
         if not (isinstance(num_cpus, numbers.Real) and num_cpus > 0):
             raise ValueError(f"num_cpus must be a number > 0, got {num_cpus!r}")
-        if (
-            isinstance(prompts_per_call, bool)
-            or not isinstance(prompts_per_call, int)
-            or prompts_per_call < 1
-        ):
-            raise ValueError(
-                f"prompts_per_call must be an integer >= 1, got {prompts_per_call!r}"
-            )
+        if isinstance(prompts_per_call, bool) or not isinstance(prompts_per_call, int) or prompts_per_call < 1:
+            raise ValueError(f"prompts_per_call must be an integer >= 1, got {prompts_per_call!r}")
 
         self._ray = ray
         self.num_workers = num_workers
@@ -742,18 +711,13 @@ class CorruptionPool:
             max_restarts=max_restarts,
             max_task_retries=max_restarts,
         )
-        self._actors = [
-            actor_cls.remote(strategy, patch_size, prob, max_pixels, noise_std)
-            for _ in range(num_workers)
-        ]
+        self._actors = [actor_cls.remote(strategy, patch_size, prob, max_pixels, noise_std) for _ in range(num_workers)]
         self._in_flight: list[list[ray.ObjectRef]] = [[] for _ in self._actors]
         self._calls = [0] * num_workers
         self._next = itertools.cycle(range(num_workers))
         try:
             # Fail fast (instead of hanging the first step) when the actors cannot be placed.
-            self.pids = ray.get(
-                [actor.ping.remote() for actor in self._actors], timeout=start_timeout_s
-            )
+            self.pids = ray.get([actor.ping.remote() for actor in self._actors], timeout=start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
             raise RuntimeError(
@@ -803,9 +767,7 @@ class CorruptionPool:
                 request = requests[i]
                 has_precomputed = request.precomputed is not None
                 count = len(request.images)
-                layout.append(
-                    (request.run_seed, request.row_id, request.epoch, count, has_precomputed)
-                )
+                layout.append((request.run_seed, request.row_id, request.epoch, count, has_precomputed))
                 flat.extend(request.images)
                 if request.precomputed is not None:
                     flat.extend(request.precomputed)
@@ -821,17 +783,13 @@ class CorruptionPool:
                 position += entry[3]
         return results
 
-    def get(
-        self, refs: list[list[ray.ObjectRef]], timeout_s: float = 60.0
-    ) -> list[list[ImageLike]]:
+    def get(self, refs: list[list[ray.ObjectRef]], timeout_s: float = 60.0) -> list[list[ImageLike]]:
         """Fetch masked images (tests, eval, debugging); the training step passes refs on."""
         flat = [ref for prompt in refs for ref in prompt]
         values = iter(self._ray.get(flat, timeout=timeout_s))
         return [[next(values) for _ in prompt] for prompt in refs]
 
-    def mask(
-        self, requests: Sequence[MaskRequest], timeout_s: float = 60.0
-    ) -> list[list[ImageLike]]:
+    def mask(self, requests: Sequence[MaskRequest], timeout_s: float = 60.0) -> list[list[ImageLike]]:
         """``submit`` then ``get``: masked images by value."""
         return self.get(self.submit(requests), timeout_s=timeout_s)
 

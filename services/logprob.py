@@ -23,15 +23,23 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import torch
 
 from trainer.batch import RolloutBatch
 from trainer.modeling import load_model, load_processor, response_logprobs
-from trainer.weights import (BROADCAST_TRANSPORTS, StaleWeights, WeightsHandle, hf_name_map, join_weight_group,
-                             load_handle, load_hf_named_weights)
+from trainer.weights import (
+    BROADCAST_TRANSPORTS,
+    StaleWeights,
+    WeightsHandle,
+    hf_name_map,
+    join_weight_group,
+    load_handle,
+    load_hf_named_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +50,19 @@ ROLES: tuple[str, ...] = ("perception", "reference")
 class LogProbWorker:
     """One forward-only scorer: a transformers model, its processor, a role and a weight version."""
 
-    def __init__(self, model_path: str, *, role: Role = "perception", dtype: str = "float32",
-                 min_pixels: int = 56 * 56, max_pixels: int = 1280 * 28 * 28, temperature: float = 1.0,
-                 micro_batch_size: int = 8, trust_remote_code: bool = False, get_timeout_s: float = 900.0) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        role: Role = "perception",
+        dtype: str = "float32",
+        min_pixels: int = 56 * 56,
+        max_pixels: int = 1280 * 28 * 28,
+        temperature: float = 1.0,
+        micro_batch_size: int = 8,
+        trust_remote_code: bool = False,
+        get_timeout_s: float = 900.0,
+    ) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
         if micro_batch_size < 1:
@@ -58,8 +76,9 @@ class LogProbWorker:
         self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.processor = load_processor(model_path, min_pixels=min_pixels, max_pixels=max_pixels,
-                                        trust_remote_code=trust_remote_code)
+        self.processor = load_processor(
+            model_path, min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code
+        )
         self._name_map = hf_name_map(self.model)
         self.version = 0  # the initial weights of model_path
 
@@ -71,12 +90,19 @@ class LogProbWorker:
 
     def compute_logprobs(self, batch: RolloutBatch, images: Sequence[Sequence[Any]]) -> torch.Tensor:
         """No-grad log-probs (N, R) of the response tokens under ``images`` (same interface as the learner's)."""
-        logp, _ = response_logprobs(self.model, self.processor.image_processor, batch, images,
-                                    temperature=self.temperature, micro_batch_size=self.micro_batch_size)
+        logp, _ = response_logprobs(
+            self.model,
+            self.processor.image_processor,
+            batch,
+            images,
+            temperature=self.temperature,
+            micro_batch_size=self.micro_batch_size,
+        )
         return logp.float()
 
-    def compute_from_refs(self, batch: RolloutBatch, masked: bool,
-                          handle: Optional[WeightsHandle] = None) -> tuple[torch.Tensor, int]:
+    def compute_from_refs(
+        self, batch: RolloutBatch, masked: bool, handle: WeightsHandle | None = None
+    ) -> tuple[torch.Tensor, int]:
         """Resolve the batch's image refs (``masked_image_refs`` if ``masked``) and score; returns (logp, version).
 
         ``handle`` is the pool's current weights: a worker that holds another version (one Ray just
@@ -93,11 +119,20 @@ class LogProbWorker:
             raise ValueError("batch has no masked_image_refs (filled by the corruption service)")
         return self.compute_logprobs(batch, resolve_image_refs(refs, self.timeout)), self.version
 
-    def join_weight_group(self, group_id: str, host: str, port: int, rank: int, world_size: int,
-                          backend: str, timeout_s: float) -> int:
+    def join_weight_group(
+        self, group_id: str, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> int:
         """Join the learner's weight-broadcast group as ``rank`` (collective); returns the pid."""
-        join_weight_group(group_id, host, port, rank, world_size, backend, timeout_s,
-                          device=self.device if backend == "nccl" else None)
+        join_weight_group(
+            group_id,
+            host,
+            port,
+            rank,
+            world_size,
+            backend,
+            timeout_s,
+            device=self.device if backend == "nccl" else None,
+        )
         return os.getpid()
 
     def receive_weights(self, handle: WeightsHandle) -> int:
@@ -130,11 +165,25 @@ class LogProbPool:
     before it scores anything, so the version contract holds across restarts.
     """
 
-    def __init__(self, model_path: str, *, role: Role = "perception", num_workers: int = 1, num_cpus: float = 0.5,
-                 num_gpus: float = 0.0, dtype: str = "float32", min_pixels: int = 56 * 56,
-                 max_pixels: int = 1280 * 28 * 28, temperature: float = 1.0, micro_batch_size: int = 8,
-                 get_timeout_s: float = 900.0, omp_threads: int = 1, max_restarts: int = 3, max_resubmits: int = 3,
-                 trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        role: Role = "perception",
+        num_workers: int = 1,
+        num_cpus: float = 0.5,
+        num_gpus: float = 0.0,
+        dtype: str = "float32",
+        min_pixels: int = 56 * 56,
+        max_pixels: int = 1280 * 28 * 28,
+        temperature: float = 1.0,
+        micro_batch_size: int = 8,
+        get_timeout_s: float = 900.0,
+        omp_threads: int = 1,
+        max_restarts: int = 3,
+        max_resubmits: int = 3,
+        trust_remote_code: bool = False,
+    ) -> None:
         import ray
 
         if role not in ROLES:
@@ -146,20 +195,32 @@ class LogProbPool:
         self.timeout = get_timeout_s
         self.max_resubmits = max_resubmits
         self.resubmissions = 0
-        self.current_handle: Optional[WeightsHandle] = None
+        self.current_handle: WeightsHandle | None = None
         #: Publishes a version by the object store, for a worker that restarted after a broadcast
         #: (the driver sets it; see services.rollout.resync_handle).
-        self.fallback_publish: Optional[Callable[[int], WeightsHandle]] = None
-        self._fallback: Optional[WeightsHandle] = None
+        self.fallback_publish: Callable[[int], WeightsHandle] | None = None
+        self._fallback: WeightsHandle | None = None
         actor_cls = ray.remote(LogProbWorker).options(
-            num_cpus=float(num_cpus), num_gpus=float(num_gpus), max_restarts=max_restarts,
+            num_cpus=float(num_cpus),
+            num_gpus=float(num_gpus),
+            max_restarts=max_restarts,
             max_task_retries=0,  # we resubmit ourselves, with the current weights
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(omp_threads), "TOKENIZERS_PARALLELISM": "false"}})
-        self.actors = [actor_cls.remote(model_path, role=role, dtype=dtype, min_pixels=min_pixels,
-                                        max_pixels=max_pixels, temperature=temperature,
-                                        micro_batch_size=micro_batch_size, get_timeout_s=get_timeout_s,
-                                        trust_remote_code=trust_remote_code)
-                       for _ in range(num_workers)]
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(omp_threads), "TOKENIZERS_PARALLELISM": "false"}},
+        )
+        self.actors = [
+            actor_cls.remote(
+                model_path,
+                role=role,
+                dtype=dtype,
+                min_pixels=min_pixels,
+                max_pixels=max_pixels,
+                temperature=temperature,
+                micro_batch_size=micro_batch_size,
+                get_timeout_s=get_timeout_s,
+                trust_remote_code=trust_remote_code,
+            )
+            for _ in range(num_workers)
+        ]
         try:
             self.pids = ray.get([a.ping.remote() for a in self.actors], timeout=get_timeout_s)
         except BaseException:
@@ -171,14 +232,18 @@ class LogProbPool:
         bounds = [round(i * n / k) for i in range(k + 1)]
         return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
 
-    def _submit_rows(self, w: int, batch: RolloutBatch, rows: list[int], masked: bool,
-                     handle: Optional[WeightsHandle] = None) -> Any:
+    def _submit_rows(
+        self, w: int, batch: RolloutBatch, rows: list[int], masked: bool, handle: WeightsHandle | None = None
+    ) -> Any:
         return self.actors[w].compute_from_refs.remote(batch.select(rows), masked, handle or self.current_handle)
 
     def submit(self, batch: RolloutBatch, *, masked: bool = False) -> PendingScores:
         """Start scoring ``batch`` (``masked``: under ``masked_image_refs``); :meth:`collect` gathers it."""
-        parts = [(self._submit_rows(w, batch, rows, masked), w, rows)
-                 for w, rows in enumerate(self._chunks(len(batch))) if rows]
+        parts = [
+            (self._submit_rows(w, batch, rows, masked), w, rows)
+            for w, rows in enumerate(self._chunks(len(batch)))
+            if rows
+        ]
         return PendingScores(batch, masked, parts)
 
     def _await_ready(self, w: int, deadline: float) -> None:
@@ -206,15 +271,27 @@ class LogProbPool:
                         raise
                     from services.rollout import resync_handle
 
-                    logger.warning("%s worker %d restarted after the last broadcast (%s); resubmitting with the "
-                                   "weights from the object store", self.role, w, e)
+                    logger.warning(
+                        "%s worker %d restarted after the last broadcast (%s); resubmitting with the "
+                        "weights from the object store",
+                        self.role,
+                        w,
+                        e,
+                    )
                     ref = self._submit_rows(w, pending.batch, rows, pending.masked, resync_handle(self, self.role))
                 except RayActorError as e:
                     if attempt == self.max_resubmits:
-                        raise RuntimeError(f"{self.role} chunk of rows {rows[0]}-{rows[-1]} failed "
-                                           f"{attempt + 1} times; last error: {e}") from e
-                    logger.warning("%s worker %d died while scoring (%s); resubmitting %d rows",
-                                   self.role, w, type(e).__name__, len(rows))
+                        raise RuntimeError(
+                            f"{self.role} chunk of rows {rows[0]}-{rows[-1]} failed "
+                            f"{attempt + 1} times; last error: {e}"
+                        ) from e
+                    logger.warning(
+                        "%s worker %d died while scoring (%s); resubmitting %d rows",
+                        self.role,
+                        w,
+                        type(e).__name__,
+                        len(rows),
+                    )
                     self.resubmissions += 1
                     self._await_ready(w, deadline)
                     ref = self._submit_rows(w, pending.batch, rows, pending.masked)
@@ -222,23 +299,28 @@ class LogProbPool:
             versions.add(version)
         return torch.cat(logps), versions
 
-    def compute_logprobs(self, batch: RolloutBatch, *, masked: bool = False,
-                         expected_version: Optional[int] = None) -> torch.Tensor:
+    def compute_logprobs(
+        self, batch: RolloutBatch, *, masked: bool = False, expected_version: int | None = None
+    ) -> torch.Tensor:
         """Log-probs of every response; with ``expected_version``, fail loudly if a worker held another."""
         logp, versions = self.collect(self.submit(batch, masked=masked))
         if expected_version is not None and versions != {expected_version}:
-            raise RuntimeError(f"{self.role} pool computed with weight versions {sorted(versions)}, "
-                               f"expected {expected_version}")
+            raise RuntimeError(
+                f"{self.role} pool computed with weight versions {sorted(versions)}, expected {expected_version}"
+            )
         return logp
 
     def weight_group_ranks(self) -> int:
         return len(self.actors)
 
-    def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str, timeout_s: float) -> list[Any]:
+    def join_weight_group(
+        self, group_id: str, host: str, port: int, first_rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> list[Any]:
         """Start every worker's join (ObjectRefs): the learner and the other pools must join at the same time."""
-        return [a.join_weight_group.remote(group_id, host, port, first_rank + w, world_size, backend, timeout_s)
-                for w, a in enumerate(self.actors)]
+        return [
+            a.join_weight_group.remote(group_id, host, port, first_rank + w, world_size, backend, timeout_s)
+            for w, a in enumerate(self.actors)
+        ]
 
     def current_pids(self) -> list[int]:
         """The worker processes now (a restarted worker has a new one)."""

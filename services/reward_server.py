@@ -31,7 +31,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Mapping, Optional, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse, Response
@@ -88,7 +89,7 @@ class ScoreItem(BaseModel):
 class ScoreRequest(BaseModel):
     """Body of ``POST /v1/score``."""
 
-    reward_fn: Optional[str] = Field(None, description="a registered reward function; default: the server's")
+    reward_fn: str | None = Field(None, description="a registered reward function; default: the server's")
     items: list[ScoreItem]
 
 
@@ -98,7 +99,7 @@ class ItemScore(BaseModel):
     overall: float
     accuracy: float
     format: float
-    error: Optional[str] = Field(
+    error: str | None = Field(
         None, description='null when graded; "timeout", "worker_crashed", "deadline" or an exception type'
     )
 
@@ -120,12 +121,12 @@ class OpenRLHFRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     query: list[str]
-    prompts: Optional[list[str]] = None
+    prompts: list[str] | None = None
     labels: list[str]
-    reward_fn: Optional[str] = Field(None, description="papo extension; default: the server's")
+    reward_fn: str | None = Field(None, description="papo extension; default: the server's")
 
     @model_validator(mode="after")
-    def _same_lengths(self) -> "OpenRLHFRequest":
+    def _same_lengths(self) -> OpenRLHFRequest:
         if len(self.labels) != len(self.query):
             raise ValueError(f"labels has {len(self.labels)} entries but query has {len(self.query)}")
         if self.prompts is not None and len(self.prompts) != len(self.query):
@@ -170,7 +171,7 @@ class ErrorResponse(BaseModel):
 class _PoolCollector:
     """Exports the grading pool's own counters at scrape time (they live in the pool)."""
 
-    def __init__(self, get_pool: Callable[[], Optional[GradingPool]]) -> None:
+    def __init__(self, get_pool: Callable[[], GradingPool | None]) -> None:
         self._get_pool = get_pool
 
     def collect(self) -> Any:
@@ -182,18 +183,18 @@ class _PoolCollector:
         yield GaugeMetricFamily("papo_reward_workers_alive", "grading worker processes ready", value=s["workers_alive"])
         yield GaugeMetricFamily("papo_reward_pending_items", "items queued for grading", value=s["pending"])
         yield CounterMetricFamily(
-            "papo_reward_worker_restarts", "grading workers replaced (after a timeout or crash)", value=s["worker_restarts"]
+            "papo_reward_worker_restarts",
+            "grading workers replaced (after a timeout or crash)",
+            value=s["worker_restarts"],
         )
         yield CounterMetricFamily("papo_reward_worker_crashes", "grading workers that died", value=s["worker_crashes"])
 
 
 class _Metrics:
-    def __init__(self, get_pool: Callable[[], Optional[GradingPool]]) -> None:
+    def __init__(self, get_pool: Callable[[], GradingPool | None]) -> None:
         # One registry per app, so several apps in one process (tests) keep separate counts.
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "papo_reward_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
-        )
+        self.requests = Counter("papo_reward_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram(
             "papo_reward_request_seconds",
             "HTTP request latency",
@@ -201,7 +202,9 @@ class _Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=self.registry,
         )
-        self.items = Counter("papo_reward_items", "items graded (including failed)", ["reward_fn"], registry=self.registry)
+        self.items = Counter(
+            "papo_reward_items", "items graded (including failed)", ["reward_fn"], registry=self.registry
+        )
         self.item_errors = Counter(
             "papo_reward_item_errors",
             "items that scored 0 because grading failed, by reason",
@@ -209,7 +212,10 @@ class _Metrics:
             registry=self.registry,
         )
         self.timeouts = Counter(
-            "papo_reward_item_timeouts", "items over the per-item grading timeout", ["reward_fn"], registry=self.registry
+            "papo_reward_item_timeouts",
+            "items over the per-item grading timeout",
+            ["reward_fn"],
+            registry=self.registry,
         )
         self.registry.register(_PoolCollector(get_pool))
 
@@ -253,7 +259,7 @@ class _GuardMiddleware:
     is read, enforces the body-size limit on the bytes actually received (a missing or lying
     Content-Length changes nothing), and records request count and latency per endpoint."""
 
-    def __init__(self, app: Any, token: Optional[str], max_body_bytes: int, metrics: _Metrics) -> None:
+    def __init__(self, app: Any, token: str | None, max_body_bytes: int, metrics: _Metrics) -> None:
         self.app = app
         self.token = token
         self.max_body_bytes = max_body_bytes
@@ -329,7 +335,7 @@ class _GuardMiddleware:
 # The app.
 
 
-def resolve_token(token: Optional[str]) -> Optional[str]:
+def resolve_token(token: str | None) -> str | None:
     """The token argument, else ``$PAPO_REWARD_TOKEN``; an empty string means no token."""
     if token is None:
         token = os.environ.get(TOKEN_ENV)
@@ -341,13 +347,13 @@ def create_app(
     workers: int = 2,
     timeout_s: float = 5.0,
     format_weight: float = DEFAULT_FORMAT_WEIGHT,
-    token: Optional[str] = None,
-    user_functions: Optional[Mapping[str, str]] = None,
-    deadline_s: Optional[float] = 120.0,
+    token: str | None = None,
+    user_functions: Mapping[str, str] | None = None,
+    deadline_s: float | None = 120.0,
     max_items: int = DEFAULT_MAX_ITEMS,
     max_chars: int = DEFAULT_MAX_CHARS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    memory_limit_mb: Optional[int] = 4096,
+    memory_limit_mb: int | None = 4096,
 ) -> FastAPI:
     """Build the reward server app. Its grading pool starts with the app (lifespan) and stops with it.
 
@@ -368,7 +374,7 @@ def create_app(
     default_fn = registry.reward_name(fn)
     registry.get(default_fn)
     token = resolve_token(token)
-    pool_holder: dict[str, Optional[GradingPool]] = {"pool": None}
+    pool_holder: dict[str, GradingPool | None] = {"pool": None}
     metrics = _Metrics(lambda: pool_holder["pool"])
 
     @contextlib.asynccontextmanager
@@ -427,7 +433,7 @@ def create_app(
             raise HTTPException(503, "grading pool is not running")
         return pool
 
-    def check_name(name: Optional[str]) -> str:
+    def check_name(name: str | None) -> str:
         name = name or default_fn
         try:
             registry.get(name)
@@ -545,9 +551,11 @@ class LocalRewardServer:
         self._sock = _bind(host, port)
         self.url = _url(host, self._sock.getsockname()[1])
         self.app = create_app(**app_kwargs)
-        config = uvicorn.Config(self.app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            self.app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+        )
         self._server = uvicorn.Server(config)
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     def start(self, timeout: float = 60.0) -> str:
         self._thread = threading.Thread(
@@ -602,7 +610,7 @@ def _serve_deployment(replicas: int, num_cpus: float, max_ongoing_requests: int)
 
         def __init__(self, app_kwargs: dict[str, Any]) -> None:
             self._app_kwargs = app_kwargs
-            self._app: Optional[FastAPI] = None
+            self._app: FastAPI | None = None
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             self._app = create_app(**self._app_kwargs)
@@ -623,16 +631,16 @@ def start_ray_serve(
     timeout_s: float = 5.0,
     format_weight: float = DEFAULT_FORMAT_WEIGHT,
     replicas: int = 1,
-    token: Optional[str] = None,
+    token: str | None = None,
     num_cpus: float = 0.5,
-    user_functions: Optional[Mapping[str, str]] = None,
-    deadline_s: Optional[float] = 120.0,
+    user_functions: Mapping[str, str] | None = None,
+    deadline_s: float | None = 120.0,
     max_items: int = DEFAULT_MAX_ITEMS,
     max_chars: int = DEFAULT_MAX_CHARS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    memory_limit_mb: Optional[int] = 4096,
+    memory_limit_mb: int | None = 4096,
     host: str = "127.0.0.1",
-    port: Optional[int] = None,
+    port: int | None = None,
     app_name: str = "papo-reward",
     route_prefix: str = "/papo-reward",
     max_ongoing_requests: int = 64,

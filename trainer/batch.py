@@ -17,8 +17,9 @@ tensors (log-probs, masks) are ``(rows, response_len)``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -63,13 +64,13 @@ class RolloutBatch:
     finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" / "length" / ...
     pad_token_id: int = 0
     # Filled by later stages of the step.
-    masked_image_refs: Optional[list[list[Any]]] = None
-    rewards: Optional[torch.Tensor] = None  # (N,) overall reward
-    accuracy: Optional[torch.Tensor] = None  # (N,) accuracy part of the reward
-    old_logp: Optional[torch.Tensor] = None  # (N, R) learner, pre-update weights, original image
-    ref_logp: Optional[torch.Tensor] = None  # (N, R) reference model, original image
-    masked_logp: Optional[torch.Tensor] = None  # (N, R) rollout weights, masked image
-    advantages: Optional[torch.Tensor] = None  # (N,) one value per response
+    masked_image_refs: list[list[Any]] | None = None
+    rewards: torch.Tensor | None = None  # (N,) overall reward
+    accuracy: torch.Tensor | None = None  # (N,) accuracy part of the reward
+    old_logp: torch.Tensor | None = None  # (N, R) learner, pre-update weights, original image
+    ref_logp: torch.Tensor | None = None  # (N, R) reference model, original image
+    masked_logp: torch.Tensor | None = None  # (N, R) rollout weights, masked image
+    advantages: torch.Tensor | None = None  # (N,) one value per response
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,12 +93,14 @@ class RolloutBatch:
         response_text: Sequence[str] = (),
         finish_reasons: Sequence[str] = (),
         pad_token_id: int = 0,
-    ) -> "RolloutBatch":
+    ) -> RolloutBatch:
         """Pad ragged per-response token lists (as an engine returns them) into a batch."""
         n = len(prompt_ids)
         if not (len(response_ids) == len(rollout_logp) == n):
-            raise ValueError(f"prompt_ids, response_ids and rollout_logp must have one entry per response; got "
-                             f"{n}, {len(response_ids)}, {len(rollout_logp)}")
+            raise ValueError(
+                f"prompt_ids, response_ids and rollout_logp must have one entry per response; got "
+                f"{n}, {len(response_ids)}, {len(rollout_logp)}"
+            )
         for i, (r, lp) in enumerate(zip(response_ids, rollout_logp)):
             if len(r) != len(lp):
                 raise ValueError(f"row {i}: {len(r)} response tokens but {len(lp)} rollout log-probs")
@@ -106,13 +109,26 @@ class RolloutBatch:
         r_logp, _ = _pad([list(x) for x in rollout_logp], 0.0, left=False, dtype=torch.float32)
 
         def per_row(v: Sequence[int] | int) -> torch.Tensor:
-            return torch.full((n,), v, dtype=torch.long) if isinstance(v, int) else torch.as_tensor(list(v), dtype=torch.long)
+            return (
+                torch.full((n,), v, dtype=torch.long)
+                if isinstance(v, int)
+                else torch.as_tensor(list(v), dtype=torch.long)
+            )
 
         return cls(
-            prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids, response_mask=r_mask, rollout_logp=r_logp,
-            group_ids=per_row(group_ids), row_ids=per_row(row_ids), epochs=per_row(epochs),
-            weight_version=per_row(weight_version), image_refs=[list(x) for x in image_refs],
-            answers=list(answers), response_text=list(response_text), finish_reasons=list(finish_reasons),
+            prompt_ids=p_ids,
+            prompt_mask=p_mask,
+            response_ids=r_ids,
+            response_mask=r_mask,
+            rollout_logp=r_logp,
+            group_ids=per_row(group_ids),
+            row_ids=per_row(row_ids),
+            epochs=per_row(epochs),
+            weight_version=per_row(weight_version),
+            image_refs=[list(x) for x in image_refs],
+            answers=list(answers),
+            response_text=list(response_text),
+            finish_reasons=list(finish_reasons),
             pad_token_id=pad_token_id,
         )
 
@@ -188,13 +204,15 @@ class RolloutBatch:
         runs = self._runs()
         ids = self.group_ids.tolist()
         if len({ids[r[0]] for r in runs}) != len(runs):
-            raise ValueError("RolloutBatch rows of one group must be contiguous and group ids unique "
-                             "(renumber_groups() after concatenating batches)")
+            raise ValueError(
+                "RolloutBatch rows of one group must be contiguous and group ids unique "
+                "(renumber_groups() after concatenating batches)"
+            )
         return [torch.tensor(r, dtype=torch.long) for r in runs]
 
     # ---- reshaping ---------------------------------------------------------------------------
 
-    def select(self, index: torch.Tensor | Sequence[int]) -> "RolloutBatch":
+    def select(self, index: torch.Tensor | Sequence[int]) -> RolloutBatch:
         """Rows ``index`` (in that order), e.g. the groups DAPO's dynamic sampling keeps.
 
         Padding columns that no selected row uses are trimmed.
@@ -214,13 +232,13 @@ class RolloutBatch:
         out = dataclasses.replace(self, **kw)
         return out._trimmed()
 
-    def split(self, size: int) -> list["RolloutBatch"]:
+    def split(self, size: int) -> list[RolloutBatch]:
         """Consecutive chunks of ``size`` rows (mini-/micro-batches); the last may be smaller."""
         if size < 1:
             raise ValueError(f"split size must be >= 1, got {size}")
         return [self.select(range(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
 
-    def shard(self, rank: int, world_size: int) -> "RolloutBatch":
+    def shard(self, rank: int, world_size: int) -> RolloutBatch:
         """The ``rank``-th of ``world_size`` equal contiguous shards (data parallelism)."""
         if len(self) % world_size:
             raise ValueError(f"{len(self)} rows do not split evenly over {world_size} ranks")
@@ -228,7 +246,7 @@ class RolloutBatch:
         return self.select(range(rank * per, (rank + 1) * per))
 
     @classmethod
-    def concat(cls, batches: Sequence["RolloutBatch"]) -> "RolloutBatch":
+    def concat(cls, batches: Sequence[RolloutBatch]) -> RolloutBatch:
         """Stack batches row-wise, re-padding prompts (left) and responses (right) to the longest.
 
         Group ids are kept as given: callers concatenating batches from different steps or
@@ -265,14 +283,14 @@ class RolloutBatch:
                 kw[name] = [x for v in vals for x in v] if all(len(v) == len(b) for v, b in zip(vals, batches)) else []
         return cls(pad_token_id=batches[0].pad_token_id, **kw)
 
-    def renumber_groups(self, start: int = 0) -> "RolloutBatch":
+    def renumber_groups(self, start: int = 0) -> RolloutBatch:
         """Group ids start, start+1, ... for each run of consecutive equal ids, in order."""
         ids = torch.empty_like(self.group_ids)
         for g, rows in enumerate(self._runs()):
             ids[torch.tensor(rows)] = start + g
         return dataclasses.replace(self, group_ids=ids)
 
-    def _trimmed(self) -> "RolloutBatch":
+    def _trimmed(self) -> RolloutBatch:
         if len(self) == 0:
             return self
         p_keep = self.prompt_mask.any(dim=0)
@@ -291,8 +309,9 @@ class RolloutBatch:
         return dataclasses.replace(self, **kw)
 
 
-def _pad(rows: list[list], fill: float | int, *, left: bool, dtype: torch.dtype = torch.long
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(
+    rows: list[list], fill: float | int, *, left: bool, dtype: torch.dtype = torch.long
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), width), fill, dtype=dtype)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)

@@ -11,8 +11,8 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from trainer.config import ConfigError, dump_config, named_config, resolve_config
 
@@ -26,33 +26,59 @@ DELEGATED: dict[str, tuple[str, str]] = {
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train with PAPO/GRPO/DAPO (no arguments: the embedded demo)",
+        "train",
+        help="train with PAPO/GRPO/DAPO (no arguments: the embedded demo)",
         description="Resolve a job config (shipped name or YAML file, then dotted overrides) and train.",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. algo.gamma=0.01")
-    p.add_argument("--config", "-c", action="append", default=None, metavar="NAME|FILE",
-                   help="shipped config name (demo) or YAML file; repeat to merge (default: demo)")
+    p.add_argument(
+        "--config",
+        "-c",
+        action="append",
+        default=None,
+        metavar="NAME|FILE",
+        help="shipped config name (demo) or YAML file; repeat to merge (default: demo)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--resume", metavar="DIR",
-                   help="continue a run from its newest checkpoint (DIR: runs/<name> or one checkpoint folder); "
-                        "without --config the run's own config.yaml is used, overrides apply on top")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue a run from its newest checkpoint (DIR: runs/<name> or one checkpoint folder); "
+        "without --config the run's own config.yaml is used, overrides apply on top",
+    )
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="evaluate a checkpoint (greedy, black- and masked-image accuracy, avg@k)",
+        "eval",
+        help="evaluate a checkpoint (greedy, black- and masked-image accuracy, avg@k)",
         description="Evaluate a checkpoint in-process (local rollout worker, in-process grading; no Ray): greedy "
-                    "accuracy, accuracy with black and with training-style masked images, their gaps, and avg@k / "
-                    "pass@k. Prints a markdown table and writes eval.json + eval.md (default: in the checkpoint).")
-    p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="model folder: runs/<name>/checkpoints/step_XXXXXX or any HF model folder")
-    p.add_argument("--data", action="append", default=None, metavar="FILE",
-                   help="dataset file or folder (its validation split); repeat for one table row each "
-                        "(default: the config's validation split)")
+        "accuracy, accuracy with black and with training-style masked images, their gaps, and avg@k / "
+        "pass@k. Prints a markdown table and writes eval.json + eval.md (default: in the checkpoint).",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="model folder: runs/<name>/checkpoints/step_XXXXXX or any HF model folder",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="dataset file or folder (its validation split); repeat for one table row each "
+        "(default: the config's validation split)",
+    )
     p.add_argument("--k", type=int, default=8, help="samples per prompt for avg@k / pass@k (0: none; default 8)")
-    p.add_argument("--config", "-c", action="append", default=None, metavar="NAME|FILE",
-                   help="shipped config name or YAML file (default: the run's config.yaml beside the checkpoint, "
-                        "else demo)")
+    p.add_argument(
+        "--config",
+        "-c",
+        action="append",
+        default=None,
+        metavar="NAME|FILE",
+        help="shipped config name or YAML file (default: the run's config.yaml beside the checkpoint, else demo)",
+    )
     p.add_argument("--out", metavar="PATH", help="output folder, or a .json/.md path (default: the checkpoint folder)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N prompts of each dataset")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
@@ -60,7 +86,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="papo", description="Perception-Aware Policy Optimization for vision-language models, on Ray.")
+        prog="papo", description="Perception-Aware Policy Optimization for vision-language models, on Ray."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
     _eval_parser(sub)
@@ -96,13 +123,25 @@ def _run_config(resume: Path) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from trainer.evaluate import EvalError, NothingServed, check_checkpoint, evaluate_checkpoint, report_paths, \
-        write_report
+    from trainer.evaluate import (
+        EvalError,
+        NothingServed,
+        check_checkpoint,
+        evaluate_checkpoint,
+        report_paths,
+        write_report,
+    )
 
     try:
         report_paths(check_checkpoint(args.checkpoint), args.out)  # a read-only destination fails now, not later
-        report = evaluate_checkpoint(args.checkpoint, data=args.data or [], k=args.k, config=args.config,
-                                     overrides=list(args.overrides), limit=args.limit)
+        report = evaluate_checkpoint(
+            args.checkpoint,
+            data=args.data or [],
+            k=args.k,
+            config=args.config,
+            overrides=list(args.overrides),
+            limit=args.limit,
+        )
     except EvalError as e:
         print(f"papo eval: {e}", file=sys.stderr)
         return 2
@@ -118,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train, "eval": cmd_eval}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per reward request drowns the step line

@@ -29,7 +29,7 @@ import logging
 import typing
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import annotated_types
 import yaml
@@ -48,14 +48,58 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 # PAPO.md "Presets": every algo.* value a preset decides. All use token averaging, k3 estimators.
 PRESETS: dict[str, dict[str, Any]] = {
-    "grpo": dict(beta=0.01, gamma=0.0, eta1=0.0, eta2=0.0, clip_low=0.2, clip_high=0.3, clip_dual=3.0,
-                 dynamic_sampling=False, loss_avg="token", kl_kind="low_var_kl", perception_kl_kind="low_var_kl"),
-    "papo": dict(beta=0.01, gamma=0.02, eta1=0.0, eta2=0.0, clip_low=0.2, clip_high=0.3, clip_dual=3.0,
-                 dynamic_sampling=False, loss_avg="token", kl_kind="low_var_kl", perception_kl_kind="low_var_kl"),
-    "dapo": dict(beta=0.0, gamma=0.0, eta1=0.0, eta2=0.0, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
-                 dynamic_sampling=True, loss_avg="token", kl_kind="low_var_kl", perception_kl_kind="low_var_kl"),
-    "papo_d": dict(beta=0.0, gamma=0.01, eta1=0.03, eta2=0.03, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
-                   dynamic_sampling=True, loss_avg="token", kl_kind="low_var_kl", perception_kl_kind="low_var_kl"),
+    "grpo": dict(
+        beta=0.01,
+        gamma=0.0,
+        eta1=0.0,
+        eta2=0.0,
+        clip_low=0.2,
+        clip_high=0.3,
+        clip_dual=3.0,
+        dynamic_sampling=False,
+        loss_avg="token",
+        kl_kind="low_var_kl",
+        perception_kl_kind="low_var_kl",
+    ),
+    "papo": dict(
+        beta=0.01,
+        gamma=0.02,
+        eta1=0.0,
+        eta2=0.0,
+        clip_low=0.2,
+        clip_high=0.3,
+        clip_dual=3.0,
+        dynamic_sampling=False,
+        loss_avg="token",
+        kl_kind="low_var_kl",
+        perception_kl_kind="low_var_kl",
+    ),
+    "dapo": dict(
+        beta=0.0,
+        gamma=0.0,
+        eta1=0.0,
+        eta2=0.0,
+        clip_low=0.2,
+        clip_high=0.28,
+        clip_dual=3.0,
+        dynamic_sampling=True,
+        loss_avg="token",
+        kl_kind="low_var_kl",
+        perception_kl_kind="low_var_kl",
+    ),
+    "papo_d": dict(
+        beta=0.0,
+        gamma=0.01,
+        eta1=0.03,
+        eta2=0.03,
+        clip_low=0.2,
+        clip_high=0.28,
+        clip_dual=3.0,
+        dynamic_sampling=True,
+        loss_avg="token",
+        kl_kind="low_var_kl",
+        perception_kl_kind="low_var_kl",
+    ),
 }
 BASELINES = ("grpo", "dapo")
 DEFAULT_ALGO = "papo"
@@ -81,11 +125,17 @@ class AlgoConfig(_Section):
     """The loss: PAPO.md "Objective". Values not set by the user come from the preset ``name``."""
 
     name: AlgoName = DEFAULT_ALGO
-    gamma: float = Field(0.02, ge=0, description="Implicit Perception Loss coefficient (KL maximised); >= 0.04 collapses")
+    gamma: float = Field(
+        0.02, ge=0, description="Implicit Perception Loss coefficient (KL maximised); >= 0.04 collapses"
+    )
     gamma_schedule: Literal["fixed", "linear"] = "fixed"
     gamma_end: float = Field(0.0, ge=0, description="final gamma of the linear schedule")
-    gamma_anneal_ratio: float = Field(0.5, gt=0, le=1, description="fraction of total steps over which gamma "
-                                      "anneals (official AnnealingKLController default 0.5)")
+    gamma_anneal_ratio: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="fraction of total steps over which gamma anneals (official AnnealingKLController default 0.5)",
+    )
     beta: float = Field(0.01, ge=0, description="reference-KL coefficient; 0 means no reference model")
     eta1: float = Field(0.0, ge=0, description="Double Entropy Loss, original image")
     eta2: float = Field(0.0, ge=0, description="Double Entropy Loss, masked image")
@@ -95,26 +145,33 @@ class AlgoConfig(_Section):
     kl_kind: KLKind = "low_var_kl"
     perception_kl_kind: KLKind = "low_var_kl"
     loss_avg: AvgMode = "token"
-    perception_top_p: Optional[float] = Field(None, gt=0, le=1, description="keep top-p tokens by perception KL")
-    perception_kl_clip: Optional[float] = Field(None, gt=0, description="clamp per-token perception KL to [0, clip]")
+    perception_top_p: float | None = Field(None, gt=0, le=1, description="keep top-p tokens by perception KL")
+    perception_kl_clip: float | None = Field(None, gt=0, description="clamp per-token perception KL to [0, clip]")
     perception_kl_masked_grad: bool = Field(
-        False, description="with perception.masked_logp=learner_grad, let the perception KL back-propagate through "
-                           "the masked branch too (the official recompute switch does); default: only eta2 does")
+        False,
+        description="with perception.masked_logp=learner_grad, let the perception KL back-propagate through "
+        "the masked branch too (the official recompute switch does); default: only eta2 does",
+    )
     adv_eps: float = Field(1e-6, gt=0)
     dynamic_sampling: bool = False
     dynamic_sampling_max_tries: int = Field(20, ge=1)
     dynamic_sampling_acc_low: float = Field(0.01, ge=0, le=1)
     dynamic_sampling_acc_high: float = Field(0.99, ge=0, le=1)
     dynamic_sampling_exhausted: Literal["error", "fill"] = Field(
-        "error", description="when the tries run out short of a batch: error (DAPO's behaviour) or fill the "
-                             "batch with the last try's uninformative groups (zero advantages: only the KL terms "
-                             "act on them)")
-    dynamic_sampling_gen_batch_size: Optional[int] = Field(
-        None, ge=1, description="prompts generated per round under dynamic sampling (DAPO's gen_batch_size); "
-                                "default rollout.batch_size. One large round is cheaper than several small ones")
+        "error",
+        description="when the tries run out short of a batch: error (DAPO's behaviour) or fill the "
+        "batch with the last try's uninformative groups (zero advantages: only the KL terms "
+        "act on them)",
+    )
+    dynamic_sampling_gen_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="prompts generated per round under dynamic sampling (DAPO's gen_batch_size); "
+        "default rollout.batch_size. One large round is cheaper than several small ones",
+    )
 
     @model_validator(mode="after")
-    def _baselines_stay_baselines(self) -> "AlgoConfig":
+    def _baselines_stay_baselines(self) -> AlgoConfig:
         if self.name in BASELINES:
             on = [f"algo.{k}={getattr(self, k)}" for k in ("gamma", "eta2") if getattr(self, k) != 0]
             if self.gamma_schedule == "linear" and self.gamma_end != 0:
@@ -123,7 +180,8 @@ class AlgoConfig(_Section):
                 raise ValueError(
                     f"{', '.join(on)} switches on a PAPO term, but algo.name={self.name!r} is a baseline; "
                     f"use algo.name={'papo' if self.name == 'grpo' else 'papo_d'} for PAPO, or set them to 0 "
-                    "(use perception.diagnostic=true to log the perception KL of a baseline)")
+                    "(use perception.diagnostic=true to log the perception KL of a baseline)"
+                )
         if self.dynamic_sampling_acc_low >= self.dynamic_sampling_acc_high:
             raise ValueError("algo.dynamic_sampling_acc_low must be < algo.dynamic_sampling_acc_high")
         return self
@@ -137,12 +195,14 @@ class PerceptionConfig(_Section):
     """Where the masked-image pass runs (PAPO.md, DESIGN.md)."""
 
     masked_logp: MaskedLogpPlacement = Field(
-        "pool", description="pool: own worker pool, no grad; learner: official serial order, no grad; "
-                            "learner_grad: recomputed in the loss with grad (eta2 acts)")
+        "pool",
+        description="pool: own worker pool, no grad; learner: official serial order, no grad; "
+        "learner_grad: recomputed in the loss with grad (eta2 acts)",
+    )
     diagnostic: bool = Field(False, description="run the masked pass under grpo/dapo too and log its KL")
     num_workers: int = Field(1, ge=1, description="perception-pool workers (masked_logp=pool)")
-    num_cpus: Optional[float] = Field(None, ge=0, description="Ray CPUs per perception worker; default logprob.num_cpus")
-    num_gpus: Optional[float] = Field(None, ge=0, description="GPUs per perception worker; default logprob.num_gpus")
+    num_cpus: float | None = Field(None, ge=0, description="Ray CPUs per perception worker; default logprob.num_cpus")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per perception worker; default logprob.num_gpus")
 
 
 class CorruptionConfig(_Section):
@@ -158,14 +218,14 @@ class CorruptionConfig(_Section):
 
 class ModelConfig(_Section):
     path: str = Field("demo://model", min_length=1, description="local folder or hub id; demo:// = the demo assets")
-    ref_path: Optional[str] = Field(None, description="reference model; default: model.path")
+    ref_path: str | None = Field(None, description="reference model; default: model.path")
     dtype: DType = "bfloat16"
     min_pixels: int = Field(56 * 56, ge=28 * 28, description="image pixel floor, for vLLM and every HF processor")
     max_pixels: int = Field(1280 * 28 * 28, ge=28 * 28, description="image pixel cap, for vLLM and every HF processor")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _pixels_ordered(self) -> "ModelConfig":
+    def _pixels_ordered(self) -> ModelConfig:
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"model.min_pixels={self.min_pixels} > model.max_pixels={self.max_pixels}")
         return self
@@ -179,29 +239,38 @@ class DataConfig(_Section):
     """
 
     train_path: str = Field("demo://data", min_length=1, description="file, folder, save_to_disk folder or hub id")
-    val_path: Optional[str] = "demo://data"
+    val_path: str | None = "demo://data"
     train_split: str = "train"
     val_split: str = "validation"
     prompt_key: str = "problem"
     answer_key: str = "answer"
-    image_key: Optional[str] = Field("images", description="image column; null for a text-only dataset")
-    masked_image_key: Optional[str] = Field(
-        None, description="column of pre-masked images (one per image; PAPO's 'images_masked'), for "
-                          "corruption.strategy=precomputed; when set, the column must exist")
+    image_key: str | None = Field("images", description="image column; null for a text-only dataset")
+    masked_image_key: str | None = Field(
+        None,
+        description="column of pre-masked images (one per image; PAPO's 'images_masked'), for "
+        "corruption.strategy=precomputed; when set, the column must exist",
+    )
     id_key: str = Field("id", min_length=1, description="row-id column; rows are numbered when it is absent")
-    image_root: Optional[str] = Field(None, description="folder relative image paths resolve against; default: "
-                                                        "the dataset folder (or the file's folder)")
-    format_prompt: Optional[str] = PAPO_FORMAT_PROMPT
-    prompt_template: Optional[str] = Field(
-        None, description="Jinja prompt template rendered with `content` = the question: a shipped name "
-                          "(papo_math) or a .jinja file; replaces format_prompt")
-    max_prompt_length: Optional[int] = Field(
-        None, ge=1, description="drop prompts longer than this many tokens after image expansion (needs the "
-                                "model's processor); null = keep all")
+    image_root: str | None = Field(
+        None,
+        description="folder relative image paths resolve against; default: the dataset folder (or the file's folder)",
+    )
+    format_prompt: str | None = PAPO_FORMAT_PROMPT
+    prompt_template: str | None = Field(
+        None,
+        description="Jinja prompt template rendered with `content` = the question: a shipped name "
+        "(papo_math) or a .jinja file; replaces format_prompt",
+    )
+    max_prompt_length: int | None = Field(
+        None,
+        ge=1,
+        description="drop prompts longer than this many tokens after image expansion (needs the "
+        "model's processor); null = keep all",
+    )
     verify_images: bool = Field(False, description="decode every image at load time (catches truncated files)")
     max_raw_pixels: int = Field(8192 * 8192, ge=1, description="reject raw images above this (decompression bombs)")
     shuffle: bool = True
-    val_size: Optional[int] = Field(None, ge=1, description="evaluate on the first N validation rows")
+    val_size: int | None = Field(None, ge=1, description="evaluate on the first N validation rows")
 
     @model_validator(mode="before")
     @classmethod
@@ -214,7 +283,7 @@ class DataConfig(_Section):
 
     @field_validator("prompt_template")
     @classmethod
-    def _template_exists(cls, value: Optional[str]) -> Optional[str]:
+    def _template_exists(cls, value: str | None) -> str | None:
         if value is not None:
             from trainer.data import DataError, load_prompt_template
 
@@ -225,10 +294,12 @@ class DataConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _one_prompt_format(self) -> "DataConfig":
+    def _one_prompt_format(self) -> DataConfig:
         if self.prompt_template is not None and self.format_prompt is not None:
-            raise ValueError(f"data.prompt_template={self.prompt_template!r} and data.format_prompt are both set; "
-                             "the template holds the whole prompt: set data.format_prompt=null")
+            raise ValueError(
+                f"data.prompt_template={self.prompt_template!r} and data.format_prompt are both set; "
+                "the template holds the whole prompt: set data.format_prompt=null"
+            )
         return self
 
 
@@ -252,8 +323,8 @@ class RolloutConfig(_Section):
 
 class RewardConfig(_Section):
     fn: str = Field("math", min_length=1, description="registered reward function name")
-    url: Optional[str] = Field(None, description="use this reward server instead of starting one")
-    token: Optional[str] = Field(None, description="bearer token; default: $PAPO_REWARD_TOKEN")
+    url: str | None = Field(None, description="use this reward server instead of starting one")
+    token: str | None = Field(None, description="bearer token; default: $PAPO_REWARD_TOKEN")
     workers: int = Field(2, ge=1, description="grading worker processes per server replica")
     replicas: int = Field(1, ge=1, description="Ray Serve replicas")
     num_cpus: float = Field(0.5, gt=0, description="CPUs per Serve replica")
@@ -269,8 +340,9 @@ class LearnerConfig(_Section):
     zero_stage: int = Field(2, ge=0, le=3)
     dtype: DType = "bfloat16"
     lr: float = Field(1e-6, gt=0)
-    vision_lr: Optional[float] = Field(None, gt=0, description="LR of the vision tower and its merger (same "
-                                       "schedule); default learner.lr")
+    vision_lr: float | None = Field(
+        None, gt=0, description="LR of the vision tower and its merger (same schedule); default learner.lr"
+    )
     weight_decay: float = Field(1e-2, ge=0)
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
@@ -281,38 +353,54 @@ class LearnerConfig(_Section):
     micro_batch_size: int = Field(4, ge=1, description="responses per forward/backward on one rank")
     gradient_checkpointing: bool = False
     freeze_vision_tower: bool = False
-    freeze_language_model: bool = Field(False, description="train only the vision tower and its merger (the "
-                                                           "language model keeps its weights: its format cannot drift)")
+    freeze_language_model: bool = Field(
+        False,
+        description="train only the vision tower and its merger (the "
+        "language model keeps its weights: its format cannot drift)",
+    )
     cpu_offload: bool = False
-    omp_threads: Optional[int] = Field(None, ge=1, description="CPU threads per learner rank; default "
-                                       "cluster.omp_threads_per_actor (the update runs alone in its phase of the step, "
-                                       "so a CPU learner can use more threads than the pools that run side by side)")
+    omp_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads per learner rank; default "
+        "cluster.omp_threads_per_actor (the update runs alone in its phase of the step, "
+        "so a CPU learner can use more threads than the pools that run side by side)",
+    )
     weight_transport: Literal["object_store", "cuda_ipc", "nccl", "gloo"] = Field(
-        "object_store", description="how published weights reach the rollout and perception pools: object_store "
+        "object_store",
+        description="how published weights reach the rollout and perception pools: object_store "
         "(any placement), cuda_ipc (GPU; every receiver on learner rank 0's GPU), nccl (GPU; a bucketed "
         "broadcast from learner rank 0 to every receiver) or gloo (the same broadcast between CPU processes). "
-        "See trainer/weights.py")
+        "See trainer/weights.py",
+    )
     weight_bucket_mb: int = Field(512, ge=1, description="cuda_ipc, nccl, gloo: size of one flat weight bucket (MiB)")
     weight_broadcast_timeout_s: float = Field(
-        120.0, gt=0, description="nccl, gloo: how long one bucket's broadcast may take. A receiver that died "
+        120.0,
+        gt=0,
+        description="nccl, gloo: how long one bucket's broadcast may take. A receiver that died "
         "mid-broadcast fails the sender at once, but the other receivers wait on it this long before the "
-        "driver re-forms the group")
+        "driver re-forms the group",
+    )
 
     @model_validator(mode="after")
-    def _gpu_transports_have_gpus(self) -> "LearnerConfig":
+    def _gpu_transports_have_gpus(self) -> LearnerConfig:
         if self.weight_transport in ("nccl", "cuda_ipc") and self.num_gpus == 0:
-            raise ValueError(f"learner.weight_transport={self.weight_transport} moves weights between GPUs, but "
-                             "learner.num_gpus=0; use object_store, or gloo (a broadcast between CPU processes)")
+            raise ValueError(
+                f"learner.weight_transport={self.weight_transport} moves weights between GPUs, but "
+                "learner.num_gpus=0; use object_store, or gloo (a broadcast between CPU processes)"
+            )
         return self
 
     @model_validator(mode="after")
-    def _something_trains(self) -> "LearnerConfig":
+    def _something_trains(self) -> LearnerConfig:
         if self.freeze_vision_tower and self.freeze_language_model:
-            raise ValueError("learner.freeze_vision_tower and learner.freeze_language_model are both true: "
-                             "nothing would train")
+            raise ValueError(
+                "learner.freeze_vision_tower and learner.freeze_language_model are both true: nothing would train"
+            )
         if self.freeze_vision_tower and self.vision_lr is not None:
-            raise ValueError("learner.vision_lr is set but learner.freeze_vision_tower is true: the vision tower "
-                             "does not train")
+            raise ValueError(
+                "learner.vision_lr is set but learner.freeze_vision_tower is true: the vision tower does not train"
+            )
         return self
 
 
@@ -326,8 +414,8 @@ class LogProbConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    address: Optional[str] = Field(None, description="Ray address; default: $RAY_ADDRESS or a new local cluster")
-    num_cpus: Optional[float] = Field(None, gt=0, description="logical CPUs of a new local cluster")
+    address: str | None = Field(None, description="Ray address; default: $RAY_ADDRESS or a new local cluster")
+    num_cpus: float | None = Field(None, gt=0, description="logical CPUs of a new local cluster")
     get_timeout_s: float = Field(900.0, gt=0, description="timeout of every ray.get")
     omp_threads_per_actor: int = Field(1, ge=1)
 
@@ -340,9 +428,13 @@ class TrainerConfig(_Section):
     total_steps: int = Field(100, ge=1)
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(10, ge=0, description="0 = no periodic eval")
-    eval_k: int = Field(0, ge=0, description="samples per prompt for avg@k / pass@k in the periodic eval (at the "
-                        "rollout temperature); 0 = greedy, black- and masked-image accuracy only, which keeps "
-                        "the demo's eval cheap. `papo eval --k` (default 8) sets it for a checkpoint")
+    eval_k: int = Field(
+        0,
+        ge=0,
+        description="samples per prompt for avg@k / pass@k in the periodic eval (at the "
+        "rollout temperature); 0 = greedy, black- and masked-image accuracy only, which keeps "
+        "the demo's eval cheap. `papo eval --k` (default 8) sets it for a checkpoint",
+    )
     save_every: int = Field(50, ge=0, description="0 = only the final checkpoint")
     keep_last: int = Field(2, ge=1)
     tensorboard: bool = True
@@ -366,39 +458,51 @@ class JobConfig(_Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
 
     @model_validator(mode="after")
-    def _batch_shapes_divide(self) -> "JobConfig":
+    def _batch_shapes_divide(self) -> JobConfig:
         responses = self.rollout.batch_size * self.rollout.n
         mini, micro, ranks = self.learner.mini_batch_size, self.learner.micro_batch_size, self.learner.num_ranks
         if responses % mini:
             raise ValueError(
                 f"rollout.batch_size * rollout.n = {self.rollout.batch_size} * {self.rollout.n} = {responses} "
-                f"responses must split into whole mini-batches of learner.mini_batch_size={mini}")
+                f"responses must split into whole mini-batches of learner.mini_batch_size={mini}"
+            )
         if mini % (micro * ranks):
             raise ValueError(
                 f"learner.mini_batch_size={mini} must be a multiple of learner.micro_batch_size * "
-                f"learner.num_ranks = {micro} * {ranks}")
+                f"learner.num_ranks = {micro} * {ranks}"
+            )
         return self
 
     @model_validator(mode="after")
-    def _gen_rounds_cover_a_batch(self) -> "JobConfig":
+    def _gen_rounds_cover_a_batch(self) -> JobConfig:
         gen = self.algo.dynamic_sampling_gen_batch_size
         if gen is not None and gen < self.rollout.batch_size:
-            raise ValueError(f"algo.dynamic_sampling_gen_batch_size={gen} must be >= rollout.batch_size="
-                             f"{self.rollout.batch_size} (it is how many prompts one generation round draws)")
+            raise ValueError(
+                f"algo.dynamic_sampling_gen_batch_size={gen} must be >= rollout.batch_size="
+                f"{self.rollout.batch_size} (it is how many prompts one generation round draws)"
+            )
         return self
 
     @model_validator(mode="after")
-    def _diagnostic_has_a_pass(self) -> "JobConfig":
-        if self.perception.diagnostic and not self.algo.uses_perception and self.perception.masked_logp == "learner_grad":
-            raise ValueError("perception.diagnostic=true under a baseline needs a no-grad masked pass: set "
-                             "perception.masked_logp to pool or learner (learner_grad recomputes only for a PAPO loss)")
+    def _diagnostic_has_a_pass(self) -> JobConfig:
+        if (
+            self.perception.diagnostic
+            and not self.algo.uses_perception
+            and self.perception.masked_logp == "learner_grad"
+        ):
+            raise ValueError(
+                "perception.diagnostic=true under a baseline needs a no-grad masked pass: set "
+                "perception.masked_logp to pool or learner (learner_grad recomputes only for a PAPO loss)"
+            )
         return self
 
     @model_validator(mode="after")
-    def _precomputed_masks_have_a_column(self) -> "JobConfig":
+    def _precomputed_masks_have_a_column(self) -> JobConfig:
         if self.corruption.strategy == "precomputed" and self.data.masked_image_key is None:
-            raise ValueError("corruption.strategy=precomputed reads each row's pre-masked images: set "
-                             "data.masked_image_key to their column (e.g. images_masked)")
+            raise ValueError(
+                "corruption.strategy=precomputed reads each row's pre-masked images: set "
+                "data.masked_image_key to their column (e.g. images_masked)"
+            )
         return self
 
     @property
@@ -417,21 +521,26 @@ def config_warnings(cfg: JobConfig) -> list[str]:
         out.append(
             f"algo.eta2={cfg.algo.eta2} has no effect with perception.masked_logp="
             f"{cfg.perception.masked_logp!r}: the masked log-probs carry no gradient there (as in the official "
-            "default); set perception.masked_logp=learner_grad for the masked entropy term to act")
+            "default); set perception.masked_logp=learner_grad for the masked entropy term to act"
+        )
     if cfg.algo.perception_kl_masked_grad and cfg.perception.masked_logp != "learner_grad":
-        out.append("algo.perception_kl_masked_grad=true has no effect unless perception.masked_logp=learner_grad "
-                   "(elsewhere the masked log-probs carry no gradient)")
+        out.append(
+            "algo.perception_kl_masked_grad=true has no effect unless perception.masked_logp=learner_grad "
+            "(elsewhere the masked log-probs carry no gradient)"
+        )
     if cfg.algo.dynamic_sampling_gen_batch_size is not None and not cfg.algo.dynamic_sampling:
         out.append("algo.dynamic_sampling_gen_batch_size has no effect without algo.dynamic_sampling=true")
     if cfg.algo.gamma >= 0.04:
-        out.append(f"algo.gamma={cfg.algo.gamma}: the paper reports collapse for gamma >= 0.04 without "
-                   "the double entropy loss")
+        out.append(
+            f"algo.gamma={cfg.algo.gamma}: the paper reports collapse for gamma >= 0.04 without the double entropy loss"
+        )
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # Loading: YAML + dotted overrides + preset, with errors that name the field.
 # --------------------------------------------------------------------------------------------
+
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"algo.gamma=0.01"`` -> (["algo", "gamma"], 0.01); the value is parsed as a YAML scalar."""
@@ -458,7 +567,7 @@ def _set_dotted(tree: dict, path: list[str], value: Any, item: str) -> None:
     for i, part in enumerate(path[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError([f"override {item!r}: {'.'.join(path[:i + 1])} is a value, not a section"])
+            raise ConfigError([f"override {item!r}: {'.'.join(path[: i + 1])} is a value, not a section"])
         node = child
     node[path[-1]] = value
 
@@ -478,8 +587,9 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def resolve_config(files: list[str | Path] = (), overrides: list[str] = (), *, base: Optional[dict] = None,
-                   warn: bool = True) -> JobConfig:
+def resolve_config(
+    files: list[str | Path] = (), overrides: list[str] = (), *, base: dict | None = None, warn: bool = True
+) -> JobConfig:
     """Merge ``base`` (a dict), YAML ``files`` and dotted ``overrides``, apply the preset, validate.
 
     Raises :class:`ConfigError` naming every offending field. Emits :class:`ConfigWarning`s for
@@ -541,7 +651,7 @@ def dump_config(cfg: JobConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
 
 
-def _field_at(loc: tuple) -> tuple[Optional[type[BaseModel]], Optional[str], Any]:
+def _field_at(loc: tuple) -> tuple[type[BaseModel] | None, str | None, Any]:
     """Walk JobConfig's fields along ``loc``: (model owning the last key, last key, FieldInfo or None)."""
     model: Any = JobConfig
     for i, part in enumerate(loc):
@@ -625,6 +735,7 @@ def named_config(name: str) -> Path:
         return p
     shipped = configs_dir() / f"{name}.yaml"
     if not shipped.is_file():
-        raise ConfigError([f"--config {name!r}: no such file, and not a shipped config "
-                           f"({', '.join(shipped_configs())})"])
+        raise ConfigError(
+            [f"--config {name!r}: no such file, and not a shipped config ({', '.join(shipped_configs())})"]
+        )
     return shipped

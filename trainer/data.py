@@ -46,7 +46,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -102,7 +102,7 @@ _FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow", ".csv", ".yaml", ".ym
 #: One image of a prompt: an absolute file path, or the encoded bytes stored in the dataset.
 #: Both are what ``services.corruption``'s ``precomputed`` strategy and :func:`prompt_images`
 #: accept, and neither is decoded until a rollout needs it.
-ImageItem = Union[Path, bytes]
+ImageItem = Path | bytes
 
 
 class DataError(ValueError):
@@ -125,7 +125,7 @@ class PromptExample(BaseModel):
     (PNG/JPEG... as stored in the dataset; decoded by :func:`prompt_images`)."""
     answer: str
     """The bare ground truth (e.g. ``red``)."""
-    images_masked: Optional[list[ImageItem]] = None
+    images_masked: list[ImageItem] | None = None
     """Pre-masked images (the ``data.masked_image_key`` column), one per image, same kinds as
     ``images``; ``None`` when the dataset has none. The ``precomputed`` corruption strategy
     takes them as they are (paths and bytes are both accepted there)."""
@@ -151,8 +151,10 @@ class PromptExample(BaseModel):
         :func:`prompt_images`, which handles both kinds.
         """
         if not all(isinstance(im, Path) for im in self.images):
-            raise ValueError(f"row {self.row_id} has images stored in the dataset, not files; "
-                             "use trainer.data.prompt_images(example, max_raw_pixels)")
+            raise ValueError(
+                f"row {self.row_id} has images stored in the dataset, not files; "
+                "use trainer.data.prompt_images(example, max_raw_pixels)"
+            )
         return list(self.images)  # type: ignore[arg-type]
 
     def __repr_args__(self) -> Any:
@@ -168,7 +170,7 @@ class LoadedSplit(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    source: Union[Path, str]
+    source: Path | str
     """The file or folder the split was read from (the first file when the split has shards),
     or the hub id."""
     examples: list[PromptExample]
@@ -191,6 +193,7 @@ class LoadedSplit(BaseModel):
 # --------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------
+
 
 def load_image(path: str | Path) -> Image.Image:
     """Decode one image file as an RGB ``PIL.Image`` (fully loaded, file handle closed)."""
@@ -238,7 +241,7 @@ def prompt_images(example: PromptExample, max_raw_pixels: int) -> list[Image.Ima
     return decode_images(example.images, example.row_id, max_raw_pixels)
 
 
-def prompt_masked_images(example: PromptExample, max_raw_pixels: int) -> Optional[list[Image.Image]]:
+def prompt_masked_images(example: PromptExample, max_raw_pixels: int) -> list[Image.Image] | None:
     """The decoded pre-masked images of a prompt, or ``None`` when the dataset has none."""
     if example.images_masked is None:
         return None
@@ -261,7 +264,7 @@ def _check_image(item: ImageItem, verify: bool) -> str | tuple[int, int]:
         return SKIP_UNREADABLE_IMAGE
 
 
-def _image_items(value: Any, root: Optional[Path]) -> list[ImageItem] | None:
+def _image_items(value: Any, root: Path | None) -> list[ImageItem] | None:
     """An image column's value as image items, or None if it has a shape we cannot read.
 
     Accepted per image: a path string (relative to ``root``), encoded bytes, or an HF ``Image``
@@ -296,6 +299,7 @@ def _image_items(value: Any, root: Optional[Path]) -> list[ImageItem] | None:
 # --------------------------------------------------------------------------------------------
 # Prompt formatting
 # --------------------------------------------------------------------------------------------
+
 
 def templates_dir() -> Path:
     """The shipped prompt templates (``configs/templates``)."""
@@ -351,8 +355,7 @@ class PromptFormatter:
     nothing, when ``None``) is appended to the question by :func:`build_messages`.
     """
 
-    def __init__(self, format_prompt: Optional[str] = PAPO_FORMAT_PROMPT,
-                 template: Optional[str | Path] = None):
+    def __init__(self, format_prompt: str | None = PAPO_FORMAT_PROMPT, template: str | Path | None = None):
         self.format_prompt = format_prompt
         self.template = load_prompt_template(template) if template is not None else None
 
@@ -362,8 +365,9 @@ class PromptFormatter:
             return build_messages(problem, num_images, self.format_prompt)
         # Checked before rendering too, so a template that adds text cannot mask a bad row.
         if problem.count(IMAGE_PLACEHOLDER) != num_images:
-            raise ValueError(f"{problem.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
-                             f"for {num_images} image(s)")
+            raise ValueError(
+                f"{problem.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)"
+            )
         return build_messages(self.template.render(content=problem), num_images, None)
 
 
@@ -377,9 +381,7 @@ def build_messages(problem: str, num_images: int, format_prompt: str | None) -> 
     """
     pieces = problem.split(IMAGE_PLACEHOLDER)
     if len(pieces) - 1 != num_images:
-        raise ValueError(
-            f"{len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)"
-        )
+        raise ValueError(f"{len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)")
     content: list[dict[str, Any]] = []
     for i, piece in enumerate(pieces):
         if i > 0:
@@ -404,11 +406,18 @@ def build_messages(problem: str, num_images: int, format_prompt: str | None) -> 
 # Sources: every layout is read into columns (name -> list of Python values)
 # --------------------------------------------------------------------------------------------
 
+
 class _Chunk:
     """Rows of one file (or one hub split) as columns, plus where relative image paths resolve."""
 
-    def __init__(self, origin: Path | str, columns: dict[str, list[Any]], names: list[str], num_rows: int,
-                 bad_rows: Optional[list[int]] = None):
+    def __init__(
+        self,
+        origin: Path | str,
+        columns: dict[str, list[Any]],
+        names: list[str],
+        num_rows: int,
+        bad_rows: list[int] | None = None,
+    ):
         self.origin = origin
         self.columns = columns
         self.names = names  # every column the source has, for error messages
@@ -418,8 +427,11 @@ class _Chunk:
 
 def looks_like_hub_id(text: str) -> bool:
     """``owner/name`` or ``owner/name@split`` that is not a local path."""
-    return (bool(_HUB_ID.match(text)) and not Path(text).exists()
-            and Path(text.partition("@")[0]).suffix.lower() not in _FILE_SUFFIXES)
+    return (
+        bool(_HUB_ID.match(text))
+        and not Path(text).exists()
+        and Path(text.partition("@")[0]).suffix.lower() not in _FILE_SUFFIXES
+    )
 
 
 def _jsonl_files(root: Path, split: str) -> list[tuple[str, list[Path]]]:
@@ -528,7 +540,8 @@ def _read_saved_dataset(folder: Path, split: str, wanted: Sequence[str]) -> _Chu
         splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
         if split not in splits:
             raise FileNotFoundError(
-                f"split {split!r} not in the saved DatasetDict {folder} (splits: {', '.join(splits)})")
+                f"split {split!r} not in the saved DatasetDict {folder} (splits: {', '.join(splits)})"
+            )
         folder = folder / split
     state = json.loads((folder / "state.json").read_text())
     saved_split = state.get("_split")
@@ -565,7 +578,7 @@ def _read_hub(dataset_id: str, split: str, wanted: Sequence[str]) -> _Chunk:
     return _Chunk(dataset_id, _table_columns(table, wanted), table.column_names, table.num_rows)
 
 
-def _read_chunks(data_path: str | Path, split: str, wanted: Sequence[str]) -> tuple[list[_Chunk], Optional[Path]]:
+def _read_chunks(data_path: str | Path, split: str, wanted: Sequence[str]) -> tuple[list[_Chunk], Path | None]:
     """Every chunk of the split, and the folder relative image paths resolve against."""
     text = str(data_path)
     path = Path(data_path).expanduser()
@@ -590,6 +603,7 @@ def _read_chunks(data_path: str | Path, split: str, wanted: Sequence[str]) -> tu
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+
 
 def _row_id(value: Any) -> int | None:
     """The id column's value as an int: integers as they are, strings (many HF datasets use
@@ -697,13 +711,23 @@ def load_split(
 
     origin = chunks[0].origin if len(chunks) == 1 else f"{Path(chunks[0].origin).parent} ({len(chunks)} files)"
     if skipped:
-        logger.warning("skipped %d of %d rows of split %r in %s: %s", sum(skipped.values()), num_rows, split,
-                       origin, _skip_summary(skipped, skipped_ids))
+        logger.warning(
+            "skipped %d of %d rows of split %r in %s: %s",
+            sum(skipped.values()),
+            num_rows,
+            split,
+            origin,
+            _skip_summary(skipped, skipped_ids),
+        )
     if num_rows and not examples:
-        raise DataError(f"every row of split {split!r} in {origin} was skipped: "
-                        f"{_skip_summary(skipped, skipped_ids)}")
-    return LoadedSplit(source=chunks[0].origin, examples=examples, num_rows=num_rows, skipped=dict(skipped),
-                       skipped_row_ids={k: list(v) for k, v in skipped_ids.items()})
+        raise DataError(f"every row of split {split!r} in {origin} was skipped: {_skip_summary(skipped, skipped_ids)}")
+    return LoadedSplit(
+        source=chunks[0].origin,
+        examples=examples,
+        num_rows=num_rows,
+        skipped=dict(skipped),
+        skipped_row_ids={k: list(v) for k, v in skipped_ids.items()},
+    )
 
 
 def _skip_summary(skipped: Mapping[str, int], ids: Mapping[str, Sequence[int]]) -> str:
@@ -722,7 +746,7 @@ def _make_example(
     images: Any,
     masked: Any,
     *,
-    root: Optional[Path],
+    root: Path | None,
     formatter: PromptFormatter,
     verify_images: bool,
     has_masked: bool,
@@ -750,7 +774,7 @@ def _make_example(
         if isinstance(size, str):
             return size
         sizes.append(size)
-    if masked_items is not None and sizes[:len(items)] != sizes[len(items):]:
+    if masked_items is not None and sizes[: len(items)] != sizes[len(items) :]:
         # A pre-masked image of another size would change the image-token count of the masked
         # pass (and the corruption service refuses it): not a usable pair.
         return SKIP_MASKED_MISMATCH
@@ -758,13 +782,15 @@ def _make_example(
         messages = formatter.messages(problem, len(items))
     except ValueError:  # a template that adds or removes placeholders
         return SKIP_PLACEHOLDER_MISMATCH
-    return PromptExample(row_id=row_id, messages=messages, images=items, answer=str(answer).strip(),
-                         images_masked=masked_items)
+    return PromptExample(
+        row_id=row_id, messages=messages, images=items, answer=str(answer).strip(), images_masked=masked_items
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Prompt length (needs the model's processor; optional step)
 # --------------------------------------------------------------------------------------------
+
 
 def image_token_count(image_processor: Any, height: int, width: int, *, min_pixels: int, max_pixels: int) -> int:
     """Tokens one image of ``height`` x ``width`` raw pixels becomes in a Qwen2-VL-family prompt.
@@ -787,19 +813,19 @@ def image_token_count(image_processor: Any, height: int, width: int, *, min_pixe
     return int(patches) // (merge * merge)
 
 
-def prompt_lengths(examples: Sequence[PromptExample], processor: Any, *, min_pixels: int, max_pixels: int,
-                   batch_size: int = 256) -> list[Optional[int]]:
+def prompt_lengths(
+    examples: Sequence[PromptExample], processor: Any, *, min_pixels: int, max_pixels: int, batch_size: int = 256
+) -> list[int | None]:
     """Prompt tokens of each example after image expansion, as the engine will see them
     (chat template with the generation prompt); ``None`` when an image header cannot be read."""
     tokenizer = getattr(processor, "tokenizer", processor)
     image_processor = getattr(processor, "image_processor", None)
     pad_token = getattr(processor, "image_token", None)
     pad_id = tokenizer.convert_tokens_to_ids(pad_token) if pad_token is not None else None
-    out: list[Optional[int]] = []
+    out: list[int | None] = []
     for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        texts = [processor.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
-                 for ex in batch]
+        batch = examples[start : start + batch_size]
+        texts = [processor.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False) for ex in batch]
         ids = tokenizer(texts)["input_ids"]
         for ex, row_ids in zip(batch, ids):
             extra = 0
@@ -817,8 +843,9 @@ def prompt_lengths(examples: Sequence[PromptExample], processor: Any, *, min_pix
     return out
 
 
-def filter_overlong(split: LoadedSplit, processor: Any, max_prompt_length: int, *, min_pixels: int,
-                    max_pixels: int) -> LoadedSplit:
+def filter_overlong(
+    split: LoadedSplit, processor: Any, max_prompt_length: int, *, min_pixels: int, max_pixels: int
+) -> LoadedSplit:
     """``split`` without the prompts longer than ``max_prompt_length`` tokens after image
     expansion (EasyR1's ``filter_overlong_prompts``), counted as ``overlong_prompt``; a prompt
     whose image header became unreadable since loading is counted as ``unreadable_image``."""
@@ -836,13 +863,21 @@ def filter_overlong(split: LoadedSplit, processor: Any, max_prompt_length: int, 
             ids[reason].append(ex.row_id)
     dropped = len(split.examples) - len(kept)
     if dropped:
-        logger.warning("dropped %d of %d prompts of %s longer than data.max_prompt_length=%d tokens: %s",
-                       dropped, len(split.examples), split.source, max_prompt_length,
-                       _skip_summary({k: skipped[k] - split.skipped.get(k, 0) for k in skipped
-                                      if skipped[k] != split.skipped.get(k, 0)}, ids))
+        logger.warning(
+            "dropped %d of %d prompts of %s longer than data.max_prompt_length=%d tokens: %s",
+            dropped,
+            len(split.examples),
+            split.source,
+            max_prompt_length,
+            _skip_summary(
+                {k: skipped[k] - split.skipped.get(k, 0) for k in skipped if skipped[k] != split.skipped.get(k, 0)}, ids
+            ),
+        )
     if split.examples and not kept:
-        raise DataError(f"every prompt of {split.source} is longer than data.max_prompt_length={max_prompt_length} "
-                        f"tokens (shortest: {min((n for n in lengths if n is not None), default='n/a')})")
+        raise DataError(
+            f"every prompt of {split.source} is longer than data.max_prompt_length={max_prompt_length} "
+            f"tokens (shortest: {min((n for n in lengths if n is not None), default='n/a')})"
+        )
     return split.model_copy(update={"examples": kept, "skipped": dict(skipped), "skipped_row_ids": ids})
 
 
@@ -853,31 +888,59 @@ def _cached_processor(path: str, min_pixels: int, max_pixels: int, trust_remote_
     return load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code)
 
 
-def load_split_from_config(data: Any, path: str | Path, split: str, *, model: Any = None,
-                           processor: Any = None) -> LoadedSplit:
+def load_split_from_config(
+    data: Any, path: str | Path, split: str, *, model: Any = None, processor: Any = None
+) -> LoadedSplit:
     """:func:`load_split` with a job's ``data`` section (``trainer.config.DataConfig``), then the
     ``data.max_prompt_length`` filter when it is set. That filter needs the model's processor:
     ``processor`` if given, else loaded (once per process) from ``model.path`` with the job's
     pixel limits (``model`` is the job's ``ModelConfig``)."""
-    loaded = load_split(path, split, prompt_key=data.prompt_key, answer_key=data.answer_key,
-                        image_key=data.image_key, masked_image_key=data.masked_image_key, id_key=data.id_key,
-                        format_prompt=data.format_prompt, prompt_template=data.prompt_template,
-                        image_root=data.image_root, verify_images=data.verify_images)
+    loaded = load_split(
+        path,
+        split,
+        prompt_key=data.prompt_key,
+        answer_key=data.answer_key,
+        image_key=data.image_key,
+        masked_image_key=data.masked_image_key,
+        id_key=data.id_key,
+        format_prompt=data.format_prompt,
+        prompt_template=data.prompt_template,
+        image_root=data.image_root,
+        verify_images=data.verify_images,
+    )
     if data.max_prompt_length is None:
         return loaded
     if model is None:
         raise ValueError("data.max_prompt_length needs the model's processor: pass model= (the job's model section)")
     if processor is None:
-        processor = _cached_processor(str(model.path), model.min_pixels, model.max_pixels,
-                                      bool(getattr(model, "trust_remote_code", False)))
-    return filter_overlong(loaded, processor, data.max_prompt_length, min_pixels=model.min_pixels,
-                           max_pixels=model.max_pixels)
+        processor = _cached_processor(
+            str(model.path), model.min_pixels, model.max_pixels, bool(getattr(model, "trust_remote_code", False))
+        )
+    return filter_overlong(
+        loaded, processor, data.max_prompt_length, min_pixels=model.min_pixels, max_pixels=model.max_pixels
+    )
 
 
 __all__ = [
-    "BadPrompt", "DataError", "ImageItem", "LoadedSplit", "PAPO_FORMAT_PROMPT", "PromptExample", "PromptFormatter",
-    "build_messages", "decode_images", "filter_overlong", "image_token_count", "load_image", "load_prompt_template",
-    "load_split", "load_split_from_config", "looks_like_hub_id", "prompt_images", "prompt_lengths",
+    "BadPrompt",
+    "DataError",
+    "ImageItem",
+    "LoadedSplit",
+    "PAPO_FORMAT_PROMPT",
+    "PromptExample",
+    "PromptFormatter",
+    "build_messages",
+    "decode_images",
+    "filter_overlong",
+    "image_token_count",
+    "load_image",
+    "load_prompt_template",
+    "load_split",
+    "load_split_from_config",
+    "looks_like_hub_id",
+    "prompt_images",
+    "prompt_lengths",
     "prompt_masked_images",
-    "resolve_split_files", "resolve_template_path",
+    "resolve_split_files",
+    "resolve_template_path",
 ]

@@ -211,9 +211,7 @@ def _check_pixels(min_pixels: int, max_pixels: int) -> None:
         raise ValueError(f"max_pixels={max_pixels} is below min_pixels={min_pixels}")
 
 
-def write_tiny_model(
-    model_dir: Path, *, seed: int, corpus: Sequence[str], min_pixels: int, max_pixels: int
-) -> None:
+def write_tiny_model(model_dir: Path, *, seed: int, corpus: Sequence[str], min_pixels: int, max_pixels: int) -> None:
     """Write the random-weight tiny Qwen2.5-VL, its tokenizer and processor into ``model_dir``."""
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
@@ -406,8 +404,7 @@ def _place(
         for (lo_x, hi_x, lo_y, hi_y), r in zip(bounds, radii):
             cx, cy = int(rng.integers(lo_x, hi_x + 1)), int(rng.integers(lo_y, hi_y + 1))
             if not all(
-                abs(cx - ox) >= r + orad + 3 or abs(cy - oy) >= r + orad + 3
-                for (ox, oy), orad in zip(centres, radii)
+                abs(cx - ox) >= r + orad + 3 or abs(cy - oy) >= r + orad + 3 for (ox, oy), orad in zip(centres, radii)
             ):
                 break
             centres.append((cx, cy))
@@ -439,10 +436,14 @@ def _template_count(rng: np.random.Generator, labels: _BalancedLabels, size: int
     answer = labels.draw("count", question, COUNTS)
     radii = [_radius(rng, size, 0.08, 0.13) for _ in range(int(answer))]
     pos = _place(rng, size, radii)
-    return question, answer, [
-        Shape(_random_kind(rng), _jitter(rng, COLORS[_random_colour(rng)]), cx, cy, r)
-        for (cx, cy), r in zip(pos, radii)
-    ]
+    return (
+        question,
+        answer,
+        [
+            Shape(_random_kind(rng), _jitter(rng, COLORS[_random_colour(rng)]), cx, cy, r)
+            for (cx, cy), r in zip(pos, radii)
+        ],
+    )
 
 
 def _template_position(rng: np.random.Generator, labels: _BalancedLabels, size: int) -> tuple[str, str, list[Shape]]:
@@ -475,10 +476,14 @@ def _template_larger(rng: np.random.Generator, labels: _BalancedLabels, size: in
     half = size // 2
     pos = _place(rng, size, [left_r, right_r], [(0, half - 2 - left_r), (half + 1 + right_r, size)])
     colours = [_random_colour(rng), _random_colour(rng)]
-    return question, answer, [
-        Shape(_random_kind(rng), _jitter(rng, COLORS[c]), cx, cy, r)
-        for (cx, cy), r, c in zip(pos, (left_r, right_r), colours)
-    ]
+    return (
+        question,
+        answer,
+        [
+            Shape(_random_kind(rng), _jitter(rng, COLORS[c]), cx, cy, r)
+            for (cx, cy), r, c in zip(pos, (left_r, right_r), colours)
+        ],
+    )
 
 
 def _template_same_color(rng: np.random.Generator, labels: _BalancedLabels, size: int) -> tuple[str, str, list[Shape]]:
@@ -491,9 +496,11 @@ def _template_same_color(rng: np.random.Generator, labels: _BalancedLabels, size
     rgb2 = rgb1 if answer == "yes" else _jitter(rng, COLORS[_random_colour(rng, exclude=[first])])
     radii = [_radius(rng, size, 0.10, 0.17), _radius(rng, size, 0.10, 0.17)]
     pos = _place(rng, size, radii)
-    return question, answer, [
-        Shape(_random_kind(rng), rgb, cx, cy, r) for (cx, cy), r, rgb in zip(pos, radii, (rgb1, rgb2))
-    ]
+    return (
+        question,
+        answer,
+        [Shape(_random_kind(rng), rgb, cx, cy, r) for (cx, cy), r, rgb in zip(pos, radii, (rgb1, rgb2))],
+    )
 
 
 _TEMPLATE_FNS: dict[str, Callable[[np.random.Generator, _BalancedLabels, int], tuple[str, str, list[Shape]]]] = {

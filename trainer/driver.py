@@ -21,10 +21,11 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,15 +54,20 @@ def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
     from trainer.demo import DEMO_TEMPLATES, build_demo_assets
     from trainer.warmstart import demo_warm_start
 
-    assets = build_demo_assets(demo_assets_dir(), seed=0, min_pixels=cfg.model.min_pixels,
-                               max_pixels=cfg.model.max_pixels, templates=DEMO_TEMPLATES,
-                               warm_start=demo_warm_start(cfg.model.min_pixels, cfg.model.max_pixels))
+    assets = build_demo_assets(
+        demo_assets_dir(),
+        seed=0,
+        min_pixels=cfg.model.min_pixels,
+        max_pixels=cfg.model.max_pixels,
+        templates=DEMO_TEMPLATES,
+        warm_start=demo_warm_start(cfg.model.min_pixels, cfg.model.max_pixels),
+    )
     root = {"model": assets.model_dir, "data": assets.data_dir}
 
-    def sub(p: Optional[str]) -> Optional[str]:
+    def sub(p: str | None) -> str | None:
         if p is None or not p.startswith(DEMO_PREFIX):
             return p
-        name = p[len(DEMO_PREFIX):]
+        name = p[len(DEMO_PREFIX) :]
         if name not in root:
             raise ValueError(f"{p!r}: demo:// paths are demo://model and demo://data")
         return str(root[name])
@@ -104,8 +110,10 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
     folder = Path(path)
     if (folder / CHECKPOINT_MARKER).is_file():
         if not (folder / TRAINER_STATE).is_file():
-            raise FileNotFoundError(f"{folder} is a learner checkpoint without {TRAINER_STATE} (not written by "
-                                    "`papo train`): it cannot be resumed")
+            raise FileNotFoundError(
+                f"{folder} is a learner checkpoint without {TRAINER_STATE} (not written by "
+                "`papo train`): it cannot be resumed"
+            )
         return folder
     if not folder.is_dir():
         raise FileNotFoundError(f"--resume {folder}: no such run directory or checkpoint")
@@ -127,7 +135,7 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
-def archive_earlier_run(run_dir: Path) -> Optional[Path]:
+def archive_earlier_run(run_dir: Path) -> Path | None:
     """A new run under the name of an earlier one moves the earlier one aside (nothing is deleted,
     and its checkpoints can neither be pruned as "newer" nor resumed by mistake)."""
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
@@ -139,8 +147,9 @@ def archive_earlier_run(run_dir: Path) -> Optional[Path]:
         k += 1
         target = run_dir.with_name(f"{run_dir.name}.prev-{stamp}-{k}")
     run_dir.rename(target)
-    logger.warning("%s held an earlier run: moved it to %s (use --resume %s to continue a run instead)",
-                   run_dir, target, run_dir)
+    logger.warning(
+        "%s held an earlier run: moved it to %s (use --resume %s to continue a run instead)", run_dir, target, run_dir
+    )
     print(f"papo train: an earlier run in {run_dir} was moved to {target}", file=sys.stderr, flush=True)
     return target
 
@@ -169,8 +178,10 @@ class RunDirLock:
             self._fh.seek(0)
             holder = self._fh.read().strip() or "another process"
             self._fh.close()
-            raise RunDirInUse(f"{run_dir} is in use by a running papo train ({holder}); give this run another "
-                              "trainer.name (or trainer.output_dir), or wait for that one to end") from None
+            raise RunDirInUse(
+                f"{run_dir} is in use by a running papo train ({holder}); give this run another "
+                "trainer.name (or trainer.output_dir), or wait for that one to end"
+            ) from None
         self._fh.seek(0)
         self._fh.truncate()
         self._fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -202,9 +213,11 @@ class PromptSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue exactly where a saved sampler stopped (same dataset size and seed required)."""
         if (state["n"], state["seed"], bool(state["shuffle"])) != (self.n, self.seed, self.shuffle):
-            raise ValueError(f"the checkpoint's sampler ran over {state['n']} rows with seed {state['seed']} "
-                             f"(shuffle={bool(state['shuffle'])}); this run has {self.n} rows, seed {self.seed} "
-                             f"(shuffle={self.shuffle}): resuming would not continue the same data order")
+            raise ValueError(
+                f"the checkpoint's sampler ran over {state['n']} rows with seed {state['seed']} "
+                f"(shuffle={bool(state['shuffle'])}); this run has {self.n} rows, seed {self.seed} "
+                f"(shuffle={self.shuffle}): resuming would not continue the same data order"
+            )
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._permutation(self.epoch)
 
@@ -248,13 +261,15 @@ class Services:
 class Trainer:
     """One PAPO/GRPO/DAPO run on a Ray cluster; ``run()`` trains ``trainer.total_steps`` steps."""
 
-    def __init__(self, cfg: JobConfig, resume: Optional[str | os.PathLike] = None,
-                 on_ray_init: Optional[Any] = None):
+    def __init__(self, cfg: JobConfig, resume: str | os.PathLike | None = None, on_ray_init: Any | None = None):
         self._t_created = time.perf_counter()  # start-up (Ray, engines, pools) counts in the summary's total
         # The run folder first: a second live run on the same folder stops here, before any work.
-        self.resumed_from: Optional[Path] = latest_checkpoint(resume) if resume is not None else None
-        self.run_dir = (run_dir_of(self.resumed_from) if self.resumed_from is not None
-                        else Path(cfg.trainer.output_dir) / cfg.trainer.name)
+        self.resumed_from: Path | None = latest_checkpoint(resume) if resume is not None else None
+        self.run_dir = (
+            run_dir_of(self.resumed_from)
+            if self.resumed_from is not None
+            else Path(cfg.trainer.output_dir) / cfg.trainer.name
+        )
         self._lock = RunDirLock(self.run_dir)
         try:
             self._start(cfg, on_ray_init)
@@ -262,7 +277,7 @@ class Trainer:
             self._lock.release()
             raise
 
-    def _start(self, cfg: JobConfig, on_ray_init: Optional[Any]) -> None:
+    def _start(self, cfg: JobConfig, on_ray_init: Any | None) -> None:
         import ray
 
         self.cfg = cfg = resolve_demo_paths(cfg)
@@ -274,7 +289,7 @@ class Trainer:
             self.val_set = load_split_from_config(cfg.data, cfg.data.val_path, cfg.data.val_split, model=cfg.model)
         self.sampler = PromptSampler(len(self.train_set.examples), cfg.seed, cfg.data.shuffle)
         self.version = 0
-        self._weight_group: Optional[tuple] = None  # receiver pids of the nccl/gloo weight group now formed
+        self._weight_group: tuple | None = None  # receiver pids of the nccl/gloo weight group now formed
         self.bad_prompts = 0
         self.start_step = 0  # the last finished step (a resumed run continues after it)
         self.best: dict[str, Any] = {"step": None, "accuracy": None}
@@ -288,8 +303,12 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             if self.started_ray:
                 address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")  # ray.init reads it too
-                ray.init(address=address, num_cpus=None if address else cfg.cluster.num_cpus,
-                         include_dashboard=False, log_to_driver=False)
+                ray.init(
+                    address=address,
+                    num_cpus=None if address else cfg.cluster.num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
                 if on_ray_init is not None:
                     on_ray_init()  # ray.init installs its own SIGTERM handler; the caller re-installs its own
             self.services = self._start_services()
@@ -320,47 +339,79 @@ class Trainer:
             if url is None:
                 from services.reward_server import start_ray_serve
 
-                url = start_ray_serve(fn=cfg.reward.fn, workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s,
-                                      format_weight=cfg.reward.format_weight, replicas=cfg.reward.replicas,
-                                      token=cfg.reward.token, num_cpus=cfg.reward.num_cpus,
-                                      user_functions=cfg.reward.user_functions)
+                url = start_ray_serve(
+                    fn=cfg.reward.fn,
+                    workers=cfg.reward.workers,
+                    timeout_s=cfg.reward.timeout_s,
+                    format_weight=cfg.reward.format_weight,
+                    replicas=cfg.reward.replicas,
+                    token=cfg.reward.token,
+                    num_cpus=cfg.reward.num_cpus,
+                    user_functions=cfg.reward.user_functions,
+                )
                 serve_started = True
             services.serve_started = serve_started
             services.reward = RewardClient(url, token=cfg.reward.token)
             if not serve_started:
                 services.reward.health()  # an external server that is down fails here, before any engine starts
-            steps_per_rollout = cfg.learner.ppo_epochs * (cfg.rollout.batch_size * cfg.rollout.n
-                                                          // cfg.learner.mini_batch_size)
-            pool_kwargs = dict(num_cpus=cfg.logprob.num_cpus, num_gpus=cfg.logprob.num_gpus, dtype=cfg.model.dtype,
-                               min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
-                               temperature=cfg.rollout.temperature, micro_batch_size=cfg.logprob.micro_batch_size,
-                               get_timeout_s=timeout, omp_threads=cfg.cluster.omp_threads_per_actor,
-                               trust_remote_code=cfg.model.trust_remote_code)
+            steps_per_rollout = cfg.learner.ppo_epochs * (
+                cfg.rollout.batch_size * cfg.rollout.n // cfg.learner.mini_batch_size
+            )
+            pool_kwargs = dict(
+                num_cpus=cfg.logprob.num_cpus,
+                num_gpus=cfg.logprob.num_gpus,
+                dtype=cfg.model.dtype,
+                min_pixels=cfg.model.min_pixels,
+                max_pixels=cfg.model.max_pixels,
+                temperature=cfg.rollout.temperature,
+                micro_batch_size=cfg.logprob.micro_batch_size,
+                get_timeout_s=timeout,
+                omp_threads=cfg.cluster.omp_threads_per_actor,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
             # Each pool's constructor waits for its actors to load the model. They are independent, so
             # they start side by side: the engine's start-up no longer waits for the learner's.
             build: dict[str, Callable[[], Any]] = {
                 "rollout": lambda: RolloutPool.from_config(cfg.rollout, cfg.model, cfg.cluster, seed=cfg.seed),
                 "learner": lambda: LearnerGroup(
-                    cfg.model.path, cfg.learner, cfg.algo, masked_logp=cfg.perception.masked_logp,
-                    min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
+                    cfg.model.path,
+                    cfg.learner,
+                    cfg.algo,
+                    masked_logp=cfg.perception.masked_logp,
+                    min_pixels=cfg.model.min_pixels,
+                    max_pixels=cfg.model.max_pixels,
                     temperature=cfg.rollout.temperature,
-                    total_optimizer_steps=cfg.trainer.total_steps * steps_per_rollout, seed=cfg.seed,
-                    trust_remote_code=cfg.model.trust_remote_code, get_timeout_s=timeout,
-                    omp_threads=cfg.learner.omp_threads or cfg.cluster.omp_threads_per_actor),
+                    total_optimizer_steps=cfg.trainer.total_steps * steps_per_rollout,
+                    seed=cfg.seed,
+                    trust_remote_code=cfg.model.trust_remote_code,
+                    get_timeout_s=timeout,
+                    omp_threads=cfg.learner.omp_threads or cfg.cluster.omp_threads_per_actor,
+                ),
             }
             if cfg.needs_masked_pass:
                 c = cfg.corruption
                 build["corruption"] = lambda: CorruptionPool(
-                    strategy=c.strategy, patch_size=c.patch_size, prob=c.prob, max_pixels=cfg.data.max_raw_pixels,
-                    noise_std=c.noise_std, num_workers=c.num_workers, num_cpus=c.num_cpus)
+                    strategy=c.strategy,
+                    patch_size=c.patch_size,
+                    prob=c.prob,
+                    max_pixels=cfg.data.max_raw_pixels,
+                    noise_std=c.noise_std,
+                    num_workers=c.num_workers,
+                    num_cpus=c.num_cpus,
+                )
                 if cfg.perception.masked_logp == "pool":
                     p = cfg.perception
                     sizing = {k: v for k, v in (("num_cpus", p.num_cpus), ("num_gpus", p.num_gpus)) if v is not None}
-                    build["perception"] = lambda: LogProbPool(cfg.model.path, role="perception",
-                                                              num_workers=p.num_workers, **{**pool_kwargs, **sizing})
+                    build["perception"] = lambda: LogProbPool(
+                        cfg.model.path, role="perception", num_workers=p.num_workers, **{**pool_kwargs, **sizing}
+                    )
             if cfg.needs_reference:
-                build["reference"] = lambda: LogProbPool(cfg.model.ref_path or cfg.model.path, role="reference",
-                                                         num_workers=cfg.logprob.reference_workers, **pool_kwargs)
+                build["reference"] = lambda: LogProbPool(
+                    cfg.model.ref_path or cfg.model.path,
+                    role="reference",
+                    num_workers=cfg.logprob.reference_workers,
+                    **pool_kwargs,
+                )
             futures: dict[str, Future] = {}
             try:
                 with ThreadPoolExecutor(len(build), thread_name_prefix="papo-start") as ex:
@@ -382,14 +433,22 @@ class Trainer:
     # ---- checkpoint and resume ---------------------------------------------------------------
 
     def _trainer_state(self, step: int) -> dict[str, Any]:
-        return {"step": step, "total_steps": self.cfg.trainer.total_steps, "weight_version": self.version,
-                "sampler": self.sampler.state_dict(), "bad_prompts": self.bad_prompts, "best": self.best}
+        return {
+            "step": step,
+            "total_steps": self.cfg.trainer.total_steps,
+            "weight_version": self.version,
+            "sampler": self.sampler.state_dict(),
+            "bad_prompts": self.bad_prompts,
+            "best": self.best,
+        }
 
     def save(self, step: int) -> Path:
         """Learner state and driver state (step, sampler position, best eval) in one atomic folder."""
-        return self.services.learner.save_checkpoint(self.run_dir / "checkpoints" / f"step_{step:06d}",
-                                                     keep_last=self.cfg.trainer.keep_last,
-                                                     extra=self._trainer_state(step))
+        return self.services.learner.save_checkpoint(
+            self.run_dir / "checkpoints" / f"step_{step:06d}",
+            keep_last=self.cfg.trainer.keep_last,
+            extra=self._trainer_state(step),
+        )
 
     def _check_resume(self, ckpt: Path) -> dict[str, Any]:
         """The checkpoint's driver state, if this config can continue it (else ``ResumeError``)."""
@@ -398,16 +457,21 @@ class Trainer:
         state = json.loads((ckpt / TRAINER_STATE).read_text())
         total = self.cfg.trainer.total_steps
         if state["step"] >= total:
-            raise ResumeError(f"{ckpt} is at step {state['step']} and trainer.total_steps={total}: nothing left to "
-                              f"train (raise trainer.total_steps to continue, e.g. trainer.total_steps={2 * total})")
+            raise ResumeError(
+                f"{ckpt} is at step {state['step']} and trainer.total_steps={total}: nothing left to "
+                f"train (raise trainer.total_steps to continue, e.g. trainer.total_steps={2 * total})"
+            )
         try:
             PromptSampler(self.sampler.n, self.sampler.seed, self.sampler.shuffle).load_state_dict(state["sampler"])
         except ValueError as e:
             raise ResumeError(f"{ckpt}: {e}") from None
         if state.get("total_steps", total) != total:
-            logger.warning("resuming a run planned for %s steps with trainer.total_steps=%d: step-dependent "
-                           "schedules (learner.lr_scheduler, algo.gamma_schedule) follow the new total from here",
-                           state["total_steps"], total)
+            logger.warning(
+                "resuming a run planned for %s steps with trainer.total_steps=%d: step-dependent "
+                "schedules (learner.lr_scheduler, algo.gamma_schedule) follow the new total from here",
+                state["total_steps"],
+                total,
+            )
         return state
 
     def _restore(self, ckpt: Path, state: dict[str, Any]) -> None:
@@ -443,8 +507,13 @@ class Trainer:
                 svc.learner.wait_weights_sent()
             except Exception as e:  # a member died mid-broadcast: the others hold the version or report -1
                 # (their receive failed after learner.weight_broadcast_timeout_s; they catch up on next use)
-                logger.warning("%sweight broadcast of version %d failed (%s); the group is re-formed at the next "
-                               "sync and restarted workers catch up by the object store", context, self.version, e)
+                logger.warning(
+                    "%sweight broadcast of version %d failed (%s); the group is re-formed at the next "
+                    "sync and restarted workers catch up by the object store",
+                    context,
+                    self.version,
+                    e,
+                )
                 self._weight_group = None
         held.discard(-1)  # a worker that died during the sync loads the handle when it restarts
         if held - {self.version}:
@@ -467,8 +536,9 @@ class Trainer:
         group_id = uuid.uuid4().hex[:12]
         refs, rank = [learner.join_weight_group(group_id, host, port, world)], 1
         for pool in receivers:
-            refs += pool.join_weight_group(group_id, host, port, rank, world, backend,
-                                           self.cfg.learner.weight_broadcast_timeout_s)
+            refs += pool.join_weight_group(
+                group_id, host, port, rank, world, backend, self.cfg.learner.weight_broadcast_timeout_s
+            )
             rank += pool.weight_group_ranks()
             pool.fallback_publish = lambda version: learner.publish_weights(version, transport="object_store")
         ray.get(refs, timeout=self.cfg.cluster.get_timeout_s)
@@ -477,8 +547,9 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    def _requests(self, picks: list[tuple[int, int]], black: bool = False, examples=None,
-                  replace_bad: bool = True) -> tuple[list, list]:
+    def _requests(
+        self, picks: list[tuple[int, int]], black: bool = False, examples=None, replace_bad: bool = True
+    ) -> tuple[list, list]:
         """RolloutRequests whose images are ObjectRefs (one put per prompt) and MaskRequests for them.
 
         A prompt whose images cannot be used is counted in ``self.bad_prompts`` and, when
@@ -512,8 +583,11 @@ class Trainer:
                 images = [Image.new("RGB", im.size) for im in images]
             refs = [ray.put(im) for im in images]
             rollout_reqs.append(RolloutRequest.from_example(ex, images=refs, epoch=epoch))
-            mask_reqs.append(MaskRequest(images=refs, run_seed=self.cfg.seed, row_id=ex.row_id, epoch=epoch,
-                                         precomputed=ex.images_masked))
+            mask_reqs.append(
+                MaskRequest(
+                    images=refs, run_seed=self.cfg.seed, row_id=ex.row_id, epoch=epoch, precomputed=ex.images_masked
+                )
+            )
         return rollout_reqs, mask_reqs
 
     def _grade(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -531,8 +605,8 @@ class Trainer:
         spec = SamplingSpec.from_config(cfg.rollout, seed=cfg.seed * 1_000_003 + step * 7919)
         kept: list[RolloutBatch] = []
         stats = {"generated_groups": 0, "kept_groups": 0, "filled_groups": 0, "grading_errors": 0, "request_errors": 0}
-        spare: Optional[tuple[RolloutBatch, list[torch.Tensor]]] = None  # the last try's uninformative groups
-        for attempt in range(algo.dynamic_sampling_max_tries if algo.dynamic_sampling else 1):
+        spare: tuple[RolloutBatch, list[torch.Tensor]] | None = None  # the last try's uninformative groups
+        for _ in range(algo.dynamic_sampling_max_tries if algo.dynamic_sampling else 1):
             need = cfg.rollout.batch_size - sum(len(b.groups()) for b in kept)
             if need <= 0:
                 break
@@ -546,8 +620,9 @@ class Trainer:
             timings["timing/gen"] = timings.get("timing/gen", 0) + time.perf_counter() - t
             stats["request_errors"] += len(result.errors)
             if result.batch is None:
-                raise RuntimeError(f"the rollout pool served none of {len(rollout_reqs)} prompts: "
-                                   f"{list(result.errors.values())[:3]}")
+                raise RuntimeError(
+                    f"the rollout pool served none of {len(rollout_reqs)} prompts: {list(result.errors.values())[:3]}"
+                )
             batch = result.batch
             if masked_refs is not None:
                 batch.masked_image_refs = [masked_refs[g] for g in batch.group_ids.tolist()]
@@ -571,25 +646,32 @@ class Trainer:
         else:
             short = cfg.rollout.batch_size - sum(len(b.groups()) for b in kept)
             if algo.dynamic_sampling and short > 0:
-                what = (f"dynamic sampling kept {cfg.rollout.batch_size - short} of {cfg.rollout.batch_size} groups "
-                        f"after algo.dynamic_sampling_max_tries={algo.dynamic_sampling_max_tries} tries: nearly every "
-                        "group is all-correct or all-wrong")
+                what = (
+                    f"dynamic sampling kept {cfg.rollout.batch_size - short} of {cfg.rollout.batch_size} groups "
+                    f"after algo.dynamic_sampling_max_tries={algo.dynamic_sampling_max_tries} tries: nearly every "
+                    "group is all-correct or all-wrong"
+                )
                 if algo.dynamic_sampling_exhausted == "error" or spare is None or len(spare[1]) < short:
-                    raise RuntimeError(f"{what}; lower rollout.batch_size, raise the tries, or set "
-                                       "algo.dynamic_sampling_exhausted=fill to train on what there is")
+                    raise RuntimeError(
+                        f"{what}; lower rollout.batch_size, raise the tries, or set "
+                        "algo.dynamic_sampling_exhausted=fill to train on what there is"
+                    )
                 # Uninformative groups have zero advantages: the step trains on the mixed groups, and
                 # the KL terms alone act on the rest (what pulls a collapsed policy back).
-                logger.warning("%s; filling %d groups with uninformative ones (algo.dynamic_sampling_exhausted=fill)",
-                               what, short)
+                logger.warning(
+                    "%s; filling %d groups with uninformative ones (algo.dynamic_sampling_exhausted=fill)", what, short
+                )
                 filler = spare[0].select(torch.cat(spare[1][:short]))
                 kept.append(filler.renumber_groups(start=cfg.rollout.batch_size - short))
                 stats["filled_groups"] = short
         batch = RolloutBatch.concat(kept) if len(kept) > 1 else kept[0]
         stats["kept_groups"] = len(batch.groups())
         if stats["kept_groups"] != cfg.rollout.batch_size:
-            raise RuntimeError(f"the rollout pool served {stats['kept_groups']} of {cfg.rollout.batch_size} prompts "
-                               f"({stats['request_errors']} request errors, e.g. {list(result.errors.values())[:3]}); "
-                               "the step needs whole batches (learner.mini_batch_size divides them)")
+            raise RuntimeError(
+                f"the rollout pool served {stats['kept_groups']} of {cfg.rollout.batch_size} prompts "
+                f"({stats['request_errors']} request errors, e.g. {list(result.errors.values())[:3]}); "
+                "the step needs whole batches (learner.mini_batch_size divides them)"
+            )
         return batch, stats
 
     def step(self, step: int) -> dict[str, float]:
@@ -599,8 +681,10 @@ class Trainer:
 
         batch, stats = self._generate(step, timings)
         if batch.weight_versions != {self.version}:
-            raise RuntimeError(f"rollouts carry weight versions {sorted(batch.weight_versions)}, "
-                               f"expected {self.version}: the rollout pool missed a weight sync")
+            raise RuntimeError(
+                f"rollouts carry weight versions {sorted(batch.weight_versions)}, "
+                f"expected {self.version}: the rollout pool missed a weight sync"
+            )
 
         # Step 4: masked (perception pool), reference and old log-probs in parallel.
         t = time.perf_counter()
@@ -620,8 +704,10 @@ class Trainer:
         if masked_refs is not None:
             batch.masked_logp, versions = svc.perception.collect(masked_refs)
             if versions != batch.weight_versions:
-                raise RuntimeError(f"masked_logp computed with weight versions {sorted(versions)} but the rollouts "
-                                   f"came from {sorted(batch.weight_versions)} (DESIGN.md contract)")
+                raise RuntimeError(
+                    f"masked_logp computed with weight versions {sorted(versions)} but the rollouts "
+                    f"came from {sorted(batch.weight_versions)} (DESIGN.md contract)"
+                )
         if cfg.needs_masked_pass and cfg.perception.masked_logp != "learner_grad":
             timings["timing/masked_logp"], lap = time.perf_counter() - lap, time.perf_counter()
         if ref_refs is not None:
@@ -636,8 +722,15 @@ class Trainer:
         # Step 5: advantages and all optimiser steps of this rollout batch.
         batch.advantages = group_advantages(batch.rewards, cfg.rollout.n, eps=cfg.algo.adv_eps)
         gamma, eta1, eta2 = perception_coefs(
-            step - 1, cfg.trainer.total_steps, gamma=cfg.algo.gamma, eta1=cfg.algo.eta1, eta2=cfg.algo.eta2,
-            schedule=cfg.algo.gamma_schedule, gamma_end=cfg.algo.gamma_end, anneal_ratio=cfg.algo.gamma_anneal_ratio)
+            step - 1,
+            cfg.trainer.total_steps,
+            gamma=cfg.algo.gamma,
+            eta1=cfg.algo.eta1,
+            eta2=cfg.algo.eta2,
+            schedule=cfg.algo.gamma_schedule,
+            gamma_end=cfg.algo.gamma_end,
+            anneal_ratio=cfg.algo.gamma_anneal_ratio,
+        )
         t = time.perf_counter()
         learn = svc.learner.train_step(batch, gamma=gamma, eta1=eta1, eta2=eta2)
         timings["timing/update"] = time.perf_counter() - t
@@ -679,9 +772,15 @@ class Trainer:
             return {}
         t = time.perf_counter()
         examples = self.val_set.examples[: self.cfg.data.val_size or len(self.val_set.examples)]
-        result = evaluate_examples(examples, generate=self.services.rollout.generate,
-                                   grade=self.services.reward.score, cfg=self.cfg, put=ray.put,
-                                   name=self.cfg.data.val_split, source=str(self.val_set.source))
+        result = evaluate_examples(
+            examples,
+            generate=self.services.rollout.generate,
+            grade=self.services.reward.score,
+            cfg=self.cfg,
+            put=ray.put,
+            name=self.cfg.data.val_split,
+            source=str(self.val_set.source),
+        )
         return {**result.metrics(), "timing/eval": time.perf_counter() - t}
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -693,11 +792,15 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         if self.start_step:
             # Rows logged after the checkpoint (a crash between saves) are about to be redone.
-            rows = [r for r in read_metrics(metrics_path) if r["step"] <= self.start_step] if metrics_path.exists() else []
+            rows = (
+                [r for r in read_metrics(metrics_path) if r["step"] <= self.start_step] if metrics_path.exists() else []
+            )
             tmp = metrics_path.with_name(metrics_path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             os.replace(tmp, metrics_path)
-            start = {k: v for k, v in (rows[0] if rows and rows[0]["step"] == 0 else {}).items() if k.startswith("eval/")}
+            start = {
+                k: v for k, v in (rows[0] if rows and rows[0]["step"] == 0 else {}).items() if k.startswith("eval/")
+            }
         with MetricsWriter(self.run_dir, tensorboard=cfg.trainer.tensorboard, append=bool(self.start_step)) as writer:
             if not self.start_step:
                 start = self.evaluate()
@@ -721,11 +824,20 @@ class Trainer:
                 if last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                     self.save(step)
         if cfg.trainer.plot:
-            plot_curves(metrics_path, self.run_dir / CURVES_FILE,
-                        keys=("train/reward", "eval/accuracy", "train/perception_kl", "train/entropy"))
-        summary = {"run_dir": str(self.run_dir), "wall_s": time.perf_counter() - t0,
-                   "startup_s": t0 - self._t_created, "total_s": time.perf_counter() - self._t_created,
-                   "start": start, "end": last_eval, "best": self.best}
+            plot_curves(
+                metrics_path,
+                self.run_dir / CURVES_FILE,
+                keys=("train/reward", "eval/accuracy", "train/perception_kl", "train/entropy"),
+            )
+        summary = {
+            "run_dir": str(self.run_dir),
+            "wall_s": time.perf_counter() - t0,
+            "startup_s": t0 - self._t_created,
+            "total_s": time.perf_counter() - self._t_created,
+            "start": start,
+            "end": last_eval,
+            "best": self.best,
+        }
         self._print_summary(summary, metrics_path)
         return summary
 
@@ -738,14 +850,17 @@ class Trainer:
             v = d.get(key)
             return "n/a" if v is None else f"{v:.3f}"
 
-        lines = [f"done in {summary['total_s']:.0f} s ({summary['startup_s']:.0f} s start-up: Ray, engines, pools; "
-                 f"{summary['wall_s']:.0f} s of steps and evals); run directory {self.run_dir}",
-                 f"  eval accuracy        {acc(start)} -> {acc(end)} (best {acc(best)} at step {best.get('step')}, "
-                 f"checkpoint {self.run_dir / 'best'})",
-                 f"  black-image accuracy {acc(start, 'eval/black_accuracy')} -> {acc(end, 'eval/black_accuracy')}"]
+        lines = [
+            f"done in {summary['total_s']:.0f} s ({summary['startup_s']:.0f} s start-up: Ray, engines, pools; "
+            f"{summary['wall_s']:.0f} s of steps and evals); run directory {self.run_dir}",
+            f"  eval accuracy        {acc(start)} -> {acc(end)} (best {acc(best)} at step {best.get('step')}, "
+            f"checkpoint {self.run_dir / 'best'})",
+            f"  black-image accuracy {acc(start, 'eval/black_accuracy')} -> {acc(end, 'eval/black_accuracy')}",
+        ]
         if "eval/masked_accuracy" in end:
-            lines.append(f"  masked-image accuracy {acc(start, 'eval/masked_accuracy')} -> "
-                         f"{acc(end, 'eval/masked_accuracy')}")
+            lines.append(
+                f"  masked-image accuracy {acc(start, 'eval/masked_accuracy')} -> {acc(end, 'eval/masked_accuracy')}"
+            )
         if kls:
             lines.append(f"  perception KL        {kls[0]:.4f} (first step) -> {kls[-1]:.4f} (last step)")
         print("\n".join(lines), flush=True)
@@ -781,7 +896,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated(f"signal {signum}")
 
 
-def train(cfg: JobConfig, resume: Optional[str | os.PathLike] = None) -> int:
+def train(cfg: JobConfig, resume: str | os.PathLike | None = None) -> int:
     """``papo train``: build the services, run every step, shut everything down.
 
     Ctrl-C and SIGTERM stop the run between or inside steps (also during start-up); engines are
@@ -812,14 +927,21 @@ def train(cfg: JobConfig, resume: Optional[str | os.PathLike] = None) -> int:
         trainer.run()
         return 0
     except RewardServerError as e:
-        print(f"papo train: stopped: the reward server failed: {e}. No step trained on missing rewards; "
-              f"checkpoints so far are under {trainer.run_dir / 'checkpoints' if trainer else cfg.trainer.output_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"papo train: stopped: the reward server failed: {e}. No step trained on missing rewards; "
+            f"checkpoints so far are under {trainer.run_dir / 'checkpoints' if trainer else cfg.trainer.output_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     except KeyboardInterrupt as e:
         term = isinstance(e, Terminated) or _terminated
-        print(f"papo train: {'SIGTERM' if term else 'interrupted'}: shutting down (checkpoints written so far are "
-              "intact)", file=sys.stderr, flush=True)
+        print(
+            f"papo train: {'SIGTERM' if term else 'interrupted'}: shutting down (checkpoints written so far are "
+            "intact)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 143 if term else 130
     finally:
         if main:

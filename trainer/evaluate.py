@@ -53,7 +53,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -114,37 +114,59 @@ class EvalSettings(BaseModel):
     chunk_size: int = Field(256, ge=1, description="prompts decoded and generated at a time (bounds memory)")
 
     @classmethod
-    def from_config(cls, cfg: "JobConfig", *, k: int, black: bool = True, masked: bool = True) -> "EvalSettings":
+    def from_config(cls, cfg: JobConfig, *, k: int, black: bool = True, masked: bool = True) -> EvalSettings:
         c = cfg.corruption
-        return cls(k=k, black=black, masked=masked, greedy_temperature=cfg.rollout.val_temperature,
-                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_tokens,
-                   seed=cfg.seed, corruption_strategy=c.strategy, patch_size=c.patch_size, prob=c.prob,
-                   noise_std=c.noise_std, max_raw_pixels=cfg.data.max_raw_pixels)
+        return cls(
+            k=k,
+            black=black,
+            masked=masked,
+            greedy_temperature=cfg.rollout.val_temperature,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_tokens=cfg.rollout.max_tokens,
+            seed=cfg.seed,
+            corruption_strategy=c.strategy,
+            patch_size=c.patch_size,
+            prob=c.prob,
+            noise_std=c.noise_std,
+            max_raw_pixels=cfg.data.max_raw_pixels,
+        )
 
-    def greedy_spec(self) -> "SamplingSpec":
+    def greedy_spec(self) -> SamplingSpec:
         from services.rollout import SamplingSpec
 
-        return SamplingSpec(n=1, temperature=self.greedy_temperature, top_p=1.0, max_tokens=self.max_tokens,
-                            seed=self.seed)
+        return SamplingSpec(
+            n=1, temperature=self.greedy_temperature, top_p=1.0, max_tokens=self.max_tokens, seed=self.seed
+        )
 
-    def sample_spec(self, first_request: int) -> "SamplingSpec":
+    def sample_spec(self, first_request: int) -> SamplingSpec:
         """k samples; request ``i`` of a chunk starting at prompt ``first_request`` gets seed
         ``seed + (first_request + i) * k``: the prompt's index in the dataset (so the chunk size
         changes nothing) unless an unusable prompt precedes it in its chunk."""
         from services.rollout import SamplingSpec
 
-        return SamplingSpec(n=self.k, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                            seed=self.seed + first_request * self.k)
+        return SamplingSpec(
+            n=self.k,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            seed=self.seed + first_request * self.k,
+        )
 
     def describe(self) -> str:
         parts = [f"greedy: temperature {self.greedy_temperature:g}, max {self.max_tokens} tokens"]
         if self.masked:
-            what = (f"{self.corruption_strategy} ({self.patch_size} px cells, p={self.prob:g})"
-                    if self.corruption_strategy in ("patch_blackening", "noise") else self.corruption_strategy)
+            what = (
+                f"{self.corruption_strategy} ({self.patch_size} px cells, p={self.prob:g})"
+                if self.corruption_strategy in ("patch_blackening", "noise")
+                else self.corruption_strategy
+            )
             parts.append(f"masked: {what}, mask seeds from run seed {self.seed}, epoch 0")
         if self.k:
-            parts.append(f"avg@{self.k}/pass@{self.k}: {self.k} samples at temperature {self.temperature:g}, "
-                         f"top_p {self.top_p:g}")
+            parts.append(
+                f"avg@{self.k}/pass@{self.k}: {self.k} samples at temperature {self.temperature:g}, "
+                f"top_p {self.top_p:g}"
+            )
         return "; ".join(parts)
 
 
@@ -165,67 +187,82 @@ class DatasetEval(BaseModel):
     """The evaluation of one dataset. Accuracies are in [0, 1] over ``num_prompts`` prompts."""
 
     name: str
-    source: Optional[str] = None
+    source: str | None = None
     num_prompts: int
     bad_prompts: int = Field(description="prompts whose images could not be used (wrong everywhere)")
     unserved_prompts: int = Field(description="prompts the engine did not serve in at least one condition")
     grading_errors: int = Field(description="responses the grader could not grade (scored 0)")
     k: int
     accuracy: float
-    black_accuracy: Optional[float] = None
-    masked_accuracy: Optional[float] = None
-    avg_at_k: Optional[float] = None
-    pass_at_k: Optional[float] = None
+    black_accuracy: float | None = None
+    masked_accuracy: float | None = None
+    avg_at_k: float | None = None
+    pass_at_k: float | None = None
     conditions: dict[str, ConditionStats] = Field(default_factory=dict)
     seconds: float = 0.0
 
     @computed_field  # type: ignore[prop-decorator]
     @property
-    def vision_gap(self) -> Optional[float]:
+    def vision_gap(self) -> float | None:
         """Accuracy lost when the images are black: how much the policy uses them."""
         return None if self.black_accuracy is None else self.accuracy - self.black_accuracy
 
     @computed_field  # type: ignore[prop-decorator]
     @property
-    def masked_gap(self) -> Optional[float]:
+    def masked_gap(self) -> float | None:
         """Accuracy lost under the training-style mask (the perception term's contrast)."""
         return None if self.masked_accuracy is None else self.accuracy - self.masked_accuracy
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Flat metric dict with the documented keys (conditions not run are left out)."""
         out: dict[str, float] = {f"{prefix}accuracy": self.accuracy}
-        for key, value in (("black_accuracy", self.black_accuracy), ("masked_accuracy", self.masked_accuracy),
-                           ("vision_gap", self.vision_gap), ("masked_gap", self.masked_gap),
-                           (f"avg@{self.k}", self.avg_at_k), (f"pass@{self.k}", self.pass_at_k)):
+        for key, value in (
+            ("black_accuracy", self.black_accuracy),
+            ("masked_accuracy", self.masked_accuracy),
+            ("vision_gap", self.vision_gap),
+            ("masked_gap", self.masked_gap),
+            (f"avg@{self.k}", self.avg_at_k),
+            (f"pass@{self.k}", self.pass_at_k),
+        ):
             if value is not None:
                 out[prefix + key] = value
-        out.update({f"{prefix}num_prompts": float(self.num_prompts), f"{prefix}bad_prompts": float(self.bad_prompts),
-                    f"{prefix}unserved_prompts": float(self.unserved_prompts),
-                    f"{prefix}grading_errors": float(self.grading_errors)})
+        out.update(
+            {
+                f"{prefix}num_prompts": float(self.num_prompts),
+                f"{prefix}bad_prompts": float(self.bad_prompts),
+                f"{prefix}unserved_prompts": float(self.unserved_prompts),
+                f"{prefix}grading_errors": float(self.grading_errors),
+            }
+        )
         return out
 
 
-_COLUMNS = (("accuracy", "accuracy"), ("black", "black_accuracy"), ("masked", "masked_accuracy"),
-            ("vision gap", "vision_gap"), ("masked gap", "masked_gap"))
+_COLUMNS = (
+    ("accuracy", "accuracy"),
+    ("black", "black_accuracy"),
+    ("masked", "masked_accuracy"),
+    ("vision gap", "vision_gap"),
+    ("masked gap", "masked_gap"),
+)
 
 
-def _fmt(value: Optional[float]) -> str:
+def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
 class EvalReport(BaseModel):
     """``papo eval``'s result: one :class:`DatasetEval` per dataset, their mean, the settings."""
 
-    checkpoint: Optional[str] = None
-    config: Optional[str] = Field(None, description="where the job config came from")
-    reward_fn: Optional[str] = None
+    checkpoint: str | None = None
+    config: str | None = Field(None, description="where the job config came from")
+    reward_fn: str | None = None
     settings: EvalSettings
     datasets: list[DatasetEval]
     seconds: float = 0.0
 
     @computed_field  # type: ignore[prop-decorator]
     @property
-    def mean(self) -> Optional[dict[str, float]]:
+    def mean(self) -> dict[str, float] | None:
         """Unweighted mean over datasets of each metric all of them have (as the paper averages
         benchmarks); None with a single dataset."""
         if len(self.datasets) < 2:
@@ -260,19 +297,29 @@ class EvalReport(BaseModel):
             lines.append("| " + " | ".join(cells) + " |")
         mean = self.mean
         if mean is not None:
-            cells = ["**mean**", str(sum(d.num_prompts for d in self.datasets)),
-                     *(_fmt(mean.get(f"eval/{f}")) for _, f in _COLUMNS)]
+            cells = [
+                "**mean**",
+                str(sum(d.num_prompts for d in self.datasets)),
+                *(_fmt(mean.get(f"eval/{f}")) for _, f in _COLUMNS),
+            ]
             if k:
                 cells += [_fmt(mean.get(f"eval/avg@{k}")), _fmt(mean.get(f"eval/pass@{k}"))]
-            cells += [str(sum(d.unserved_prompts for d in self.datasets)),
-                      str(sum(d.bad_prompts for d in self.datasets))]
+            cells += [
+                str(sum(d.unserved_prompts for d in self.datasets)),
+                str(sum(d.bad_prompts for d in self.datasets)),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
-        notes = [f"Checkpoint `{self.checkpoint}`." if self.checkpoint else "",
-                 f"Reward function `{self.reward_fn}`." if self.reward_fn else "",
-                 self.settings.describe() + "."]
-        lines += ["", " ".join(n for n in notes if n),
-                  "Unserved prompts and prompts with unusable images count as wrong"
-                  + ("; the mean row is unweighted over datasets." if mean is not None else ".")]
+        notes = [
+            f"Checkpoint `{self.checkpoint}`." if self.checkpoint else "",
+            f"Reward function `{self.reward_fn}`." if self.reward_fn else "",
+            self.settings.describe() + ".",
+        ]
+        lines += [
+            "",
+            " ".join(n for n in notes if n),
+            "Unserved prompts and prompts with unusable images count as wrong"
+            + ("; the mean row is unweighted over datasets." if mean is not None else "."),
+        ]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> str:
@@ -306,8 +353,7 @@ class Evaluator:
     condition and shared by the greedy and sampled passes).
     """
 
-    def __init__(self, generate: GenerateFn, grade: GradeFn, settings: EvalSettings,
-                 put: Optional[PutFn] = None) -> None:
+    def __init__(self, generate: GenerateFn, grade: GradeFn, settings: EvalSettings, put: PutFn | None = None) -> None:
         from services.corruption import CorruptionService
 
         self.generate = generate
@@ -316,9 +362,17 @@ class Evaluator:
         self.put = put or _identity
         # The same service (and parameters) the training corruption pool runs, so the masked
         # condition sees exactly the training masks.
-        self.corruption = CorruptionService(strategy=settings.corruption_strategy, patch_size=settings.patch_size,
-                                            prob=settings.prob, max_pixels=settings.max_raw_pixels,
-                                            noise_std=settings.noise_std) if settings.masked else None
+        self.corruption = (
+            CorruptionService(
+                strategy=settings.corruption_strategy,
+                patch_size=settings.patch_size,
+                prob=settings.prob,
+                max_pixels=settings.max_raw_pixels,
+                noise_std=settings.noise_std,
+            )
+            if settings.masked
+            else None
+        )
 
     def masked_images(self, example: PromptExample, images: Sequence[Image.Image]) -> list[Image.Image]:
         """The training-style masked images of one prompt (epoch 0); ValueError (BadPrompt is
@@ -327,21 +381,26 @@ class Evaluator:
         precomputed = None
         if self.settings.corruption_strategy == "precomputed":
             precomputed = prompt_masked_images(example, self.settings.max_raw_pixels)
-        return self.corruption.mask_prompt(list(images), run_seed=self.settings.seed, row_id=example.row_id,
-                                           epoch=0, precomputed=precomputed)
+        return self.corruption.mask_prompt(
+            list(images), run_seed=self.settings.seed, row_id=example.row_id, epoch=0, precomputed=precomputed
+        )
 
     def _masked_available(self, examples: Sequence[PromptExample]) -> bool:
         if not self.settings.masked:
             return False
         if self.settings.corruption_strategy == "precomputed" and not all(
-                ex.images_masked is not None for ex in examples):
-            logger.warning("corruption.strategy=precomputed but the dataset rows carry no pre-masked images "
-                           "(data.masked_image_key): the masked condition is skipped")
+            ex.images_masked is not None for ex in examples
+        ):
+            logger.warning(
+                "corruption.strategy=precomputed but the dataset rows carry no pre-masked images "
+                "(data.masked_image_key): the masked condition is skipped"
+            )
             return False
         return True
 
-    def evaluate(self, examples: Sequence[PromptExample], *, name: str = "validation",
-                 source: Optional[str] = None) -> DatasetEval:
+    def evaluate(
+        self, examples: Sequence[PromptExample], *, name: str = "validation", source: str | None = None
+    ) -> DatasetEval:
         t0 = time.perf_counter()
         s = self.settings
         examples = list(examples)
@@ -372,7 +431,7 @@ class Evaluator:
             originals = [[self.put(im) for im in p.images] for p in prompts]
             for condition in active:
                 if condition in ("greedy", "sampled"):
-                    images: list[Optional[list[Any]]] = list(originals)
+                    images: list[list[Any] | None] = list(originals)
                 elif condition == "black":
                     images = [[self.put(Image.new("RGB", im.size)) for im in p.images] for p in prompts]
                 else:
@@ -398,28 +457,46 @@ class Evaluator:
             del originals, images, prompts  # the chunk's images (and ObjectRefs) go before the next chunk's
         for condition, st in stats.items():
             if st.requests and not st.served:
-                raise NothingServed(f"evaluation of {name}: the engine served none of {st.requests} prompts in the "
-                                   f"{condition} condition; first errors: {st.errors}")
+                raise NothingServed(
+                    f"evaluation of {name}: the engine served none of {st.requests} prompts in the "
+                    f"{condition} condition; first errors: {st.errors}"
+                )
 
-        def share(condition: str, per_prompt: int = 1) -> Optional[float]:
+        def share(condition: str, per_prompt: int = 1) -> float | None:
             if condition not in correct:
                 return None
             return correct[condition] / (n * per_prompt) if n else 0.0
 
         return DatasetEval(
-            name=name, source=source, num_prompts=n, bad_prompts=bad, unserved_prompts=len(unserved),
-            grading_errors=grading_errors, k=s.k, accuracy=share("greedy") or 0.0, black_accuracy=share("black"),
-            masked_accuracy=share("masked"), avg_at_k=share("sampled", s.k) if s.k else None,
+            name=name,
+            source=source,
+            num_prompts=n,
+            bad_prompts=bad,
+            unserved_prompts=len(unserved),
+            grading_errors=grading_errors,
+            k=s.k,
+            accuracy=share("greedy") or 0.0,
+            black_accuracy=share("black"),
+            masked_accuracy=share("masked"),
+            avg_at_k=share("sampled", s.k) if s.k else None,
             pass_at_k=(best_sum / n if n else 0.0) if "sampled" in correct else None,
-            conditions=stats, seconds=time.perf_counter() - t0)
+            conditions=stats,
+            seconds=time.perf_counter() - t0,
+        )
 
     @staticmethod
     def _note_error(stats: ConditionStats, message: str) -> None:
         if len(stats.errors) < _MAX_QUOTED_ERRORS:
             stats.errors.append(message)
 
-    def _run(self, condition: str, prompts: Sequence[_Prompt], images: Sequence[Optional[list[Any]]],
-             spec: "SamplingSpec", stats: ConditionStats) -> tuple[list[Optional[list[float]]], int]:
+    def _run(
+        self,
+        condition: str,
+        prompts: Sequence[_Prompt],
+        images: Sequence[list[Any] | None],
+        spec: SamplingSpec,
+        stats: ConditionStats,
+    ) -> tuple[list[list[float] | None], int]:
         """Generate and grade one condition for one chunk: per prompt its samples' accuracies
         (None: not served), and the number of grading errors."""
         from services.rollout import RolloutRequest
@@ -430,7 +507,7 @@ class Evaluator:
                 continue
             requests.append(RolloutRequest.from_example(p.example, images=imgs, epoch=0))
             owners.append(position)
-        scores: list[Optional[list[float]]] = [None] * len(prompts)
+        scores: list[list[float] | None] = [None] * len(prompts)
         stats.requests += len(prompts)
         if not requests:
             return scores, 0
@@ -457,10 +534,19 @@ class Evaluator:
         return scores, sum(1 for g in graded if g.get("error"))
 
 
-def evaluate_examples(examples: Sequence[PromptExample], *, generate: GenerateFn, grade: GradeFn,
-                      cfg: "JobConfig", k: Optional[int] = None, put: Optional[PutFn] = None,
-                      black: bool = True, masked: bool = True, name: str = "validation",
-                      source: Optional[str] = None) -> DatasetEval:
+def evaluate_examples(
+    examples: Sequence[PromptExample],
+    *,
+    generate: GenerateFn,
+    grade: GradeFn,
+    cfg: JobConfig,
+    k: int | None = None,
+    put: PutFn | None = None,
+    black: bool = True,
+    masked: bool = True,
+    name: str = "validation",
+    source: str | None = None,
+) -> DatasetEval:
     """Evaluate ``examples`` with the settings of ``cfg`` (``k`` defaults to ``trainer.eval_k``).
 
     The driver's call: ``evaluate_examples(val, generate=pool.generate, grade=reward.score,
@@ -474,8 +560,12 @@ def evaluate_examples(examples: Sequence[PromptExample], *, generate: GenerateFn
 # papo eval: checkpoint + datasets -> report, in-process (local worker, local grading pool)
 # --------------------------------------------------------------------------------------------
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 RUN_CONFIG = "config.yaml"
 
 
@@ -491,8 +581,11 @@ def check_checkpoint(path: str | Path) -> Path:
     if not folder.is_dir():
         raise EvalError(f"checkpoint {folder} is not a folder (expected a model folder with config.json and weights)")
     hint = ""
-    steps = sorted(p for p in (folder / "checkpoints").glob("step_*") if p.is_dir()) if (
-        folder / "checkpoints").is_dir() else []
+    steps = (
+        sorted(p for p in (folder / "checkpoints").glob("step_*") if p.is_dir())
+        if (folder / "checkpoints").is_dir()
+        else []
+    )
     if steps:
         hint = f"; this looks like a run directory: pass one of its checkpoints, e.g. {steps[-1]}"
     if not (folder / "config.json").is_file():
@@ -502,7 +595,7 @@ def check_checkpoint(path: str | Path) -> Path:
     return folder.resolve()
 
 
-def find_run_config(checkpoint: Path) -> Optional[Path]:
+def find_run_config(checkpoint: Path) -> Path | None:
     """The ``config.yaml`` of the run a checkpoint belongs to: in the folder, its parent or
     grandparent (``runs/<name>/checkpoints/step_XXXXXX`` -> ``runs/<name>/config.yaml``)."""
     for folder in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
@@ -512,8 +605,9 @@ def find_run_config(checkpoint: Path) -> Optional[Path]:
     return None
 
 
-def load_eval_config(checkpoint: Path, config: Optional[Sequence[str]] = None,
-                     overrides: Sequence[str] = ()) -> tuple["JobConfig", str]:
+def load_eval_config(
+    checkpoint: Path, config: Sequence[str] | None = None, overrides: Sequence[str] = ()
+) -> tuple[JobConfig, str]:
     """The job config for evaluating ``checkpoint``, and where it came from.
 
     ``config`` (shipped names or YAML files) wins; else the run's ``config.yaml`` beside/above
@@ -544,9 +638,15 @@ def _dataset_names(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def evaluate_checkpoint(checkpoint: str | Path, *, data: Sequence[str | Path] = (), k: int = 8,
-                        config: Optional[Sequence[str]] = None, overrides: Sequence[str] = (),
-                        limit: Optional[int] = None) -> EvalReport:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data: Sequence[str | Path] = (),
+    k: int = 8,
+    config: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+    limit: int | None = None,
+) -> EvalReport:
     """``papo eval``: evaluate a checkpoint on each dataset of ``data`` (default: the config's
     validation split, first ``data.val_size`` rows) with a local rollout worker.
 
@@ -585,7 +685,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: Sequence[str | Path] = 
         if not p.exists():
             raise EvalError(f"data.val_path {p} does not exist (from {origin}); pass --data FILE")
         examples = _load(cfg, p)
-        sets.append((cfg.data.val_split, str(p), examples[:limit or cfg.data.val_size or len(examples)]))
+        sets.append((cfg.data.val_split, str(p), examples[: limit or cfg.data.val_size or len(examples)]))
     max_images = max([len(ex.images) for _, _, exs in sets for ex in exs] + [1])
 
     # The reward function first: an unknown name or a bad user-function path fails here, in
@@ -596,17 +696,24 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: Sequence[str | Path] = 
         get_reward_fn(fn)
     except (KeyError, OSError, ImportError, AttributeError, ValueError) as e:
         raise EvalError(f"reward.fn={cfg.reward.fn!r}: {e}") from None
-    grader = GradingPool(workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s,
-                         format_weight=cfg.reward.format_weight, fn=cfg.reward.fn,
-                         user_functions=cfg.reward.user_functions, deadline_s=None)
+    grader = GradingPool(
+        workers=cfg.reward.workers,
+        timeout_s=cfg.reward.timeout_s,
+        format_weight=cfg.reward.format_weight,
+        fn=cfg.reward.fn,
+        user_functions=cfg.reward.user_functions,
+        deadline_s=None,
+    )
     _quiet_vllm_cpu_thread_warning()
     try:
-        worker = RolloutWorker.from_config(cfg.rollout, cfg.model, seed=cfg.seed, model_path=ckpt,
-                                           max_images_per_prompt=max_images)
+        worker = RolloutWorker.from_config(
+            cfg.rollout, cfg.model, seed=cfg.seed, model_path=ckpt, max_images_per_prompt=max_images
+        )
         try:
             settings = EvalSettings.from_config(cfg, k=k)
-            evaluator = Evaluator(lambda reqs, spec: worker.generate(reqs, spec),
-                                  lambda items: grader.grade(fn, items), settings)
+            evaluator = Evaluator(
+                lambda reqs, spec: worker.generate(reqs, spec), lambda items: grader.grade(fn, items), settings
+            )
             results = []
             for name, source, examples in sets:
                 logger.info("evaluating %s (%d prompts) ...", name, len(examples))
@@ -615,8 +722,14 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: Sequence[str | Path] = 
             worker.shutdown()
     finally:
         grader.close()
-    return EvalReport(checkpoint=str(ckpt), config=origin, reward_fn=cfg.reward.fn, settings=settings,
-                      datasets=results, seconds=time.perf_counter() - t0)
+    return EvalReport(
+        checkpoint=str(ckpt),
+        config=origin,
+        reward_fn=cfg.reward.fn,
+        settings=settings,
+        datasets=results,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 class _DropMessage(logging.Filter):
@@ -635,7 +748,7 @@ def _quiet_vllm_cpu_thread_warning() -> None:
     logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_DropMessage("`torch.set_num_threads`"))
 
 
-def _load(cfg: "JobConfig", path: Path) -> list[PromptExample]:
+def _load(cfg: JobConfig, path: Path) -> list[PromptExample]:
     """A dataset's examples, read exactly as training reads them (the job's ``data`` section:
     columns, id column — the mask seeds depend on it —, prompt format, length filter)."""
     from trainer.data import DataError, load_split_from_config
@@ -649,7 +762,7 @@ def _load(cfg: "JobConfig", path: Path) -> list[PromptExample]:
     return list(split.examples)
 
 
-def report_paths(checkpoint: str | Path, out: Optional[str | Path] = None) -> tuple[Path, Path]:
+def report_paths(checkpoint: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
     """Where ``eval.json`` / ``eval.md`` go: into the checkpoint folder by default; ``out`` is a
     folder, or a ``.json`` / ``.md`` file path whose sibling gets the other format. The folder is
     created and checked for write access here, so a read-only location fails before the engine
@@ -669,7 +782,7 @@ def report_paths(checkpoint: str | Path, out: Optional[str | Path] = None) -> tu
     return json_path, json_path.with_suffix(".md")
 
 
-def write_report(report: EvalReport, out: Optional[str | Path] = None) -> tuple[Path, Path]:
+def write_report(report: EvalReport, out: str | Path | None = None) -> tuple[Path, Path]:
     """Write ``eval.json`` and ``eval.md`` (see :func:`report_paths`); returns their paths."""
     if out is None and report.checkpoint is None:
         raise ValueError("no output path and no checkpoint folder to write beside")

@@ -27,7 +27,8 @@ over ranks. So ``papo_loss`` is always called with ``grad_accum=1``:
 Non-finite gradients. DeepSpeed's automatic skip belongs to fp16 loss scaling; which other
 configurations it covers depends on version and stage (in 0.19.8 with NaN gradients: the ZeRO 1-3
 optimisers and the bf16 optimiser skip, fp32 ZeRO 0 steps and writes NaN into the weights; the
-unit test shows it by failing there without our guard). So at every accumulation boundary we compute the global gradient norm ourselves (collectively, from the
+unit test shows it by failing there without our guard). So at every accumulation boundary we compute the
+global gradient norm ourselves (collectively, from the
 reduced gradients of the configured stage) before ``engine.step()``. A non-finite norm sets a flag
 on our AdamW subclass, whose ``step`` then returns without touching parameters or moments; the
 engine still runs its bookkeeping (clearing gradients, counters). The step is counted in
@@ -57,9 +58,10 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +72,12 @@ from trainer.checkpoint import replace_dir
 from trainer.config import AlgoConfig, LearnerConfig, MaskedLogpPlacement
 from trainer.modeling import load_model, load_processor, model_inputs, token_logprobs
 from trainer.weights import (
-    BROADCAST_TRANSPORTS, WeightsHandle, current_weight_group, digest, join_weight_group, pack_state_dict,
+    BROADCAST_TRANSPORTS,
+    WeightsHandle,
+    current_weight_group,
+    digest,
+    join_weight_group,
+    pack_state_dict,
     share_cuda_ipc,
 )
 
@@ -106,17 +113,27 @@ class LossSettings:
     kl_kind: str = "low_var_kl"
     perception_kl_kind: str = "low_var_kl"
     avg: str = "token"
-    perception_top_p: Optional[float] = None
-    perception_kl_clip: Optional[float] = None
+    perception_top_p: float | None = None
+    perception_kl_clip: float | None = None
     perception_kl_masked_grad: bool = False
 
     @classmethod
-    def from_algo(cls, algo: AlgoConfig) -> "LossSettings":
-        return cls(gamma=algo.gamma, beta=algo.beta, eta1=algo.eta1, eta2=algo.eta2, clip_low=algo.clip_low,
-                   clip_high=algo.clip_high, clip_dual=algo.clip_dual, kl_kind=algo.kl_kind,
-                   perception_kl_kind=algo.perception_kl_kind, avg=algo.loss_avg,
-                   perception_top_p=algo.perception_top_p, perception_kl_clip=algo.perception_kl_clip,
-                   perception_kl_masked_grad=algo.perception_kl_masked_grad)
+    def from_algo(cls, algo: AlgoConfig) -> LossSettings:
+        return cls(
+            gamma=algo.gamma,
+            beta=algo.beta,
+            eta1=algo.eta1,
+            eta2=algo.eta2,
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
+            clip_dual=algo.clip_dual,
+            kl_kind=algo.kl_kind,
+            perception_kl_kind=algo.perception_kl_kind,
+            avg=algo.loss_avg,
+            perception_top_p=algo.perception_top_p,
+            perception_kl_clip=algo.perception_kl_clip,
+            perception_kl_masked_grad=algo.perception_kl_masked_grad,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,13 +152,13 @@ class GuardedAdamW(torch.optim.AdamW):
     skip_next: bool = False
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         if self.skip_next:
             return None
         return super().step(closure)
 
 
-def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: Optional[int]) -> float:
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int | None) -> float:
     """Multiplier of the base LR for optimiser step ``step`` (0 for the first).
 
     Linear warm-up to 1 over ``warmup_steps`` (the first step already gets ``1/warmup_steps``, not
@@ -216,8 +233,10 @@ def ds_config(cfg: LearnerConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config of a learner: batch geometry, ZeRO stage, precision, clipping."""
     per_step = cfg.micro_batch_size * world_size
     if cfg.mini_batch_size % per_step:
-        raise ValueError(f"learner.mini_batch_size={cfg.mini_batch_size} must be a multiple of "
-                         f"learner.micro_batch_size * world_size = {cfg.micro_batch_size} * {world_size}")
+        raise ValueError(
+            f"learner.mini_batch_size={cfg.mini_batch_size} must be a multiple of "
+            f"learner.micro_batch_size * world_size = {cfg.micro_batch_size} * {world_size}"
+        )
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.cpu_offload and cfg.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -292,7 +311,7 @@ class Learner:
         min_pixels: int = 56 * 56,
         max_pixels: int = 1280 * 28 * 28,
         temperature: float = 1.0,
-        total_optimizer_steps: Optional[int] = None,
+        total_optimizer_steps: int | None = None,
         seed: int = 0,
         trust_remote_code: bool = False,
     ) -> None:
@@ -312,8 +331,9 @@ class Learner:
 
         self.ds_config = ds_config(learner, self.world_size)
         model = self._load_model(learner, trust_remote_code)
-        self.processor = load_processor(self.model_path, min_pixels=min_pixels, max_pixels=max_pixels,
-                                        trust_remote_code=trust_remote_code)
+        self.processor = load_processor(
+            self.model_path, min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code
+        )
         if learner.freeze_vision_tower:
             for p in model.model.visual.parameters():
                 p.requires_grad_(False)
@@ -325,8 +345,12 @@ class Learner:
         if learner.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self._optimizer = GuardedAdamW(self._param_groups(model, learner), lr=learner.lr,
-                                       betas=tuple(learner.betas), weight_decay=learner.weight_decay)
+        self._optimizer = GuardedAdamW(
+            self._param_groups(model, learner),
+            lr=learner.lr,
+            betas=tuple(learner.betas),
+            weight_decay=learner.weight_decay,
+        )
         # Each group's LR before the schedule's factor, in the optimiser's group order.
         self._base_lrs = [group["lr"] for group in self._optimizer.param_groups]
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self._optimizer, config=self.ds_config)
@@ -403,19 +427,26 @@ class Learner:
         # Built on the host (processor, RoPE index); the engine's module lives on its device.
         return {k: v.to(self.device) for k, v in inputs.items()}
 
-    def _logp(self, batch: RolloutBatch, images: Sequence[Sequence[Any]], *, with_entropy: bool = False
-              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _logp(
+        self, batch: RolloutBatch, images: Sequence[Sequence[Any]], *, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Forward through the engine (ZeRO-3 gathers parameters in its hooks); the inputs are built
         # from the bare module because the engine's own ``.config`` is DeepSpeed's.
-        return token_logprobs(self.engine, self._inputs(batch, images), batch.response_ids.to(self.device),
-                              batch.response_mask.to(self.device), temperature=self.temperature,
-                              with_entropy=with_entropy)
+        return token_logprobs(
+            self.engine,
+            self._inputs(batch, images),
+            batch.response_ids.to(self.device),
+            batch.response_mask.to(self.device),
+            temperature=self.temperature,
+            with_entropy=with_entropy,
+        )
 
     # ---- log-probs ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: RolloutBatch, images: Sequence[Sequence[Any]], *,
-                         micro_batch_size: Optional[int] = None) -> torch.Tensor:
+    def compute_logprobs(
+        self, batch: RolloutBatch, images: Sequence[Sequence[Any]], *, micro_batch_size: int | None = None
+    ) -> torch.Tensor:
         """No-grad, temperature-scaled log-probs (N, R) of ``batch``'s response tokens, 0 at padding.
 
         ``images`` are the rows' originals (``old_logp``) or masked images (the ``learner``
@@ -479,13 +510,19 @@ class Learner:
         if learner.vision_lr is None or learner.vision_lr == learner.lr:
             return [{"params": trainable, "lr": learner.lr}]
         visual = {id(p) for p in model.model.visual.parameters()}
-        groups = [{"params": [p for p in trainable if id(p) not in visual], "lr": learner.lr},
-                  {"params": [p for p in trainable if id(p) in visual], "lr": learner.vision_lr}]
+        groups = [
+            {"params": [p for p in trainable if id(p) not in visual], "lr": learner.lr},
+            {"params": [p for p in trainable if id(p) in visual], "lr": learner.vision_lr},
+        ]
         return [g for g in groups if g["params"]]
 
     def _lr_factor(self) -> float:
-        return lr_factor(self.optimizer_steps, schedule=self.cfg.lr_scheduler,
-                         warmup_steps=self.cfg.warmup_steps, total_steps=self.total_optimizer_steps)
+        return lr_factor(
+            self.optimizer_steps,
+            schedule=self.cfg.lr_scheduler,
+            warmup_steps=self.cfg.warmup_steps,
+            total_steps=self.total_optimizer_steps,
+        )
 
     def _set_lr(self) -> float:
         """Every group's LR for the next optimiser step; returns the language model's (``learner.lr``'s)."""
@@ -494,24 +531,31 @@ class Learner:
             group["lr"] = base * factor
         return self.cfg.lr * factor
 
-    def _check_inputs(self, batch: RolloutBatch, masked_images: Optional[Sequence[Sequence[Any]]],
-                      loss: LossSettings) -> None:
+    def _check_inputs(
+        self, batch: RolloutBatch, masked_images: Sequence[Sequence[Any]] | None, loss: LossSettings
+    ) -> None:
         batch.require("advantages")
         if batch.old_logp is None and not self.on_policy(len(batch)):
-            raise ValueError("the batch has no old_logp: only an on-policy update (learner.ppo_epochs=1 and one "
-                             "mini-batch per rollout batch) may take them from its own forward")
+            raise ValueError(
+                "the batch has no old_logp: only an on-policy update (learner.ppo_epochs=1 and one "
+                "mini-batch per rollout batch) may take them from its own forward"
+            )
         if loss.beta != 0.0:
             batch.require("ref_logp")
         needs_masked = loss.gamma != 0.0 or loss.eta2 != 0.0
         if needs_masked and self.masked_logp == "learner_grad":
             if masked_images is None:
-                raise ValueError("perception.masked_logp=learner_grad recomputes the masked log-probs in the loss: "
-                                 "train_step needs masked_images")
+                raise ValueError(
+                    "perception.masked_logp=learner_grad recomputes the masked log-probs in the loss: "
+                    "train_step needs masked_images"
+                )
         elif needs_masked:
             batch.require("masked_logp")
         if len(batch) % self.rows_per_mini_batch:
-            raise ValueError(f"{len(batch)} rows on this rank do not split into mini-batches of "
-                             f"{self.rows_per_mini_batch} (learner.mini_batch_size / world size)")
+            raise ValueError(
+                f"{len(batch)} rows on this rank do not split into mini-batches of "
+                f"{self.rows_per_mini_batch} (learner.mini_batch_size / world size)"
+            )
 
     def on_policy(self, rows: int) -> bool:
         """One optimiser step over ``rows`` rows of this rank: the policy that scores them is the one
@@ -519,10 +563,16 @@ class Learner:
         the same gradient), and the separate old-log-prob pass can be skipped."""
         return self.cfg.ppo_epochs == 1 and rows == self.rows_per_mini_batch
 
-    def train_step(self, batch: RolloutBatch, images: Sequence[Sequence[Any]],
-                   masked_images: Optional[Sequence[Sequence[Any]]] = None, *,
-                   gamma: Optional[float] = None, eta1: Optional[float] = None, eta2: Optional[float] = None
-                   ) -> dict[str, float]:
+    def train_step(
+        self,
+        batch: RolloutBatch,
+        images: Sequence[Sequence[Any]],
+        masked_images: Sequence[Sequence[Any]] | None = None,
+        *,
+        gamma: float | None = None,
+        eta1: float | None = None,
+        eta2: float | None = None,
+    ) -> dict[str, float]:
         """Every optimiser step of one rollout batch (this rank's shard): DESIGN.md step 5.
 
         ``learner.ppo_epochs`` passes over consecutive mini-batches of ``mini_batch_size / world``
@@ -552,8 +602,9 @@ class Learner:
                 n_minis += 1
                 micro_starts = list(range(0, len(rows), mbs))
                 if len(micro_starts) != self.grad_accum:
-                    raise RuntimeError(f"{len(micro_starts)} micro-batches per mini-batch, DeepSpeed expects "
-                                       f"{self.grad_accum}")
+                    raise RuntimeError(
+                        f"{len(micro_starts)} micro-batches per mini-batch, DeepSpeed expects {self.grad_accum}"
+                    )
                 for k, ms in enumerate(micro_starts):
                     sub = list(range(ms, min(ms + mbs, len(rows))))
                     micro_rows = [rows[i] for i in sub]
@@ -561,8 +612,12 @@ class Learner:
                     if self.engine.is_gradient_accumulation_boundary() != boundary:
                         raise RuntimeError("DeepSpeed's micro-step counter drifted from the mini-batch layout")
                     metrics = self._micro_backward(
-                        mini.select(sub), [images[i] for i in micro_rows],
-                        [masked_images[i] for i in micro_rows] if recompute_masked else None, loss_cfg, num_tokens)
+                        mini.select(sub),
+                        [images[i] for i in micro_rows],
+                        [masked_images[i] for i in micro_rows] if recompute_masked else None,
+                        loss_cfg,
+                        num_tokens,
+                    )
                     w = metrics.pop("response_tokens")
                     tokens_total += w
                     for key in objective:
@@ -582,16 +637,26 @@ class Learner:
         out = {k: v / max(tokens_total, 1.0) for k, v in weighted.items()}
         # loss/pg_loss: the mini-batch objective (sum over its micro-batches), mean over mini-batches.
         out.update({k: v / max(n_minis, 1) for k, v in objective.items()})
-        out.update(grad_norm=float(np.mean(norms)) if norms else float("nan"),
-                   lr=lrs[-1] if lrs else self.cfg.lr * self._lr_factor(),
-                   optimizer_steps=len(norms), skipped_steps=skipped, total_optimizer_steps=self.optimizer_steps,
-                   total_skipped_steps=self.skipped_steps, response_tokens=tokens_total,
-                   step_time_s=time.perf_counter() - t0)
+        out.update(
+            grad_norm=float(np.mean(norms)) if norms else float("nan"),
+            lr=lrs[-1] if lrs else self.cfg.lr * self._lr_factor(),
+            optimizer_steps=len(norms),
+            skipped_steps=skipped,
+            total_optimizer_steps=self.optimizer_steps,
+            total_skipped_steps=self.skipped_steps,
+            response_tokens=tokens_total,
+            step_time_s=time.perf_counter() - t0,
+        )
         return out
 
-    def _micro_backward(self, micro: RolloutBatch, images: Sequence[Sequence[Any]],
-                        masked_images: Optional[Sequence[Sequence[Any]]], loss_cfg: LossSettings,
-                        num_tokens: Optional[float]) -> dict[str, float]:
+    def _micro_backward(
+        self,
+        micro: RolloutBatch,
+        images: Sequence[Sequence[Any]],
+        masked_images: Sequence[Sequence[Any]] | None,
+        loss_cfg: LossSettings,
+        num_tokens: float | None,
+    ) -> dict[str, float]:
         """Forward, ``papo_loss`` and ``engine.backward`` of one micro-batch; returns its metrics.
 
         ``masked_images`` given: the masked log-probs are recomputed here with gradient
@@ -605,14 +670,28 @@ class Learner:
         if masked_images is not None:
             masked_lp, _ = self._logp(micro, masked_images)
         loss, metrics = papo_loss(
-            logp, old_logp, micro.advantages.to(dev), micro.response_mask.to(dev),
-            masked_logp=masked_lp, ref_logp=None if micro.ref_logp is None else micro.ref_logp.to(dev),
-            gamma=loss_cfg.gamma, beta=loss_cfg.beta, eta1=loss_cfg.eta1, eta2=loss_cfg.eta2,
-            clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, clip_dual=loss_cfg.clip_dual,
-            kl_kind=loss_cfg.kl_kind, avg=loss_cfg.avg, grad_accum=1, num_tokens=num_tokens,
-            perception_kl_kind=loss_cfg.perception_kl_kind, perception_top_p=loss_cfg.perception_top_p,
+            logp,
+            old_logp,
+            micro.advantages.to(dev),
+            micro.response_mask.to(dev),
+            masked_logp=masked_lp,
+            ref_logp=None if micro.ref_logp is None else micro.ref_logp.to(dev),
+            gamma=loss_cfg.gamma,
+            beta=loss_cfg.beta,
+            eta1=loss_cfg.eta1,
+            eta2=loss_cfg.eta2,
+            clip_low=loss_cfg.clip_low,
+            clip_high=loss_cfg.clip_high,
+            clip_dual=loss_cfg.clip_dual,
+            kl_kind=loss_cfg.kl_kind,
+            avg=loss_cfg.avg,
+            grad_accum=1,
+            num_tokens=num_tokens,
+            perception_kl_kind=loss_cfg.perception_kl_kind,
+            perception_top_p=loss_cfg.perception_top_p,
             perception_kl_clip=loss_cfg.perception_kl_clip,
-            perception_kl_masked_grad=loss_cfg.perception_kl_masked_grad)
+            perception_kl_masked_grad=loss_cfg.perception_kl_masked_grad,
+        )
         if loss_cfg.avg == "token_global":
             # engine.backward divides by grad_accum and the DP reduction averages over ranks;
             # token_global is already normalised by the mini-batch's global token count.
@@ -651,20 +730,24 @@ class Learner:
             self._set_lr()  # the next step's LR, so the optimiser state always holds it
         else:
             self.skipped_steps += 1
-            logger.warning("rank %d: non-finite gradient norm (%s); optimiser step skipped (%d skipped so far)",
-                           self.rank, norm, self.skipped_steps)
+            logger.warning(
+                "rank %d: non-finite gradient norm (%s); optimiser step skipped (%d skipped so far)",
+                self.rank,
+                norm,
+                self.skipped_steps,
+            )
         return lr, norm
 
     # ---- weights -----------------------------------------------------------------------------
 
-    def export_weights(self) -> Optional[dict[str, torch.Tensor]]:
+    def export_weights(self) -> dict[str, torch.Tensor] | None:
         """Full HF-named weights on rank 0 (None elsewhere). Collective under ZeRO-3."""
         with self._gathered():
             if self.rank == 0:
                 return hf_state_dict(self.module)
         return None
 
-    def publish_weights(self, version: int, transport: Optional[str] = None) -> Optional[WeightsHandle]:
+    def publish_weights(self, version: int, transport: str | None = None) -> WeightsHandle | None:
         """The sending half of the weight sync (DESIGN.md step 6). Collective; rank 0 returns the handle.
 
         ``transport`` (default ``learner.weight_transport``) picks how (trainer/weights.py):
@@ -682,20 +765,26 @@ class Learner:
                 return None
             if transport == "cuda_ipc":
                 if self.device.type != "cuda":
-                    raise RuntimeError("learner.weight_transport=cuda_ipc needs the learner on a GPU; "
-                                       "this rank runs on " + str(self.device))
-                return share_cuda_ipc(hf_state_dict(self.module, to_cpu=False), int(version),
-                                      bucket_bytes=self.cfg.weight_bucket_mb << 20)
+                    raise RuntimeError(
+                        "learner.weight_transport=cuda_ipc needs the learner on a GPU; "
+                        "this rank runs on " + str(self.device)
+                    )
+                return share_cuda_ipc(
+                    hf_state_dict(self.module, to_cpu=False), int(version), bucket_bytes=self.cfg.weight_bucket_mb << 20
+                )
             if transport in BROADCAST_TRANSPORTS:
                 group = current_weight_group()
                 if group is None or group.backend != transport:
-                    raise RuntimeError(f"learner.weight_transport={transport} broadcasts to a weight group; "
-                                       "learner rank 0 has joined none (the driver forms it before publishing)")
+                    raise RuntimeError(
+                        f"learner.weight_transport={transport} broadcasts to a weight group; "
+                        "learner rank 0 has joined none (the driver forms it before publishing)"
+                    )
                 if transport == "nccl" and self.device.type != "cuda":
                     raise RuntimeError("learner.weight_transport=nccl needs the learner on a GPU; use gloo on CPU")
                 # Packed into the group's buckets while gathered: the broadcast reads the copies.
-                return group.publish(hf_state_dict(self.module, to_cpu=False), int(version),
-                                     bucket_bytes=self.cfg.weight_bucket_mb << 20)
+                return group.publish(
+                    hf_state_dict(self.module, to_cpu=False), int(version), bucket_bytes=self.cfg.weight_bucket_mb << 20
+                )
             sd = hf_state_dict(self.module)
         blob = pack_state_dict(sd)
         ref: Any = blob
@@ -704,19 +793,32 @@ class Learner:
 
             if ray.is_initialized():
                 ref = ray.put(blob)
-        return WeightsHandle(version=int(version), transport="object_store", num_tensors=len(sd),
-                             num_bytes=len(blob), digest=digest(blob), ref=ref)
+        return WeightsHandle(
+            version=int(version),
+            transport="object_store",
+            num_tensors=len(sd),
+            num_bytes=len(blob),
+            digest=digest(blob),
+            ref=ref,
+        )
 
     def join_weight_group(self, group_id: str, host: str, port: int, world_size: int) -> int:
         """Rank 0 joins the weight-broadcast group as its rank 0 (collectively with every receiver)."""
         if self.rank != 0:
             raise RuntimeError("only learner rank 0 publishes weights")
-        join_weight_group(group_id, host, port, 0, world_size, self.cfg.weight_transport,
-                          self.cfg.weight_broadcast_timeout_s,
-                          device=self.device if self.cfg.weight_transport == "nccl" else None)
+        join_weight_group(
+            group_id,
+            host,
+            port,
+            0,
+            world_size,
+            self.cfg.weight_transport,
+            self.cfg.weight_broadcast_timeout_s,
+            device=self.device if self.cfg.weight_transport == "nccl" else None,
+        )
         return os.getpid()
 
-    def wait_weights_sent(self, timeout_s: Optional[float] = None) -> None:
+    def wait_weights_sent(self, timeout_s: float | None = None) -> None:
         """Join the weight broadcast started by :meth:`publish_weights` (a no-op for other transports)."""
         group = current_weight_group()
         if group is not None and self.rank == 0:
@@ -750,13 +852,18 @@ class Learner:
 
         src = Path(self.model_path)
         for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json") \
-                    and f.name != CHECKPOINT_MARKER:
+            if (
+                f.is_file()
+                and not f.name.endswith(_WEIGHT_SUFFIXES)
+                and not f.name.endswith(".index.json")
+                and f.name != CHECKPOINT_MARKER
+            ):
                 shutil.copy2(f, folder / f.name)
         save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
-    def save_checkpoint(self, path: str | os.PathLike, *, keep_last: Optional[int] = None,
-                        extra: Optional[dict[str, Any]] = None) -> Path:
+    def save_checkpoint(
+        self, path: str | os.PathLike, *, keep_last: int | None = None, extra: dict[str, Any] | None = None
+    ) -> Path:
         """Write a checkpoint folder at ``path`` atomically. Collective: every rank calls it.
 
         ``extra`` (JSON-serialisable, e.g. the driver's step and sampler position) is written by
@@ -790,9 +897,15 @@ class Learner:
             self._write_hf_folder(tmp, sd)
             if extra is not None:
                 (tmp / TRAINER_STATE).write_text(json.dumps(extra, indent=2) + "\n")
-            marker = {"optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
-                      "train_steps": self.train_steps, "weight_version": self.weight_version,
-                      "world_size": self.world_size, "zero_stage": self.zero_stage, "time": time.time()}
+            marker = {
+                "optimizer_steps": self.optimizer_steps,
+                "skipped_steps": self.skipped_steps,
+                "train_steps": self.train_steps,
+                "weight_version": self.weight_version,
+                "world_size": self.world_size,
+                "zero_stage": self.zero_stage,
+                "time": time.time(),
+            }
             (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         self._barrier()
         if self.rank == 0:
@@ -810,10 +923,12 @@ class Learner:
         folder = Path(path)
         marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
         if marker["world_size"] != self.world_size:
-            raise ValueError(f"checkpoint {folder} was written by {marker['world_size']} ranks, this group has "
-                             f"{self.world_size}")
-        load_path, _ = self.engine.load_checkpoint(str(folder / _DS_SUBDIR), tag=_DS_TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+            raise ValueError(
+                f"checkpoint {folder} was written by {marker['world_size']} ranks, this group has {self.world_size}"
+            )
+        load_path, _ = self.engine.load_checkpoint(
+            str(folder / _DS_SUBDIR), tag=_DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed state under {folder / _DS_SUBDIR}")
         self.optimizer_steps = int(marker["optimizer_steps"])
@@ -885,7 +1000,7 @@ class LearnerWorker:
 
     def __init__(self, rank: int, world_size: int, get_timeout_s: float) -> None:
         self.rank, self.world_size, self.timeout = rank, world_size, get_timeout_s
-        self.learner: Optional[Learner] = None
+        self.learner: Learner | None = None
 
     def node_and_port(self) -> tuple[str, str, int]:
         """(Ray node id, node IP, a free port here): rank 0's become MASTER_ADDR/MASTER_PORT."""
@@ -894,8 +1009,13 @@ class LearnerWorker:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master_addr: str, master_port: int, kwargs: dict[str, Any]) -> int:
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+        )
         self.learner = Learner(**kwargs)
         return os.getpid()
 
@@ -908,11 +1028,12 @@ class LearnerWorker:
     def compute_logprobs(self, batch: RolloutBatch, masked: bool) -> torch.Tensor:
         return self.learner.compute_logprobs(batch, self._images(batch, masked))
 
-    def train_step(self, batch: RolloutBatch, coefs: dict[str, Optional[float]]) -> dict[str, float]:
+    def train_step(self, batch: RolloutBatch, coefs: dict[str, float | None]) -> dict[str, float]:
         learner = self.learner
         needs_masked = learner.masked_logp == "learner_grad" and (
             (coefs.get("gamma") if coefs.get("gamma") is not None else learner.loss.gamma) != 0.0
-            or (coefs.get("eta2") if coefs.get("eta2") is not None else learner.loss.eta2) != 0.0)
+            or (coefs.get("eta2") if coefs.get("eta2") is not None else learner.loss.eta2) != 0.0
+        )
         masked = self._images(batch, True) if needs_masked else None
         return learner.train_step(batch, self._images(batch, False), masked, **coefs)
 
@@ -947,7 +1068,7 @@ class LearnerGroup:
         min_pixels: int = 56 * 56,
         max_pixels: int = 1280 * 28 * 28,
         temperature: float = 1.0,
-        total_optimizer_steps: Optional[int] = None,
+        total_optimizer_steps: int | None = None,
         seed: int = 0,
         trust_remote_code: bool = False,
         get_timeout_s: float = 900.0,
@@ -968,17 +1089,21 @@ class LearnerGroup:
             ray.get(self.placement_group.ready(), timeout=get_timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(self.placement_group)
-            raise TimeoutError(f"learner placement group of {self.world_size} x {bundle} not ready within "
-                               f"{get_timeout_s:.0f} s (available: {ray.available_resources()})") from None
+            raise TimeoutError(
+                f"learner placement group of {self.world_size} x {bundle} not ready within "
+                f"{get_timeout_s:.0f} s (available: {ray.available_resources()})"
+            ) from None
         env = {"OMP_NUM_THREADS": str(omp_threads), "TOKENIZERS_PARALLELISM": "false"}
         if learner.num_gpus == 0:
             env["DS_ACCELERATOR"] = "cpu"
         actor_cls = ray.remote(LearnerWorker)
         self.actors = [
             actor_cls.options(
-                num_cpus=float(learner.num_cpus), num_gpus=float(learner.num_gpus),
+                num_cpus=float(learner.num_cpus),
+                num_gpus=float(learner.num_gpus),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=r),
+                    placement_group=self.placement_group, placement_group_bundle_index=r
+                ),
                 runtime_env={"env_vars": env},
             ).remote(r, self.world_size, get_timeout_s)
             for r in range(self.world_size)
@@ -988,10 +1113,18 @@ class LearnerGroup:
             master_node, master_ip, port = nodes[0]
             # One node (the CPU case): loopback. Several nodes: rank 0's address.
             addr = "127.0.0.1" if all(n == master_node for n, _, _ in nodes) else master_ip
-            kwargs = dict(model_path=model_path, learner=learner, algo=algo, masked_logp=masked_logp,
-                          min_pixels=min_pixels, max_pixels=max_pixels, temperature=temperature,
-                          total_optimizer_steps=total_optimizer_steps, seed=seed,
-                          trust_remote_code=trust_remote_code)
+            kwargs = dict(
+                model_path=model_path,
+                learner=learner,
+                algo=algo,
+                masked_logp=masked_logp,
+                min_pixels=min_pixels,
+                max_pixels=max_pixels,
+                temperature=temperature,
+                total_optimizer_steps=total_optimizer_steps,
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+            )
             self.pids = self._get([a.setup.remote(addr, port, kwargs) for a in self.actors])
         except BaseException:
             self.shutdown()
@@ -1020,8 +1153,9 @@ class LearnerGroup:
         logp = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
         return logp[:n]
 
-    def train_step(self, batch: RolloutBatch, *, gamma: Optional[float] = None, eta1: Optional[float] = None,
-                   eta2: Optional[float] = None) -> dict[str, float]:
+    def train_step(
+        self, batch: RolloutBatch, *, gamma: float | None = None, eta1: float | None = None, eta2: float | None = None
+    ) -> dict[str, float]:
         """All optimiser steps of one rollout batch; metrics averaged over ranks."""
         if len(batch) % self.world_size:
             raise ValueError(f"{len(batch)} rows do not split evenly over {self.world_size} learner ranks")
@@ -1034,7 +1168,7 @@ class LearnerGroup:
         out["step_time_s"] = float(max(m["step_time_s"] for m in per_rank))
         return out
 
-    def publish_weights(self, version: int, transport: Optional[str] = None) -> WeightsHandle:
+    def publish_weights(self, version: int, transport: str | None = None) -> WeightsHandle:
         """Rank 0's handle of the full HF-named weights (every rank takes part in the gather).
 
         With ``nccl``/``gloo`` the broadcast is still running when this returns: the receivers'
@@ -1054,8 +1188,9 @@ class LearnerGroup:
     def wait_weights_sent(self) -> None:
         self._get(self.actors[0].call.remote("wait_weights_sent", self.timeout))
 
-    def save_checkpoint(self, path: str | os.PathLike, *, keep_last: Optional[int] = None,
-                        extra: Optional[dict[str, Any]] = None) -> Path:
+    def save_checkpoint(
+        self, path: str | os.PathLike, *, keep_last: int | None = None, extra: dict[str, Any] | None = None
+    ) -> Path:
         """Every rank writes its part; rank 0 renames the finished folder into place (see Learner).
 
         A rank that dies during the save fails it at once (the others may be waiting on it in a
@@ -1067,9 +1202,11 @@ class LearnerGroup:
         try:
             return self._all("save_checkpoint", final, keep_last=keep_last, extra=extra)[0]
         except self._ray.exceptions.RayActorError as e:
-            raise RuntimeError(f"a learner rank died while saving checkpoint {final}; nothing was written under "
-                               f"that name and the earlier checkpoints are intact. The learner group is lost: "
-                               f"restart the run with --resume ({type(e).__name__})") from e
+            raise RuntimeError(
+                f"a learner rank died while saving checkpoint {final}; nothing was written under "
+                f"that name and the earlier checkpoints are intact. The learner group is lost: "
+                f"restart the run with --resume ({type(e).__name__})"
+            ) from e
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         return self._all("load_checkpoint", Path(path).absolute())[0]

@@ -12,15 +12,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 DEFAULT_CURVES = ("train/reward", "eval/accuracy", "train/perception_kl", "train/entropy")
 
 
-def _scalar(value: Any) -> Optional[float]:
+def _scalar(value: Any) -> float | None:
     """A finite float, or None for NaN/inf; raises TypeError for non-numbers."""
     if hasattr(value, "item"):  # 0-dim tensors and numpy scalars
         value = value.item()
@@ -46,9 +47,9 @@ class MetricsWriter:
         # A new run truncates (one run per file); appending is for continuing the same run.
         self._fh = open(self.path, "a" if append else "w", encoding="utf-8")
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Optional[float]]:
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float | None]:
         """Write one step; returns what was written (None where a value was not finite)."""
-        row: dict[str, Optional[float]] = {}
+        row: dict[str, float | None] = {}
         for key, value in metrics.items():
             if key in ("step", "time"):
                 raise ValueError(f"metric key {key!r} is reserved")
@@ -69,7 +70,7 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -134,7 +135,7 @@ class StepLine:
         self.total = total_steps
         self.keys = tuple(keys)
         self._clock = clock
-        self._first: Optional[tuple[int, float]] = None
+        self._first: tuple[int, float] | None = None
 
     def __call__(self, step: int, metrics: Mapping[str, Any]) -> str:
         now = self._clock()

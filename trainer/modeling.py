@@ -17,7 +17,8 @@ No Ray here: callers resolve image ObjectRefs to PIL images first.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -31,8 +32,7 @@ def load_model(path: str, *, dtype: str = "bfloat16", trust_remote_code: bool = 
     """``AutoModelForImageTextToText.from_pretrained(path)`` in ``dtype`` (a local folder or hub id)."""
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(
-        path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
 
 
 def load_processor(path: str, *, min_pixels: int, max_pixels: int, trust_remote_code: bool = False) -> Any:
@@ -58,8 +58,9 @@ def image_token_ids(model: Any) -> tuple[int, int]:
     return int(cfg.image_token_id), int(cfg.video_token_id)
 
 
-def pixel_inputs(image_processor: Any, images: Sequence[Sequence[Image.Image]],
-                 merge_size: int = 2) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def pixel_inputs(
+    image_processor: Any, images: Sequence[Sequence[Image.Image]], merge_size: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Pixel inputs of several rows' images, concatenated in row order.
 
     Returns ``(pixel_values, image_grid_thw, image_tokens_per_row)``. Rows that share one list
@@ -79,14 +80,15 @@ def pixel_inputs(image_processor: Any, images: Sequence[Sequence[Image.Image]],
         if len(g):
             pv.append(p)
             grids.append(g)
-        counts.append(int((g.prod(-1) // (merge_size ** 2)).sum()) if len(g) else 0)
+        counts.append(int((g.prod(-1) // (merge_size**2)).sum()) if len(g) else 0)
     if not grids:
         return torch.empty(0), torch.empty(0, 3, dtype=torch.long), counts
     return torch.cat(pv), torch.cat(grids), counts
 
 
-def model_inputs(model: Any, image_processor: Any, batch: RolloutBatch,
-                 images: Sequence[Sequence[Image.Image]]) -> dict[str, torch.Tensor]:
+def model_inputs(
+    model: Any, image_processor: Any, batch: RolloutBatch, images: Sequence[Sequence[Image.Image]]
+) -> dict[str, torch.Tensor]:
     """Forward kwargs for ``batch`` with ``images`` (one list per row, in placeholder order).
 
     Raises ValueError naming the row when a prompt's image-token count does not match its
@@ -103,20 +105,28 @@ def model_inputs(model: Any, image_processor: Any, batch: RolloutBatch,
             raise ValueError(
                 f"row {row}: the prompt holds {have} image tokens but its {len(images[row])} image(s) make {want} "
                 "under the processor's pixel limits; the rollout engine and this processor must share "
-                "model.min_pixels/model.max_pixels")
+                "model.min_pixels/model.max_pixels"
+            )
     input_ids, attention_mask = batch.input_ids, batch.attention_mask
     kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if len(grid):
         token_type = (input_ids == image_id).int() + 2 * (input_ids == video_id).int()
         position_ids, _ = model.model.get_rope_index(
-            input_ids, mm_token_type_ids=token_type, image_grid_thw=grid, attention_mask=attention_mask)
+            input_ids, mm_token_type_ids=token_type, image_grid_thw=grid, attention_mask=attention_mask
+        )
         kwargs.update(position_ids=position_ids, pixel_values=pixel_values, image_grid_thw=grid)
     return kwargs
 
 
-def token_logprobs(model: Any, inputs: dict[str, torch.Tensor], response_ids: torch.Tensor,
-                   response_mask: torch.Tensor, *, temperature: float = 1.0, with_entropy: bool = False
-                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def token_logprobs(
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs ``log softmax(logits / T)[token]`` of the response tokens, (N, R), 0 at padding.
 
     Differentiable when called with grad enabled. Only the last R + 1 positions' logits are
@@ -141,10 +151,16 @@ def token_logprobs(model: Any, inputs: dict[str, torch.Tensor], response_ids: to
 
 
 @torch.no_grad()
-def response_logprobs(model: Any, image_processor: Any, batch: RolloutBatch,
-                      images: Sequence[Sequence[Image.Image]], *, temperature: float = 1.0,
-                      micro_batch_size: int = 8, with_entropy: bool = False
-                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def response_logprobs(
+    model: Any,
+    image_processor: Any,
+    batch: RolloutBatch,
+    images: Sequence[Sequence[Image.Image]],
+    *,
+    temperature: float = 1.0,
+    micro_batch_size: int = 8,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """No-grad log-probs of every response token of ``batch`` (N, R), micro-batched.
 
     ``images[i]`` are row i's images: the originals for ``old_logp``/``ref_logp``, the masked
@@ -158,9 +174,17 @@ def response_logprobs(model: Any, image_processor: Any, batch: RolloutBatch,
         rows = list(range(start, min(start + micro_batch_size, len(batch))))
         mb = batch.select(rows)
         # Built on the host (processor, RoPE index), then moved to the model's device.
-        inputs = {k: v.to(device) for k, v in model_inputs(model, image_processor, mb, [images[i] for i in rows]).items()}
-        lp, ent = token_logprobs(model, inputs, mb.response_ids.to(device), mb.response_mask.to(device),
-                                 temperature=temperature, with_entropy=with_entropy)
+        inputs = {
+            k: v.to(device) for k, v in model_inputs(model, image_processor, mb, [images[i] for i in rows]).items()
+        }
+        lp, ent = token_logprobs(
+            model,
+            inputs,
+            mb.response_ids.to(device),
+            mb.response_mask.to(device),
+            temperature=temperature,
+            with_entropy=with_entropy,
+        )
         width = batch.response_ids.shape[1]  # select() trims padding columns: pad back
         logps.append(torch.nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])))
         if ent is not None:

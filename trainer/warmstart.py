@@ -212,7 +212,10 @@ def _greedy_accuracy(
         # Left padding (the tokenizer's default) keeps every prompt's end at the last column;
         # mm_token_type_ids makes transformers compute m-RoPE positions, as the trainer does.
         inputs = processor(
-            text=[e.gen_text for e in part], images=images, padding=True, return_tensors="pt",
+            text=[e.gen_text for e in part],
+            images=images,
+            padding=True,
+            return_tensors="pt",
             return_mm_token_type_ids=True,
         )
         out = model.generate(
@@ -245,8 +248,9 @@ def _run(cfg: SFTWarmStart, model_dir: Path, data_dir: Path, seed: int) -> dict[
     if n_train < cfg.batch_size:
         # Too few rows to hold out a slice and still train: a warm start here would measure
         # nothing. Leave the weights as built and say so in the manifest (tiny test assets).
-        reason = (f"sft split has {len(examples)} usable rows; need eval_size + batch_size = "
-                  f"{cfg.eval_size + cfg.batch_size}")
+        reason = (
+            f"sft split has {len(examples)} usable rows; need eval_size + batch_size = {cfg.eval_size + cfg.batch_size}"
+        )
         logger.warning("supervised warm start skipped: %s", reason)
         return {"skipped": reason, "seconds": round(time.perf_counter() - t0, 2)}
     train, held_out = examples[:n_train], examples[n_train:]
@@ -297,8 +301,12 @@ def _run(cfg: SFTWarmStart, model_dir: Path, data_dir: Path, seed: int) -> dict[
             prev = (step, acc, copy.deepcopy(model.state_dict()))
         if chosen is None:
             chosen = checks[-1]
-            logger.warning("supervised warm start stopped at max_steps=%d with held-out accuracy %.3f, below the "
-                           "target band %s", cfg.max_steps, chosen[1], cfg.target_band)
+            logger.warning(
+                "supervised warm start stopped at max_steps=%d with held-out accuracy %.3f, below the target band %s",
+                cfg.max_steps,
+                chosen[1],
+                cfg.target_band,
+            )
 
     black_acc, black_by_t = _greedy_accuracy(model, processor, held_out, black=True, max_new_tokens=cfg.max_new_tokens)
     acc, acc_by_t = _greedy_accuracy(model, processor, held_out, black=False, max_new_tokens=cfg.max_new_tokens)

@@ -47,8 +47,9 @@ import math
 import os
 import threading
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load as st_load
@@ -76,7 +77,7 @@ def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bytes:
     return st_save({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
 
 
-def unpack_state_dict(blob: bytes, expected_digest: Optional[str] = None) -> dict[str, torch.Tensor]:
+def unpack_state_dict(blob: bytes, expected_digest: str | None = None) -> dict[str, torch.Tensor]:
     """Inverse of :func:`pack_state_dict`; verifies the digest when given."""
     if expected_digest is not None and digest(blob) != expected_digest:
         raise ValueError("weights blob does not match its handle's digest (corrupted or mixed-up version)")
@@ -87,7 +88,7 @@ def digest(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def fetch_blob(handle: WeightsHandle, timeout_s: Optional[float] = None) -> bytes:
+def fetch_blob(handle: WeightsHandle, timeout_s: float | None = None) -> bytes:
     """The serialised weights of an ``object_store`` handle.
 
     ``handle.ref`` is an ObjectRef when the publisher runs under Ray (the product path) and the
@@ -105,7 +106,7 @@ def fetch_blob(handle: WeightsHandle, timeout_s: Optional[float] = None) -> byte
     return ray.get(ref, timeout=timeout_s)
 
 
-def load_handle(handle: WeightsHandle, timeout_s: Optional[float] = None) -> dict[str, torch.Tensor]:
+def load_handle(handle: WeightsHandle, timeout_s: float | None = None) -> dict[str, torch.Tensor]:
     """Fetch and verify a handle's weights: HF-named tensors.
 
     ``object_store``: CPU tensors. ``cuda_ipc``: views of the publisher's GPU buckets (valid until
@@ -116,8 +117,10 @@ def load_handle(handle: WeightsHandle, timeout_s: Optional[float] = None) -> dic
     if handle.transport in BROADCAST_TRANSPORTS:
         return receive_broadcast(handle)
     if handle.transport != "object_store":
-        raise NotImplementedError(f"weight transport {handle.transport!r} is not implemented; "
-                                  "use learner.weight_transport object_store, cuda_ipc, nccl or gloo")
+        raise NotImplementedError(
+            f"weight transport {handle.transport!r} is not implemented; "
+            "use learner.weight_transport object_store, cuda_ipc, nccl or gloo"
+        )
     return unpack_state_dict(fetch_blob(handle, timeout_s), expected_digest=handle.digest)
 
 
@@ -170,12 +173,13 @@ def plan_buckets(state_dict: Mapping[str, torch.Tensor], bucket_bytes: int) -> t
 def _view(bucket: torch.Tensor, slot: TensorSlot) -> torch.Tensor:
     dtype = getattr(torch, slot.dtype)
     nbytes = math.prod(slot.shape) * dtype.itemsize
-    return bucket[slot.offset:slot.offset + nbytes].view(dtype).view(slot.shape)
+    return bucket[slot.offset : slot.offset + nbytes].view(dtype).view(slot.shape)
 
 
 @torch.no_grad()
-def pack_buckets(state_dict: Mapping[str, torch.Tensor], bucket_bytes: int = 512 << 20,
-                 device: Optional[torch.device | str] = None) -> tuple[list[torch.Tensor], list[TensorSlot]]:
+def pack_buckets(
+    state_dict: Mapping[str, torch.Tensor], bucket_bytes: int = 512 << 20, device: torch.device | str | None = None
+) -> tuple[list[torch.Tensor], list[TensorSlot]]:
     """Copy ``state_dict`` into fresh ``uint8`` buckets on ``device`` (default: the tensors' device)."""
     slots, sizes = plan_buckets(state_dict, bucket_bytes)
     if device is None:
@@ -210,16 +214,21 @@ _PUBLISHED: dict[str, list[torch.Tensor]] = {}
 
 
 #: The arguments of ``rebuild_cuda_tensor`` that are classes, the same for every bucket.
-_IPC_FIXED: dict[str, Any] = {"tensor_cls": torch.Tensor, "storage_cls": torch.storage.TypedStorage,
-                              "dtype": torch.uint8, "requires_grad": False}
+_IPC_FIXED: dict[str, Any] = {
+    "tensor_cls": torch.Tensor,
+    "storage_cls": torch.storage.TypedStorage,
+    "dtype": torch.uint8,
+    "requires_grad": False,
+}
 
 
 def handle_to_dict(handle: WeightsHandle) -> dict[str, Any]:
     """A ``cuda_ipc``/``nccl``/``gloo`` handle as plain values (for msgpack channels such as vLLM's
     ``collective_rpc``); :func:`handle_from_dict` inverts it."""
     if handle.transport == "object_store":
-        raise ValueError("only cuda_ipc, nccl and gloo handles travel as plain values (object_store ones hold "
-                         "an ObjectRef)")
+        raise ValueError(
+            "only cuda_ipc, nccl and gloo handles travel as plain values (object_store ones hold an ObjectRef)"
+        )
     return {f.name: getattr(handle, f.name) for f in dataclasses.fields(handle) if f.name != "ref"}
 
 
@@ -231,8 +240,9 @@ def gpu_uuid(device: torch.device | int) -> str:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
-def share_cuda_ipc(state_dict: Mapping[str, torch.Tensor], version: int,
-                   bucket_bytes: int = 512 << 20) -> WeightsHandle:
+def share_cuda_ipc(
+    state_dict: Mapping[str, torch.Tensor], version: int, bucket_bytes: int = 512 << 20
+) -> WeightsHandle:
     """Pack ``state_dict`` (CUDA tensors) into buckets and return a ``cuda_ipc`` handle to them.
 
     Buckets of earlier publishes from this process are released first: one version is shared at a
@@ -256,10 +266,21 @@ def share_cuda_ipc(state_dict: Mapping[str, torch.Tensor], version: int,
         # Plain values only (bytes, ints, lists), so the handle also crosses msgpack channels
         # such as vLLM's collective_rpc; the classes are fixed and re-supplied by the receiver.
         ipc.append({k: list(v) if isinstance(v, tuple) else v for k, v in fields.items() if k not in _IPC_FIXED})
-    extra = {"token": token, "pid": os.getpid(), "gpu_uuid": gpu_uuid(device), "ipc": ipc,
-             "slots": [dataclasses.astuple(s) for s in slots]}
-    return WeightsHandle(version=int(version), transport="cuda_ipc", num_tensors=len(slots),
-                         num_bytes=sum(int(b.numel()) for b in buckets), digest=bucket_checksum(buckets), extra=extra)
+    extra = {
+        "token": token,
+        "pid": os.getpid(),
+        "gpu_uuid": gpu_uuid(device),
+        "ipc": ipc,
+        "slots": [dataclasses.astuple(s) for s in slots],
+    }
+    return WeightsHandle(
+        version=int(version),
+        transport="cuda_ipc",
+        num_tensors=len(slots),
+        num_bytes=sum(int(b.numel()) for b in buckets),
+        digest=bucket_checksum(buckets),
+        extra=extra,
+    )
 
 
 def release_cuda_ipc() -> None:
@@ -273,9 +294,11 @@ def _local_device_of(uuid_str: str) -> int:
     for i in range(torch.cuda.device_count()):
         if gpu_uuid(i) == uuid_str:
             return i
-    raise RuntimeError(f"cuda_ipc weights live on GPU {uuid_str}, which this process cannot see "
-                       f"({torch.cuda.device_count()} visible GPUs): the transport needs every receiver "
-                       "on the learner's GPU; use learner.weight_transport object_store (or colocate)")
+    raise RuntimeError(
+        f"cuda_ipc weights live on GPU {uuid_str}, which this process cannot see "
+        f"({torch.cuda.device_count()} visible GPUs): the transport needs every receiver "
+        "on the learner's GPU; use learner.weight_transport object_store (or colocate)"
+    )
 
 
 def open_cuda_ipc(handle: WeightsHandle) -> dict[str, torch.Tensor]:
@@ -283,8 +306,9 @@ def open_cuda_ipc(handle: WeightsHandle) -> dict[str, torch.Tensor]:
     if handle.transport != "cuda_ipc":
         raise ValueError(f"not a cuda_ipc handle: transport {handle.transport!r}")
     if not torch.cuda.is_available():
-        raise RuntimeError("a cuda_ipc weights handle reached a process without a GPU; "
-                           "use learner.weight_transport object_store")
+        raise RuntimeError(
+            "a cuda_ipc weights handle reached a process without a GPU; use learner.weight_transport object_store"
+        )
     extra = handle.extra
     slots = [TensorSlot(n, d, tuple(s), b, o) for n, d, s, b, o in extra["slots"]]
     if extra["pid"] == os.getpid():
@@ -295,22 +319,35 @@ def open_cuda_ipc(handle: WeightsHandle) -> dict[str, torch.Tensor]:
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
         device = _local_device_of(extra["gpu_uuid"])  # the publisher's device index means nothing here
-        buckets = [rebuild_cuda_tensor(**{**fields, **_IPC_FIXED, "tensor_size": torch.Size(fields["tensor_size"]),
-                                          "tensor_stride": tuple(fields["tensor_stride"]), "storage_device": device})
-                   for fields in extra["ipc"]]
+        buckets = [
+            rebuild_cuda_tensor(
+                **{
+                    **fields,
+                    **_IPC_FIXED,
+                    "tensor_size": torch.Size(fields["tensor_size"]),
+                    "tensor_stride": tuple(fields["tensor_stride"]),
+                    "storage_device": device,
+                }
+            )
+            for fields in extra["ipc"]
+        ]
     if len(slots) != handle.num_tensors:
-        raise RuntimeError(f"cuda_ipc handle of version {handle.version}: {len(slots)} slots, "
-                           f"announces {handle.num_tensors} tensors")
+        raise RuntimeError(
+            f"cuda_ipc handle of version {handle.version}: {len(slots)} slots, announces {handle.num_tensors} tensors"
+        )
     got = bucket_checksum(buckets)
     if got != handle.digest:
-        raise ValueError(f"cuda_ipc weights of version {handle.version} do not match their handle's checksum "
-                         f"({got} != {handle.digest}): the publisher released or overwrote them")
+        raise ValueError(
+            f"cuda_ipc weights of version {handle.version} do not match their handle's checksum "
+            f"({got} != {handle.digest}): the publisher released or overwrote them"
+        )
     return unpack_buckets(buckets, slots)
 
 
 # --------------------------------------------------------------------------------------------
 # Broadcast (nccl / gloo): learner rank 0 sends the buckets to every receiver process
 # --------------------------------------------------------------------------------------------
+
 
 class StaleWeights(RuntimeError):
     """A worker holds another version than the one it must serve, and a broadcast cannot reach it alone."""
@@ -342,8 +379,17 @@ class WeightGroup:
     DeepSpeed group of the learner and the engine's own groups in vLLM workers.
     """
 
-    def __init__(self, group_id: str, host: str, port: int, rank: int, world_size: int, backend: str,
-                 timeout_s: float = 600.0, device: Optional[torch.device | str] = None):
+    def __init__(
+        self,
+        group_id: str,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float = 600.0,
+        device: torch.device | str | None = None,
+    ):
         import datetime
 
         import torch.distributed as dist
@@ -362,8 +408,8 @@ class WeightGroup:
         else:
             self.device = torch.device("cpu")
             self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
-        self._sender: Optional[threading.Thread] = None
-        self._send_error: Optional[BaseException] = None
+        self._sender: threading.Thread | None = None
+        self._send_error: BaseException | None = None
         self._sending: list[torch.Tensor] = []
 
     def _broadcast(self, buckets: Sequence[torch.Tensor]) -> None:
@@ -376,8 +422,9 @@ class WeightGroup:
         if self.backend == "nccl":
             torch.cuda.synchronize(self.device)
 
-    def publish(self, state_dict: Mapping[str, torch.Tensor], version: int,
-                bucket_bytes: int = 512 << 20) -> WeightsHandle:
+    def publish(
+        self, state_dict: Mapping[str, torch.Tensor], version: int, bucket_bytes: int = 512 << 20
+    ) -> WeightsHandle:
         """Rank 0: pack ``state_dict`` on this group's device and start broadcasting it; return the handle.
 
         Returns at once; the broadcasts complete when every receiver calls :meth:`receive`.
@@ -388,10 +435,17 @@ class WeightGroup:
         self.wait_sent()
         buckets, slots = pack_buckets(state_dict, bucket_bytes, device=self.device)
         handle = WeightsHandle(
-            version=int(version), transport=self.backend, num_tensors=len(slots),  # type: ignore[arg-type]
-            num_bytes=sum(int(b.numel()) for b in buckets), digest=bucket_checksum(buckets),
-            extra={"group": self.group_id, "bucket_sizes": [int(b.numel()) for b in buckets],
-                   "slots": [dataclasses.astuple(s) for s in slots]})
+            version=int(version),
+            transport=self.backend,
+            num_tensors=len(slots),  # type: ignore[arg-type]
+            num_bytes=sum(int(b.numel()) for b in buckets),
+            digest=bucket_checksum(buckets),
+            extra={
+                "group": self.group_id,
+                "bucket_sizes": [int(b.numel()) for b in buckets],
+                "slots": [dataclasses.astuple(s) for s in slots],
+            },
+        )
         self._sending = buckets
 
         def send() -> None:
@@ -405,7 +459,7 @@ class WeightGroup:
         self._sender.start()
         return handle
 
-    def wait_sent(self, timeout_s: Optional[float] = None) -> None:
+    def wait_sent(self, timeout_s: float | None = None) -> None:
         """Join the running broadcast; raise if it failed (a receiver died, or never came)."""
         if self._sender is not None:
             self._sender.join(timeout_s)
@@ -420,18 +474,24 @@ class WeightGroup:
     def receive(self, handle: WeightsHandle) -> dict[str, torch.Tensor]:
         """Rank > 0: receive ``handle``'s buckets; the named tensors (views of fresh buckets), checksum verified."""
         if handle.extra.get("group") != self.group_id:
-            raise RuntimeError(f"weights of version {handle.version} were broadcast to group "
-                               f"{handle.extra.get('group')}, this process is in group {self.group_id}")
+            raise RuntimeError(
+                f"weights of version {handle.version} were broadcast to group "
+                f"{handle.extra.get('group')}, this process is in group {self.group_id}"
+            )
         buckets = [torch.empty(int(n), dtype=torch.uint8, device=self.device) for n in handle.extra["bucket_sizes"]]
         try:
             self._broadcast(buckets)
         except Exception as e:
-            raise BroadcastFailed(f"receiving weight version {handle.version} over group {self.group_id} failed "
-                                  f"(a member died mid-broadcast, or it timed out): {e}") from e
+            raise BroadcastFailed(
+                f"receiving weight version {handle.version} over group {self.group_id} failed "
+                f"(a member died mid-broadcast, or it timed out): {e}"
+            ) from e
         got = bucket_checksum(buckets)
         if got != handle.digest:
-            raise ValueError(f"broadcast weights of version {handle.version} do not match their handle's "
-                             f"checksum ({got} != {handle.digest})")
+            raise ValueError(
+                f"broadcast weights of version {handle.version} do not match their handle's "
+                f"checksum ({got} != {handle.digest})"
+            )
         slots = [TensorSlot(n, d, tuple(s), b, o) for n, d, s, b, o in handle.extra["slots"]]
         return unpack_buckets(buckets, slots)
 
@@ -442,11 +502,19 @@ class WeightGroup:
 
 
 #: This process's current weight group (one at a time: joining a new one leaves the old one).
-_GROUP: Optional[WeightGroup] = None
+_GROUP: WeightGroup | None = None
 
 
-def join_weight_group(group_id: str, host: str, port: int, rank: int, world_size: int, backend: str,
-                      timeout_s: float = 600.0, device: Optional[torch.device | str] = None) -> WeightGroup:
+def join_weight_group(
+    group_id: str,
+    host: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    backend: str,
+    timeout_s: float = 600.0,
+    device: torch.device | str | None = None,
+) -> WeightGroup:
     """Join (collectively: every member calls it at once) the group that broadcasts weights to this process."""
     global _GROUP
     leave_weight_group()
@@ -461,15 +529,17 @@ def leave_weight_group() -> None:
         _GROUP = None
 
 
-def current_weight_group() -> Optional[WeightGroup]:
+def current_weight_group() -> WeightGroup | None:
     return _GROUP
 
 
 def receive_broadcast(handle: WeightsHandle) -> dict[str, torch.Tensor]:
     """The weights of an ``nccl``/``gloo`` handle, received over this process's weight group."""
     if _GROUP is None:
-        raise RuntimeError(f"a {handle.transport} weights handle reached a process that is in no weight group "
-                           "(the driver forms it before the first publish)")
+        raise RuntimeError(
+            f"a {handle.transport} weights handle reached a process that is in no weight group "
+            "(the driver forms it before the first publish)"
+        )
     return _GROUP.receive(handle)
 
 
@@ -497,15 +567,18 @@ def hf_name_map(model: torch.nn.Module) -> dict[str, str]:
     for name, t in saved.items():
         internal = by_ptr.get(t.data_ptr())
         if internal is None:
-            raise RuntimeError(f"saved tensor {name!r} is a converted copy, not a renamed parameter; "
-                               "in-place weight loading does not support this model's weight conversions")
+            raise RuntimeError(
+                f"saved tensor {name!r} is a converted copy, not a renamed parameter; "
+                "in-place weight loading does not support this model's weight conversions"
+            )
         out[name] = internal
     return out
 
 
 @torch.no_grad()
-def load_hf_named_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor],
-                          name_map: Optional[dict[str, str]] = None) -> None:
+def load_hf_named_weights(
+    model: torch.nn.Module, weights: Mapping[str, torch.Tensor], name_map: dict[str, str] | None = None
+) -> None:
     """Copy ``weights`` (saved names) into ``model``'s tensors in place; every tensor must be covered.
 
     Tied parameters share storage, so writing the saved one updates its aliases too.

@@ -29,27 +29,41 @@ def receive(conn: Any, kind: str, handle: Any, payload: dict[str, Any]) -> None:
         elif kind == "logprob":
             from services.logprob import LogProbWorker
 
-            worker = LogProbWorker(payload["model_path"], role="perception", dtype=payload["dtype"],
-                                   min_pixels=payload["min_pixels"], max_pixels=payload["max_pixels"])
+            worker = LogProbWorker(
+                payload["model_path"],
+                role="perception",
+                dtype=payload["dtype"],
+                min_pixels=payload["min_pixels"],
+                max_pixels=payload["max_pixels"],
+            )
             before = worker.compute_logprobs(payload["batch"], payload["images"])
             version = worker.receive_weights(handle)
             after = worker.compute_logprobs(payload["batch"], payload["images"])
-            send({"version": version, "before": before, "after": after,
-                       "device": str(next(worker.model.parameters()).device)})
+            send(
+                {
+                    "version": version,
+                    "before": before,
+                    "after": after,
+                    "device": str(next(worker.model.parameters()).device),
+                }
+            )
         elif kind == "rollout_hf":
             from services.rollout import RolloutWorker
 
-            worker = RolloutWorker(payload["model_path"], backend="hf", dtype=payload["dtype"],
-                                   min_pixels=payload["min_pixels"], max_pixels=payload["max_pixels"])
-            from trainer.weights import hf_name_map
-            from trainer.weights import fetch_blob
+            worker = RolloutWorker(
+                payload["model_path"],
+                backend="hf",
+                dtype=payload["dtype"],
+                min_pixels=payload["min_pixels"],
+                max_pixels=payload["max_pixels"],
+            )
+            from trainer.weights import fetch_blob, hf_name_map
 
             blob = fetch_blob(handle) if handle.transport == "object_store" else None
             version = worker.receive_weights(handle, blob)
             internal = worker._model.state_dict()
             state = {saved: internal[name].detach().cpu().clone() for saved, name in hf_name_map(worker._model).items()}
-            send({"version": version, "state": state,
-                       "device": str(next(worker._model.parameters()).device)})
+            send({"version": version, "state": state, "device": str(next(worker._model.parameters()).device)})
         else:
             raise ValueError(kind)
         if torch.cuda.is_available():

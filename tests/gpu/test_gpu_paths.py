@@ -54,9 +54,11 @@ def test_cuda_ipc_buckets_reach_another_process_bit_exactly():
     from trainer.weights import handle_to_dict, load_handle, release_cuda_ipc, share_cuda_ipc
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    sd = {"model.layers.0.w": torch.randn(300, 70, device="cuda", generator=g),
-          "visual.b": torch.randn(33, device="cuda", generator=g).to(torch.bfloat16),
-          "big": torch.randn(1 << 20, device="cuda", generator=g)}
+    sd = {
+        "model.layers.0.w": torch.randn(300, 70, device="cuda", generator=g),
+        "visual.b": torch.randn(33, device="cuda", generator=g).to(torch.bfloat16),
+        "big": torch.randn(1 << 20, device="cuda", generator=g),
+    }
     handle = share_cuda_ipc(sd, version=5, bucket_bytes=1 << 20)
     assert handle.transport == "cuda_ipc" and handle.num_tensors == 3 and len(handle.extra["ipc"]) == 2
     same_process = load_handle(handle)  # served from this process's registry
@@ -89,8 +91,14 @@ def test_deepspeed_on_gpu_trains_and_publishes_over_cuda_ipc(tiny, stage, dtype)
     assert handle.transport == "cuda_ipc" and handle.version == 3
     with learner._gathered():
         published = {k: v.cpu() for k, v in hf_state_dict(learner.module).items()}
-    payload = {"model_path": str(path), "dtype": dtype, "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS,
-               "batch": batch, "images": images}
+    payload = {
+        "model_path": str(path),
+        "dtype": dtype,
+        "min_pixels": MIN_PIXELS,
+        "max_pixels": MAX_PIXELS,
+        "batch": batch,
+        "images": images,
+    }
 
     rollout = _in_child("rollout_hf", handle, payload)
     assert rollout["version"] == 3 and rollout["device"].startswith("cuda")

@@ -13,10 +13,15 @@ def test_round_trip_through_object_store(ray_cluster):
     images = [np.full((28, 28, 3), k, dtype=np.uint8) for k in (10, 20)]
     refs = [ray.put(img) for img in images]  # one put per prompt, shared by its rows
     batch = RolloutBatch.from_sequences(
-        [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5]], [[7, 8], [9], [7], [8, 8, 8]],
+        [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5]],
+        [[7, 8], [9], [7], [8, 8, 8]],
         [[-0.5, -1.0], [-2.0], [-0.1], [-0.2, -0.3, -0.4]],
-        group_ids=[0, 0, 1, 1], row_ids=[41, 41, 42, 42], weight_version=[5, 5, 5, 5],
-        image_refs=[[refs[0]], [refs[0]], [refs[1]], [refs[1]]], answers=["red", "red", "3", "3"], pad_token_id=0,
+        group_ids=[0, 0, 1, 1],
+        row_ids=[41, 41, 42, 42],
+        weight_version=[5, 5, 5, 5],
+        image_refs=[[refs[0]], [refs[0]], [refs[1]], [refs[1]]],
+        answers=["red", "red", "3", "3"],
+        pad_token_id=0,
     )
 
     @ray.remote(num_cpus=0.1)
@@ -29,8 +34,17 @@ def test_round_trip_through_object_store(ray_cluster):
 
     batch_ref = ray.put(batch)
     out = ray.get(score.remote(batch_ref), timeout=60)
-    for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "rollout_logp", "group_ids",
-                 "row_ids", "weight_version", "epochs"):
+    for name in (
+        "prompt_ids",
+        "prompt_mask",
+        "response_ids",
+        "response_mask",
+        "rollout_logp",
+        "group_ids",
+        "row_ids",
+        "weight_version",
+        "epochs",
+    ):
         assert torch.equal(getattr(out, name), getattr(batch, name)), name
     assert out.answers == batch.answers
     assert out.rewards.tolist() == [1.0, 1.0, 2.0, 2.0]

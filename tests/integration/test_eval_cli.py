@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def papo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,18 @@ def run_checkpoint(tmp_path_factory):
     ckpt = run / "checkpoints" / "step_000003"
     shutil.copytree(assets.model_dir, ckpt)
     (ckpt / "papo_checkpoint.json").write_text(json.dumps({"optimizer_steps": 3, "weight_version": 3}))
-    cfg = resolve_config([named_config("demo")], [f"model.path={ckpt}", f"data.train_path={assets.data_dir}",
-                                                 f"data.val_path={assets.data_dir}", "rollout.max_tokens=8",
-                                                 "corruption.prob=0.5", "trainer.name=evalrun"], warn=False)
+    cfg = resolve_config(
+        [named_config("demo")],
+        [
+            f"model.path={ckpt}",
+            f"data.train_path={assets.data_dir}",
+            f"data.val_path={assets.data_dir}",
+            "rollout.max_tokens=8",
+            "corruption.prob=0.5",
+            "trainer.name=evalrun",
+        ],
+        warn=False,
+    )
     (run / "config.yaml").write_text(dump_config(cfg))
     return ckpt, assets.data_dir
 
@@ -47,9 +57,22 @@ def test_papo_eval_on_a_run_checkpoint(run_checkpoint, tmp_path):
     ckpt, data = run_checkpoint
     out = tmp_path / "report"
     t0 = time.perf_counter()
-    proc = papo("eval", "--checkpoint", str(ckpt), "--data", str(data / "validation.parquet"),
-                "--data", str(data / "sft.parquet"), "--k", "2", "--limit", "6", "--out", str(out),
-                "rollout.backend=vllm")
+    proc = papo(
+        "eval",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(data / "validation.parquet"),
+        "--data",
+        str(data / "sft.parquet"),
+        "--k",
+        "2",
+        "--limit",
+        "6",
+        "--out",
+        str(out),
+        "rollout.backend=vllm",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"papo eval: {time.perf_counter() - t0:.1f} s")
     report = json.loads((out / "eval.json").read_text())
@@ -60,17 +83,32 @@ def test_papo_eval_on_a_run_checkpoint(run_checkpoint, tmp_path):
     assert [d["name"] for d in report["datasets"]] == ["validation", "sft"]
     for d in report["datasets"]:
         m = d["metrics"]
-        for key in ("eval/accuracy", "eval/black_accuracy", "eval/masked_accuracy", "eval/vision_gap",
-                    "eval/masked_gap", "eval/avg@2", "eval/pass@2", "eval/num_prompts", "eval/unserved_prompts",
-                    "eval/bad_prompts", "eval/grading_errors"):
+        for key in (
+            "eval/accuracy",
+            "eval/black_accuracy",
+            "eval/masked_accuracy",
+            "eval/vision_gap",
+            "eval/masked_gap",
+            "eval/avg@2",
+            "eval/pass@2",
+            "eval/num_prompts",
+            "eval/unserved_prompts",
+            "eval/bad_prompts",
+            "eval/grading_errors",
+        ):
             assert key in m, key
         assert m["eval/num_prompts"] == 6 and m["eval/unserved_prompts"] == 0
-        assert all(0 <= m[k] <= 1 for k in ("eval/accuracy", "eval/black_accuracy", "eval/masked_accuracy",
-                                            "eval/avg@2", "eval/pass@2"))
+        assert all(
+            0 <= m[k] <= 1
+            for k in ("eval/accuracy", "eval/black_accuracy", "eval/masked_accuracy", "eval/avg@2", "eval/pass@2")
+        )
         assert m["eval/vision_gap"] == pytest.approx(m["eval/accuracy"] - m["eval/black_accuracy"])
         assert m["eval/pass@2"] >= m["eval/avg@2"]
         assert {k: d["conditions"]["sampled"][k] for k in ("requests", "served", "errors")} == {
-            "requests": 6, "served": 6, "errors": []}
+            "requests": 6,
+            "served": 6,
+            "errors": [],
+        }
     assert "eval/validation/accuracy" in report["metrics"] and "eval/accuracy" in report["metrics"]
     md = (out / "eval.md").read_text()
     assert md.splitlines()[0].startswith("| dataset | prompts | accuracy | black | masked | vision gap |")

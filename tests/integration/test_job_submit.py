@@ -34,9 +34,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
 
 # The demo config turns on dynamic sampling; these assets have random weights whose rewards are all 0,
 # so no group would ever qualify.
-TINY = ["algo.dynamic_sampling=false", "rollout.batch_size=4", "rollout.n=4", "rollout.max_tokens=8", "learner.mini_batch_size=16",
-        "learner.micro_batch_size=8", "logprob.micro_batch_size=16", "data.val_size=8", "trainer.total_steps=2",
-        "trainer.eval_every=2", "trainer.save_every=0", "trainer.tensorboard=false", "trainer.plot=false"]
+TINY = [
+    "algo.dynamic_sampling=false",
+    "rollout.batch_size=4",
+    "rollout.n=4",
+    "rollout.max_tokens=8",
+    "learner.mini_batch_size=16",
+    "learner.micro_batch_size=8",
+    "logprob.micro_batch_size=16",
+    "data.val_size=8",
+    "trainer.total_steps=2",
+    "trainer.eval_every=2",
+    "trainer.save_every=0",
+    "trainer.tensorboard=false",
+    "trainer.plot=false",
+]
 MARKER = "PAPO_TEST_RAY_CLUSTER"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,31 +103,52 @@ class RayHead:
         self.env = dict(os.environ)
         for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
             self.env.pop(var, None)
-        self.env.update({
-            MARKER: self.marker,
-            "RAY_AUTH_MODE": "token",
-            # Its own token file: never generate or read the user's ~/.ray/auth_token.
-            "RAY_AUTH_TOKEN_PATH": str(self.token_file),
-            # The job's entrypoint runs `papo`: the cluster's nodes must find this environment's.
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "RAY_USAGE_STATS_ENABLED": "0",
-        })
+        self.env.update(
+            {
+                MARKER: self.marker,
+                "RAY_AUTH_MODE": "token",
+                # Its own token file: never generate or read the user's ~/.ray/auth_token.
+                "RAY_AUTH_TOKEN_PATH": str(self.token_file),
+                # The job's entrypoint runs `papo`: the cluster's nodes must find this environment's.
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                "OMP_NUM_THREADS": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "RAY_USAGE_STATS_ENABLED": "0",
+            }
+        )
         ray_cli = str(Path(sys.executable).parent / "ray")
-        cmd = [ray_cli, "start", "--head", "--block", "--disable-usage-stats",
-               f"--temp-dir={self.temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-               "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-               f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-               f"--metrics-export-port={_free_port()}", f"--node-manager-port={_free_port()}",
-               f"--object-manager-port={_free_port()}", f"--min-worker-port={worker_base}",
-               f"--max-worker-port={worker_base + 199}", "--object-store-memory=1000000000"]
+        cmd = [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--node-manager-port={_free_port()}",
+            f"--object-manager-port={_free_port()}",
+            f"--min-worker-port={worker_base}",
+            f"--max-worker-port={worker_base + 199}",
+            "--object-store-memory=1000000000",
+        ]
         self.log = open(self.temp_dir / "ray-start.log", "wb")
         # Its own session: a signal to the test's process group does not reach it, and back.
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=self.temp_dir)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.temp_dir
+        )
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         headers = {"Authorization": f"Bearer {self.token_file.read_text()}"}
@@ -131,8 +164,9 @@ class RayHead:
             except httpx.HTTPError as e:
                 last = e
             time.sleep(1)
-        raise RuntimeError(f"the job API at {self.address} did not answer in {timeout_s:.0f} s ({last}):\n"
-                           f"{self.log_text()}")
+        raise RuntimeError(
+            f"the job API at {self.address} did not answer in {timeout_s:.0f} s ({last}):\n{self.log_text()}"
+        )
 
     def log_text(self) -> str:
         self.log.flush()
@@ -186,8 +220,9 @@ def ray_head():
 def small_assets(tmp_path_factory):
     from trainer.demo import DatasetSizes, build_demo_assets
 
-    assets = build_demo_assets(tmp_path_factory.mktemp("submit") / "assets", seed=0,
-                               sizes=DatasetSizes(train=64, validation=16, sft=16))
+    assets = build_demo_assets(
+        tmp_path_factory.mktemp("submit") / "assets", seed=0, sizes=DatasetSizes(train=64, validation=16, sft=16)
+    )
     return [f"model.path={assets.model_dir}", f"data.train_path={assets.data_dir}", f"data.val_path={assets.data_dir}"]
 
 
@@ -214,9 +249,22 @@ def test_submit_with_a_wrong_token_is_refused(ray_head, tmp_path):
 def test_two_step_demo_job_succeeds_and_writes_its_run(ray_head, small_assets, tmp_path):
     out = tmp_path / "runs"
     t0 = time.monotonic()
-    r = _submit(ray_head, "--wait", "--poll", "1", "--timeout", "420", "--submission-id", "papo-submit-test",
-                "--env", "OMP_NUM_THREADS=1", *TINY, *small_assets, f"trainer.output_dir={out}",
-                "trainer.name=submitted")
+    r = _submit(
+        ray_head,
+        "--wait",
+        "--poll",
+        "1",
+        "--timeout",
+        "420",
+        "--submission-id",
+        "papo-submit-test",
+        "--env",
+        "OMP_NUM_THREADS=1",
+        *TINY,
+        *small_assets,
+        f"trainer.output_dir={out}",
+        "trainer.name=submitted",
+    )
     took = time.monotonic() - t0
     assert r.returncode == 0, f"papo submit exited {r.returncode} after {took:.0f} s\n{r.stdout}\n{r.stderr}"
     assert "job papo-submit-test submitted" in r.stdout and "SUCCEEDED" in r.stdout, r.stdout
@@ -241,9 +289,22 @@ def test_two_step_demo_job_succeeds_and_writes_its_run(ray_head, small_assets, t
 
 def test_failed_job_exits_1_with_the_log_tail(ray_head, tmp_path):
     missing = tmp_path / "no-such-model"
-    r = _submit(ray_head, "--wait", "--poll", "1", "--timeout", "120", "--no-upload", "--tail", "20",
-                "trainer.total_steps=1", f"model.path={missing}", f"data.train_path={missing}",
-                f"trainer.output_dir={tmp_path}", timeout=180)
+    r = _submit(
+        ray_head,
+        "--wait",
+        "--poll",
+        "1",
+        "--timeout",
+        "120",
+        "--no-upload",
+        "--tail",
+        "20",
+        "trainer.total_steps=1",
+        f"model.path={missing}",
+        f"data.train_path={missing}",
+        f"trainer.output_dir={tmp_path}",
+        timeout=180,
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAILED" in r.stderr and "last 20 log lines" in r.stderr, r.stderr
     assert str(missing) in r.stderr, r.stderr

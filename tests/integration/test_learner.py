@@ -27,9 +27,14 @@ GLOBAL = dict(mini_batch_size=16, loss_avg="token_global")
 def group(path, stage: int) -> LearnerGroup:
     mini = GLOBAL["mini_batch_size"] if stage == 0 else 8
     avg = GLOBAL["loss_avg"] if stage == 0 else "token"
-    return LearnerGroup(str(path), learner_cfg(num_ranks=2, num_cpus=0.5, zero_stage=stage, mini_batch_size=mini,
-                                               micro_batch_size=2), algo_cfg(gamma=0.01, loss_avg=avg),
-                        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, get_timeout_s=TIMEOUT)
+    return LearnerGroup(
+        str(path),
+        learner_cfg(num_ranks=2, num_cpus=0.5, zero_stage=stage, mini_batch_size=mini, micro_batch_size=2),
+        algo_cfg(gamma=0.01, loss_avg=avg),
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        get_timeout_s=TIMEOUT,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +116,16 @@ def test_token_global_gradient_over_two_ranks_equals_the_single_process_gradient
     processor = load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     inputs = model_inputs(model, processor.image_processor, b, runs["images"])
     logp, _ = token_logprobs(model, inputs, b.response_ids, b.response_mask)
-    loss, _ = papo_loss(logp, b.old_logp, b.advantages, b.response_mask, masked_logp=b.masked_logp, gamma=0.01,
-                        avg="token_global", num_tokens=b.num_response_tokens)
+    loss, _ = papo_loss(
+        logp,
+        b.old_logp,
+        b.advantages,
+        b.response_mask,
+        masked_logp=b.masked_logp,
+        gamma=0.01,
+        avg="token_global",
+        num_tokens=b.num_response_tokens,
+    )
     loss.backward()
     norm = sum(float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None) ** 0.5
     assert runs[0]["metrics"][0]["grad_norm"] == pytest.approx(norm, rel=1e-4)
@@ -121,7 +134,7 @@ def test_token_global_gradient_over_two_ranks_equals_the_single_process_gradient
 def test_logprobs_of_a_batch_not_divisible_by_the_world_size(runs):
     odd = runs[2]["odd_logp"]
     assert odd.shape[0] == len(runs["batch"]) - 1
-    assert torch.allclose(odd, runs[2]["old_logp"][:-1, :odd.shape[1]], atol=1e-6)
+    assert torch.allclose(odd, runs[2]["old_logp"][:-1, : odd.shape[1]], atol=1e-6)
 
 
 def test_rank0_publishes_hf_named_weights(runs):

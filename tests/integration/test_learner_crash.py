@@ -26,9 +26,14 @@ def test_a_rank_killed_during_save_fails_the_save_and_keeps_the_previous_checkpo
 
     path, batch = model_and_ray_batch(ray_cluster, tmp_path / "model")
     ckpts = tmp_path / "checkpoints"
-    g = LearnerGroup(str(path), learner_cfg(num_ranks=2, num_cpus=0.5, zero_stage=2, mini_batch_size=4,
-                                            micro_batch_size=2), algo_cfg(gamma=0.0), min_pixels=MIN_PIXELS,
-                     max_pixels=MAX_PIXELS, get_timeout_s=TIMEOUT)
+    g = LearnerGroup(
+        str(path),
+        learner_cfg(num_ranks=2, num_cpus=0.5, zero_stage=2, mini_batch_size=4, micro_batch_size=2),
+        algo_cfg(gamma=0.0),
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        get_timeout_s=TIMEOUT,
+    )
     try:
         batch.old_logp = g.compute_logprobs(batch)
         g.train_step(batch)

@@ -28,10 +28,22 @@ def setup(ray_cluster, tmp_path_factory):
     masked_refs = {id(x): [ray.put(im) for im in x] for x in masked}
     batch.image_refs = [refs[id(x)] for x in images]
     batch.masked_image_refs = [masked_refs[id(x)] for x in masked]
-    learner = Learner(str(path), learner_cfg(zero_stage=0, mini_batch_size=6, micro_batch_size=3),
-                      algo_cfg(gamma=0.01), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, temperature=T)
-    common = dict(num_cpus=0.25, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, temperature=T, micro_batch_size=4,
-                  get_timeout_s=TIMEOUT)
+    learner = Learner(
+        str(path),
+        learner_cfg(zero_stage=0, mini_batch_size=6, micro_batch_size=3),
+        algo_cfg(gamma=0.01),
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        temperature=T,
+    )
+    common = dict(
+        num_cpus=0.25,
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        temperature=T,
+        micro_batch_size=4,
+        get_timeout_s=TIMEOUT,
+    )
     perception = LogProbPool(str(path), role="perception", num_workers=2, **common)
     reference = LogProbPool(str(path), role="reference", num_workers=1, **common)
     yield path, batch, images, masked, learner, perception, reference

@@ -161,10 +161,22 @@ def test_default_reward_fn_and_empty_batch(http: httpx.Client) -> None:
         (b'{"reward_fn": "nope", "items": []}', 404, "nope"),
         (json.dumps({"items": [{"response": "x", "ground_truth": "y"}] * 301}).encode(), 413, "max_items=300"),
         (json.dumps({"items": [{"response": "x" * 10_001, "ground_truth": "y"}]}).encode(), 413, "max_chars=10000"),
-        (json.dumps({"items": [{"response": "x" * 9_000, "ground_truth": "y"}] * 25}).encode(), 413, "max_body_bytes=200000"),
+        (
+            json.dumps({"items": [{"response": "x" * 9_000, "ground_truth": "y"}] * 25}).encode(),
+            413,
+            "max_body_bytes=200000",
+        ),
     ],
-    ids=["malformed", "missing-items", "missing-ground-truth", "wrong-type", "unknown-fn", "too-many-items",
-         "too-long-string", "body-too-large"],
+    ids=[
+        "malformed",
+        "missing-items",
+        "missing-ground-truth",
+        "wrong-type",
+        "unknown-fn",
+        "too-many-items",
+        "too-long-string",
+        "body-too-large",
+    ],
 )
 def test_bad_input(http: httpx.Client, body: bytes, status: int, needle: str) -> None:
     r = http.post("/v1/score", content=body, headers={"content-type": "application/json"})
@@ -320,8 +332,10 @@ def test_client_retries_5xx_then_succeeds_or_fails_clearly() -> None:
         if calls["n"] <= calls["fail_first"]:
             return JSONResponse({"detail": "overloaded"}, status_code=503)
         return JSONResponse(
-            {"scores": [{"overall": 1.0, "accuracy": 1.0, "format": 0.0, "error": None}] * len(body["items"]),
-             "reward_fn": "math"}
+            {
+                "scores": [{"overall": 1.0, "accuracy": 1.0, "format": 0.0, "error": None}] * len(body["items"]),
+                "reward_fn": "math",
+            }
         )
 
     import uvicorn
@@ -431,8 +445,13 @@ def test_ray_serve_contract(serve_url: str) -> None:
     assert serve_url.startswith("http://127.0.0.1:") and serve_url.endswith("/papo-reward")
     with httpx.Client(base_url=serve_url, headers=AUTH, timeout=60) as client:
         check_contract(client)
-        r = client.post("/v1/score", json={"reward_fn": "flaky", "items": [{"response": "CRASH", "ground_truth": "x"},
-                                                                            {"response": "a", "ground_truth": "a"}]})
+        r = client.post(
+            "/v1/score",
+            json={
+                "reward_fn": "flaky",
+                "items": [{"response": "CRASH", "ground_truth": "x"}, {"response": "a", "ground_truth": "a"}],
+            },
+        )
         assert [s["error"] for s in r.json()["scores"]] == ["worker_crashed", None]
         assert r.json()["scores"][1]["accuracy"] == 1.0
     assert httpx.post(serve_url + "/v1/score", json={"items": []}).status_code == 401

@@ -76,8 +76,9 @@ def pid_alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def assets():
-    return build_demo_assets(ASSETS_DIR, min_pixels=MIN_PIXELS,
-                             max_pixels=MAX_PIXELS, sizes=DatasetSizes(train=16, validation=4, sft=4))
+    return build_demo_assets(
+        ASSETS_DIR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, sizes=DatasetSizes(train=16, validation=4, sft=4)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +97,16 @@ def reference(assets):
 @pytest.fixture(scope="module", params=["vllm", "hf"])
 def pool_state(request, ray_cluster, assets):
     shm_before = shm_segments()
-    kwargs = dict(model_path=str(assets.model_dir), backend=request.param, dtype="float32", min_pixels=MIN_PIXELS,
-                  max_pixels=MAX_PIXELS, max_model_len=MAX_MODEL_LEN, cpu_kvcache_space_gb=1, seed=0)
+    kwargs = dict(
+        model_path=str(assets.model_dir),
+        backend=request.param,
+        dtype="float32",
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        max_model_len=MAX_MODEL_LEN,
+        cpu_kvcache_space_gb=1,
+        seed=0,
+    )
     t0 = time.perf_counter()
     pool = RolloutPool(kwargs, num_workers=1, num_cpus=0.5, get_timeout_s=TIMEOUT_S)
     print(f"\n[{request.param}] pool start {time.perf_counter() - t0:.1f} s")
@@ -150,7 +159,7 @@ def test_generate_with_image_n8(ray_cluster, pool_state, examples, assets):
     image_pad = 5
     assert (batch.prompt_ids == image_pad).sum(dim=1).tolist() == [4] * 32
     tok = load_processor(str(assets.model_dir), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).tokenizer
-    for g, ex in enumerate(examples):
+    for g in range(len(examples)):
         row = g * 8
         prompt = batch.prompt_ids[row][batch.prompt_mask[row]].tolist()
         assert tok.decode(prompt).count("<|image_pad|>") == 4
@@ -180,12 +189,12 @@ def test_pixel_limits_reach_the_engine(ray_cluster, pool_state, examples, refere
     ray, pool = ray_cluster, pool_state["pool"]
     _, image_processor = reference
     images = [Image.new("RGB", (224, 168), (200, 30, 30)), Image.new("RGB", (20, 20), (30, 30, 200))]
-    requests = [RolloutRequest(messages=examples[0].messages, images=[ray.put(img)], row_id=k)
-                for k, img in enumerate(images)]
+    requests = [
+        RolloutRequest(messages=examples[0].messages, images=[ray.put(img)], row_id=k) for k, img in enumerate(images)
+    ]
     result = pool.generate(requests, SamplingSpec(n=1, temperature=1.0, max_tokens=4, seed=0))
     assert result.errors == {}, result.errors
-    expected = [int(image_processor(images=[img], return_tensors="pt")["image_grid_thw"].prod()) // 4
-                for img in images]
+    expected = [int(image_processor(images=[img], return_tensors="pt")["image_grid_thw"].prod()) // 4 for img in images]
     assert expected[0] > 4 and expected[1] == 4
     assert (result.batch.prompt_ids == 5).sum(dim=1).tolist() == expected
 
@@ -208,8 +217,9 @@ def test_stop_strings_end_responses(ray_cluster, pool_state, examples, assets):
     ray, pool = ray_cluster, pool_state["pool"]
     tok = load_processor(str(assets.model_dir), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).tokenizer
     stops = ("a", "e", "o")
-    result = pool.generate(make_requests(ray, examples), SamplingSpec(n=4, temperature=1.0, max_tokens=24, stop=stops,
-                                                                       seed=8))
+    result = pool.generate(
+        make_requests(ray, examples), SamplingSpec(n=4, temperature=1.0, max_tokens=24, stop=stops, seed=8)
+    )
     batch = result.batch
     by_stop = 0
     for k in range(len(batch)):
@@ -243,8 +253,14 @@ def test_logprob_parity_before_and_after_weight_update(ray_cluster, pool_state, 
     state = hf_state_dict(changed)
     assert any(k.startswith("visual.") for k in state)  # saved names, not the module's model.visual.*
     blob = pack_state_dict(state)
-    handle = WeightsHandle(version=1, transport="object_store", num_tensors=len(state), num_bytes=len(blob),
-                           digest=digest(blob), ref=ray.put(blob))
+    handle = WeightsHandle(
+        version=1,
+        transport="object_store",
+        num_tensors=len(state),
+        num_bytes=len(blob),
+        digest=digest(blob),
+        ref=ray.put(blob),
+    )
     t0 = time.perf_counter()
     assert pool.receive_weights(handle) == [1]
     print(f"[{pool_state['backend']}] weight sync {time.perf_counter() - t0:.3f} s")
@@ -268,12 +284,17 @@ def test_bad_requests_get_named_errors_and_the_rest_is_served(ray_cluster, pool_
     good = make_requests(ray, examples[:2])
     ex = examples[0]
     too_long_text = " ".join(["red blue green yellow"] * 200)
-    too_long = RolloutRequest(messages=[{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": too_long_text}]}], images=list(good[0].images), row_id=99)
+    too_long = RolloutRequest(
+        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": too_long_text}]}],
+        images=list(good[0].images),
+        row_id=99,
+    )
     missing = RolloutRequest.from_example(ex, images=[str(tmp_path / "nope.png")])
     mismatch = RolloutRequest(messages=ex.messages, images=[], row_id=ex.row_id)
-    two_items = RolloutRequest(messages=[{"role": "user", "content": [
-        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}], images=list(good[0].images))
+    two_items = RolloutRequest(
+        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}],
+        images=list(good[0].images),
+    )
     requests = [good[0], too_long, missing, good[1], mismatch, two_items]
     result = pool.generate(requests, SamplingSpec(n=2, temperature=1.0, max_tokens=8, seed=0))
     assert sorted(result.errors) == [1, 2, 4, 5]
@@ -307,8 +328,10 @@ def test_worker_killed_mid_generation_is_restarted_synced_and_resubmitted(ray_cl
     time.sleep(1.0)
     if not thread.is_alive():
         result = outcome.get("result")
-        pytest.fail(f"generation finished before the kill: {outcome.get('error')!r} "
-                    f"{None if result is None else (result.errors, result.num_tokens, result.seconds)}")
+        pytest.fail(
+            f"generation finished before the kill: {outcome.get('error')!r} "
+            f"{None if result is None else (result.errors, result.num_tokens, result.seconds)}"
+        )
     ray.kill(pool.actors[0], no_restart=False)
     thread.join(timeout=TIMEOUT_S)
     assert not thread.is_alive()
@@ -361,9 +384,17 @@ def test_gloo_broadcast_reaches_the_engine_and_a_restarted_worker_catches_up(ray
         # the object store and resubmits.
         blob = pack_state_dict(hf_state_dict(v2))
         fallbacks = []
-        pool.fallback_publish = lambda v: fallbacks.append(v) or WeightsHandle(
-            version=v, transport="object_store", num_tensors=handle.num_tensors, num_bytes=len(blob),
-            digest=digest(blob), ref=ray.put(blob))
+        pool.fallback_publish = lambda v: (
+            fallbacks.append(v)
+            or WeightsHandle(
+                version=v,
+                transport="object_store",
+                num_tensors=handle.num_tensors,
+                num_bytes=len(blob),
+                digest=digest(blob),
+                ref=ray.put(blob),
+            )
+        )
         ray.kill(pool.actors[0], no_restart=False)
         result = pool.generate(requests, spec)
         pool_state["pids"].add(pool.worker_info()[0]["pid"])
@@ -390,8 +421,14 @@ def test_shutdown_stops_engines_and_leaks_no_shared_memory(ray_cluster, pool_sta
 
 def test_pool_dispatches_to_the_least_loaded_worker_and_keeps_request_order(ray_cluster, assets, examples):
     ray = ray_cluster
-    kwargs = dict(model_path=str(assets.model_dir), backend="hf", dtype="float32", min_pixels=MIN_PIXELS,
-                  max_pixels=MAX_PIXELS, max_model_len=MAX_MODEL_LEN)
+    kwargs = dict(
+        model_path=str(assets.model_dir),
+        backend="hf",
+        dtype="float32",
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        max_model_len=MAX_MODEL_LEN,
+    )
     with RolloutPool(kwargs, num_workers=2, num_cpus=0.25, get_timeout_s=TIMEOUT_S, chunk_size=1) as pool:
         requests = make_requests(ray, examples + examples[:2])
         result = pool.generate(requests, SamplingSpec(n=2, temperature=1.0, max_tokens=6, seed=2))

@@ -11,9 +11,20 @@ from trainer.metrics import read_metrics
 
 # The demo config turns on dynamic sampling; these assets have random weights whose rewards are all 0,
 # so no group would ever qualify.
-TINY = ["algo.dynamic_sampling=false", "rollout.batch_size=4", "rollout.n=4", "rollout.max_tokens=8", "learner.mini_batch_size=16",
-        "learner.micro_batch_size=8", "logprob.micro_batch_size=16", "data.val_size=8", "trainer.total_steps=2",
-        "trainer.eval_every=2", "trainer.save_every=0", "trainer.tensorboard=false"]
+TINY = [
+    "algo.dynamic_sampling=false",
+    "rollout.batch_size=4",
+    "rollout.n=4",
+    "rollout.max_tokens=8",
+    "learner.mini_batch_size=16",
+    "learner.micro_batch_size=8",
+    "logprob.micro_batch_size=16",
+    "data.val_size=8",
+    "trainer.total_steps=2",
+    "trainer.eval_every=2",
+    "trainer.save_every=0",
+    "trainer.tensorboard=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +32,9 @@ def small_assets(tmp_path_factory):
     """Small demo assets without the warm start: this test is about the machinery, not learning."""
     from trainer.demo import DatasetSizes, build_demo_assets
 
-    assets = build_demo_assets(tmp_path_factory.mktemp("e2e") / "assets", seed=0,
-                               sizes=DatasetSizes(train=64, validation=16, sft=16))
+    assets = build_demo_assets(
+        tmp_path_factory.mktemp("e2e") / "assets", seed=0, sizes=DatasetSizes(train=64, validation=16, sft=16)
+    )
     return [f"model.path={assets.model_dir}", f"data.train_path={assets.data_dir}", f"data.val_path={assets.data_dir}"]
 
 
@@ -31,8 +43,9 @@ def small_assets(tmp_path_factory):
 def test_train_runs_the_real_step(ray_cluster, small_assets, tmp_path, algo):
     from trainer.driver import Trainer
 
-    cfg = resolve_config([named_config("demo")],
-                         TINY + small_assets + [f"algo.name={algo}", f"trainer.output_dir={tmp_path}"])
+    cfg = resolve_config(
+        [named_config("demo")], TINY + small_assets + [f"algo.name={algo}", f"trainer.output_dir={tmp_path}"]
+    )
     trainer = Trainer(cfg)
     try:
         summary = trainer.run()
@@ -48,8 +61,15 @@ def test_train_runs_the_real_step(ray_cluster, small_assets, tmp_path, algo):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert 0 <= rows[0]["eval/accuracy"] <= 1 and "eval/black_accuracy" in rows[0]
     for r in rows[1:]:
-        for key in ("train/reward", "train/pg_loss", "train/entropy", "train/rollout_logp_diff", "timing/gen",
-                    "timing/update", "train/weight_version"):
+        for key in (
+            "train/reward",
+            "train/pg_loss",
+            "train/entropy",
+            "train/rollout_logp_diff",
+            "timing/gen",
+            "timing/update",
+            "train/weight_version",
+        ):
             assert r[key] is not None, key
         # The learner scores the rollouts with the weights that generated them (fp32, same forward).
         assert r["train/rollout_logp_diff"] < 1e-3

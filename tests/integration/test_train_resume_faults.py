@@ -27,9 +27,18 @@ from trainer.metrics import read_metrics
 
 # The demo config turns on dynamic sampling; these assets have random weights whose rewards are all 0,
 # so no group would ever qualify.
-TINY = ["algo.dynamic_sampling=false", "rollout.batch_size=4", "rollout.n=4", "rollout.max_tokens=8", "learner.mini_batch_size=16",
-        "learner.micro_batch_size=8", "logprob.micro_batch_size=16", "data.val_size=8",
-        "trainer.tensorboard=false", "trainer.plot=false"]
+TINY = [
+    "algo.dynamic_sampling=false",
+    "rollout.batch_size=4",
+    "rollout.n=4",
+    "rollout.max_tokens=8",
+    "learner.mini_batch_size=16",
+    "learner.micro_batch_size=8",
+    "logprob.micro_batch_size=16",
+    "data.val_size=8",
+    "trainer.tensorboard=false",
+    "trainer.plot=false",
+]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -37,8 +46,9 @@ REPO = Path(__file__).resolve().parents[2]
 def small_assets(tmp_path_factory):
     from trainer.demo import DatasetSizes, build_demo_assets
 
-    assets = build_demo_assets(tmp_path_factory.mktemp("resume") / "assets", seed=0,
-                               sizes=DatasetSizes(train=64, validation=16, sft=16))
+    assets = build_demo_assets(
+        tmp_path_factory.mktemp("resume") / "assets", seed=0, sizes=DatasetSizes(train=64, validation=16, sft=16)
+    )
     return [f"model.path={assets.model_dir}", f"data.train_path={assets.data_dir}", f"data.val_path={assets.data_dir}"]
 
 
@@ -156,10 +166,21 @@ def _alive(pids: list[int]) -> list[int]:
 @pytest.mark.slow
 def test_sigterm_shuts_down_cleanly_and_keeps_the_last_checkpoint(small_assets, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not the session's
-    cmd = [sys.executable, "-m", "trainer.cli", "train", *TINY, *small_assets, f"trainer.output_dir={tmp_path}",
-           "trainer.total_steps=200", "trainer.save_every=1", "trainer.eval_every=0"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.cli",
+        "train",
+        *TINY,
+        *small_assets,
+        f"trainer.output_dir={tmp_path}",
+        "trainer.total_steps=200",
+        "trainer.save_every=1",
+        "trainer.eval_every=0",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     run = tmp_path / "demo"
     try:
         deadline = time.monotonic() + 300
@@ -202,14 +223,25 @@ def test_sigterm_shuts_down_cleanly_and_keeps_the_last_checkpoint(small_assets, 
     assert "Started a local Ray instance" not in out.stderr + out.stdout
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("model.path=/nonexistent/model", "model.path=/nonexistent/model: no such model folder"),
-    ("data.train_path=/nonexistent/data", "/nonexistent/data"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("model.path=/nonexistent/model", "model.path=/nonexistent/model: no such model folder"),
+        ("data.train_path=/nonexistent/data", "/nonexistent/data"),
+    ],
+)
 def test_bad_paths_fail_before_ray_starts(small_assets, tmp_path, override, needle):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "trainer.cli", "train", *TINY, *small_assets, override,
-           f"trainer.output_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.cli",
+        "train",
+        *TINY,
+        *small_assets,
+        override,
+        f"trainer.output_dir={tmp_path}",
+    ]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert needle in out.stderr

@@ -24,11 +24,23 @@ def test_driver_sync_broadcasts_over_gloo_and_survives_a_restarted_receiver(ray_
 
     ray = ray_cluster
     path, batch = model_and_ray_batch(ray, tmp_path / "model")
-    learner = LearnerGroup(str(path), learner_cfg(zero_stage=0, mini_batch_size=4, micro_batch_size=2,
-                                                  weight_transport="gloo"), algo_cfg(gamma=0.0),
-                           min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, get_timeout_s=TIMEOUT)
-    perception = LogProbPool(str(path), role="perception", num_workers=2, num_cpus=0.25, min_pixels=MIN_PIXELS,
-                             max_pixels=MAX_PIXELS, get_timeout_s=TIMEOUT)
+    learner = LearnerGroup(
+        str(path),
+        learner_cfg(zero_stage=0, mini_batch_size=4, micro_batch_size=2, weight_transport="gloo"),
+        algo_cfg(gamma=0.0),
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        get_timeout_s=TIMEOUT,
+    )
+    perception = LogProbPool(
+        str(path),
+        role="perception",
+        num_workers=2,
+        num_cpus=0.25,
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        get_timeout_s=TIMEOUT,
+    )
     try:
         trainer = Trainer.__new__(Trainer)  # the driver's sync only: its config, services and version
         trainer.cfg = resolve_config(overrides=["learner.weight_transport=gloo"])

@@ -97,13 +97,14 @@ def r_papo(
 
     def reduce(f, mode):
         if mode == "token":
-            return sum((f(i, t) for i in range(B) for t in rows[i]), torch.tensor(0.0, dtype=F64)) / max(
-                n_tok, 1
-            ) / grad_accum
+            return (
+                sum((f(i, t) for i in range(B) for t in rows[i]), torch.tensor(0.0, dtype=F64))
+                / max(n_tok, 1)
+                / grad_accum
+            )
         if mode == "seq":
             per_seq = [
-                sum((f(i, t) for t in rows[i]), torch.tensor(0.0, dtype=F64)) / max(len(rows[i]), 1)
-                for i in range(B)
+                sum((f(i, t) for t in rows[i]), torch.tensor(0.0, dtype=F64)) / max(len(rows[i]), 1) for i in range(B)
             ]
             return sum(per_seq, torch.tensor(0.0, dtype=F64)) / B / grad_accum
         assert mode == "token_global"
@@ -185,9 +186,7 @@ def r_papo(
         metrics["perception_kl"] = sum(fl(pk(i, t)) for i in range(B) for t in rows[i]) / max(n_tok, 1)
         metrics["perception_kl_raw"] = sum(fl(raw(i, t)) for i in range(B) for t in rows[i]) / max(n_tok, 1)
         metrics["masked_entropy"] = sum(-fl(masked[i, t]) for i in range(B) for t in rows[i]) / max(n_tok, 1)
-        metrics["perception_mask_frac"] = (
-            sum(kept.values()) / max(n_tok, 1) if perception_top_p is not None else 1.0
-        )
+        metrics["perception_mask_frac"] = sum(kept.values()) / max(n_tok, 1) if perception_top_p is not None else 1.0
 
     if eta1:
         loss = loss + eta1 * reduce(lambda i, t: -lp[i, t], tok_mode())
@@ -470,8 +469,15 @@ def test_old_ref_advantages_get_no_gradient(avg):
     old, ref, adv = leaf(batch["old_logp"]), leaf(batch["ref_logp"]), leaf(batch["advantages"])
     lp = leaf(batch["logp"])
     loss, _ = papo_loss(
-        lp, old, adv, batch["mask"], masked_logp=batch["masked_logp"], ref_logp=ref,
-        avg=avg, num_tokens=30, **ALL_TERMS,
+        lp,
+        old,
+        adv,
+        batch["mask"],
+        masked_logp=batch["masked_logp"],
+        ref_logp=ref,
+        avg=avg,
+        num_tokens=30,
+        **ALL_TERMS,
     )
     loss.backward()
     assert old.grad is None and ref.grad is None and adv.grad is None
@@ -524,20 +530,30 @@ def test_gradcheck_away_from_kinks():
 
     def f(lp_, masked_, avg, masked_grad):
         return papo_loss(
-            lp_, old, adv, mask, masked_logp=masked_, ref_logp=ref, gamma=0.3, beta=0.2,
-            eta1=0.1, eta2=0.2, avg=avg, grad_accum=2, num_tokens=7, perception_kl_masked_grad=masked_grad,
+            lp_,
+            old,
+            adv,
+            mask,
+            masked_logp=masked_,
+            ref_logp=ref,
+            gamma=0.3,
+            beta=0.2,
+            eta1=0.1,
+            eta2=0.2,
+            avg=avg,
+            grad_accum=2,
+            num_tokens=7,
+            perception_kl_masked_grad=masked_grad,
         )[0]
 
     for avg in algos.AVG_MODES:
         # Default: the loss is a true function of logp (masked_logp a constant input) ...
         fixed_masked = masked.detach()
         assert torch.autograd.gradcheck(
-            lambda x, avg=avg: f(x, fixed_masked, avg, False), (lp,), eps=1e-6, atol=1e-8
+            lambda x, avg=avg, m=fixed_masked: f(x, m, avg, False), (lp,), eps=1e-6, atol=1e-8
         )
         # ... and with the KL's masked-branch gradient on, of both (eta2 and the KL reach masked_logp).
-        assert torch.autograd.gradcheck(
-            lambda x, y, avg=avg: f(x, y, avg, True), (lp, masked), eps=1e-6, atol=1e-8
-        )
+        assert torch.autograd.gradcheck(lambda x, y, avg=avg: f(x, y, avg, True), (lp, masked), eps=1e-6, atol=1e-8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,8 +613,15 @@ def test_token_global_is_sum_over_num_tokens():
     kw = dict(beta=0.2, gamma=0.3, eta1=0.1, eta2=0.2)
     # Summing per-token contributions and dividing by num_tokens
     loss, _ = papo_loss(
-        batch["logp"], batch["old_logp"], batch["advantages"], mask, masked_logp=batch["masked_logp"],
-        ref_logp=batch["ref_logp"], avg="token_global", num_tokens=100, **kw,
+        batch["logp"],
+        batch["old_logp"],
+        batch["advantages"],
+        mask,
+        masked_logp=batch["masked_logp"],
+        ref_logp=batch["ref_logp"],
+        avg="token_global",
+        num_tokens=100,
+        **kw,
     )
     pg, _ = algos.clipped_policy_loss(batch["logp"], batch["old_logp"], batch["advantages"])
     ref_kl = kl_penalty(batch["logp"], batch["ref_logp"])
@@ -607,18 +630,39 @@ def test_token_global_is_sum_over_num_tokens():
     assert loss.item() == pytest.approx(total[mask].sum().item() / 100, rel=1e-12)
     # grad_accum does not apply; a tensor num_tokens works the same
     loss_k, _ = papo_loss(
-        batch["logp"], batch["old_logp"], batch["advantages"], mask, masked_logp=batch["masked_logp"],
-        ref_logp=batch["ref_logp"], avg="token_global", num_tokens=torch.tensor(100), grad_accum=4, **kw,
+        batch["logp"],
+        batch["old_logp"],
+        batch["advantages"],
+        mask,
+        masked_logp=batch["masked_logp"],
+        ref_logp=batch["ref_logp"],
+        avg="token_global",
+        num_tokens=torch.tensor(100),
+        grad_accum=4,
+        **kw,
     )
     assert torch.equal(loss, loss_k)
     # with num_tokens = this micro-batch's count it equals the token mode without accumulation
     loss_tok, _ = papo_loss(
-        batch["logp"], batch["old_logp"], batch["advantages"], mask, masked_logp=batch["masked_logp"],
-        ref_logp=batch["ref_logp"], avg="token", **kw,
+        batch["logp"],
+        batch["old_logp"],
+        batch["advantages"],
+        mask,
+        masked_logp=batch["masked_logp"],
+        ref_logp=batch["ref_logp"],
+        avg="token",
+        **kw,
     )
     loss_glob, _ = papo_loss(
-        batch["logp"], batch["old_logp"], batch["advantages"], mask, masked_logp=batch["masked_logp"],
-        ref_logp=batch["ref_logp"], avg="token_global", num_tokens=int(mask.sum()), **kw,
+        batch["logp"],
+        batch["old_logp"],
+        batch["advantages"],
+        mask,
+        masked_logp=batch["masked_logp"],
+        ref_logp=batch["ref_logp"],
+        avg="token_global",
+        num_tokens=int(mask.sum()),
+        **kw,
     )
     assert loss_glob.item() == pytest.approx(loss_tok.item(), rel=1e-13)
 
@@ -652,8 +696,17 @@ def test_extreme_logprobs_stay_finite(avg):
         for kind in ("low_var_kl", "k1", "k2", "abs"):
             lp.grad = masked.grad = None
             loss, metrics = papo_loss(
-                lp, old, adv, mask, masked_logp=masked, ref_logp=ref, avg=avg, num_tokens=6,
-                kl_kind=kind, perception_kl_kind=kind, **ALL_TERMS,
+                lp,
+                old,
+                adv,
+                mask,
+                masked_logp=masked,
+                ref_logp=ref,
+                avg=avg,
+                num_tokens=6,
+                kl_kind=kind,
+                perception_kl_kind=kind,
+                **ALL_TERMS,
             )
             loss.backward()
             assert torch.isfinite(loss), (kind, adv)
@@ -667,8 +720,15 @@ def test_all_padding_micro_batch():
     for avg in algos.AVG_MODES:
         lp.grad = None
         loss, metrics = papo_loss(
-            lp, lp.detach(), torch.ones(2), mask, masked_logp=lp.detach(), ref_logp=lp.detach(),
-            avg=avg, num_tokens=0, **ALL_TERMS,
+            lp,
+            lp.detach(),
+            torch.ones(2),
+            mask,
+            masked_logp=lp.detach(),
+            ref_logp=lp.detach(),
+            avg=avg,
+            num_tokens=0,
+            **ALL_TERMS,
         )
         loss.backward()
         assert loss.item() == 0.0 and torch.equal(lp.grad, torch.zeros(2, 4))
@@ -679,8 +739,13 @@ def test_half_precision_inputs_compute_in_float32():
     batch = make_batch(seed=12, dtype=torch.bfloat16)
     lp = leaf(batch["logp"])
     loss, metrics = papo_loss(
-        lp, batch["old_logp"], batch["advantages"], batch["mask"], masked_logp=batch["masked_logp"],
-        ref_logp=batch["ref_logp"], **ALL_TERMS,
+        lp,
+        batch["old_logp"],
+        batch["advantages"],
+        batch["mask"],
+        masked_logp=batch["masked_logp"],
+        ref_logp=batch["ref_logp"],
+        **ALL_TERMS,
     )
     loss.backward()
     assert loss.dtype == torch.float32 and lp.grad.dtype == torch.bfloat16
@@ -695,13 +760,13 @@ def test_half_precision_inputs_compute_in_float32():
 def test_clip_fractions_handcrafted():
     # (A, ratio) per token; clip_low 0.2, clip_high 0.3, clip_dual 3
     cases = [
-        (1.0, 1.5),   # high: A > 0, r > 1.3            loss -1.3
-        (1.0, 0.5),   # none: A > 0, lower clip loose   loss -0.5
+        (1.0, 1.5),  # high: A > 0, r > 1.3            loss -1.3
+        (1.0, 0.5),  # none: A > 0, lower clip loose   loss -0.5
         (-1.0, 0.5),  # low:  A < 0, r < 0.8            loss 0.8
         (-1.0, 1.5),  # none: A < 0, upper clip loose   loss 1.5
         (-1.0, 4.0),  # dual: A < 0, r > 3              loss 3
-        (2.0, 1.0),   # none                            loss -2
-        (0.0, 9.0),   # none: A = 0                     loss 0
+        (2.0, 1.0),  # none                            loss -2
+        (0.0, 9.0),  # none: A = 0                     loss 0
     ]
     n = len(cases)
     adv = torch.tensor([[a for a, _ in cases] + [-1.0]], dtype=F64)
@@ -753,8 +818,14 @@ def test_top_p_mask_handcrafted():
     # in the loss: dropped tokens count 0 but stay in the denominator (official semantics)
     lp_leaf = leaf(lp)
     loss, metrics = papo_loss(
-        lp_leaf, lp, torch.zeros(3, dtype=F64), mask, masked_logp=masked, gamma=1.0,
-        perception_kl_kind="k1", perception_top_p=0.4,
+        lp_leaf,
+        lp,
+        torch.zeros(3, dtype=F64),
+        mask,
+        masked_logp=masked,
+        gamma=1.0,
+        perception_kl_kind="k1",
+        perception_top_p=0.4,
     )
     assert loss.item() == pytest.approx(-(0.5 + 0.9 + 0.05) / 6, rel=1e-12)
     assert metrics["perception_mask_frac"] == pytest.approx(3 / 6)
@@ -772,8 +843,14 @@ def test_kl_clip_handcrafted():
     mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
     lp_leaf = leaf(lp)
     loss, metrics = papo_loss(
-        lp_leaf, lp, torch.zeros(1, dtype=F64), mask, masked_logp=masked, gamma=2.0,
-        perception_kl_kind="k1", perception_kl_clip=0.2,
+        lp_leaf,
+        lp,
+        torch.zeros(1, dtype=F64),
+        mask,
+        masked_logp=masked,
+        gamma=2.0,
+        perception_kl_kind="k1",
+        perception_kl_clip=0.2,
     )
     # clamp to [0, 0.2]: [0.1, 0.2, 0.0]
     assert metrics["perception_kl"] == pytest.approx(0.3 / 3, rel=1e-12)
@@ -789,7 +866,13 @@ def test_kl_clip_handcrafted():
 # --------------------------------------------------------------------------------------------
 
 BASE_KEYS = {
-    "loss", "pg_loss", "entropy", "ppo_kl", "pg_clipfrac_low", "pg_clipfrac_high", "pg_clipfrac_dual",
+    "loss",
+    "pg_loss",
+    "entropy",
+    "ppo_kl",
+    "pg_clipfrac_low",
+    "pg_clipfrac_high",
+    "pg_clipfrac_dual",
     "response_tokens",
 }
 PERCEPTION_KEYS = {"perception_kl", "perception_kl_raw", "masked_entropy", "perception_mask_frac"}
@@ -845,8 +928,12 @@ def test_entropy_metrics_are_sampled_token_estimates():
 def test_validation_errors_name_the_argument(kwargs, match):
     b = make_batch(seed=14)
     call = dict(
-        logp=b["logp"], old_logp=b["old_logp"], advantages=b["advantages"], mask=b["mask"],
-        masked_logp=b["masked_logp"], ref_logp=b["ref_logp"],
+        logp=b["logp"],
+        old_logp=b["old_logp"],
+        advantages=b["advantages"],
+        mask=b["mask"],
+        masked_logp=b["masked_logp"],
+        ref_logp=b["ref_logp"],
     )
     call.update(kwargs)
     with pytest.raises(ValueError, match=match):

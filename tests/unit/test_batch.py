@@ -13,8 +13,14 @@ def make_batch(prompts=((5, 6, 7), (8, 9)), responses=((1, 2), (3,), (4, 4, 4), 
     prompt_ids = [prompts[i // n] for i in range(rows)]
     logp = [[-0.1 * (j + 1) for j in range(len(r))] for r in responses]
     return RolloutBatch.from_sequences(
-        prompt_ids, responses, logp, group_ids=[i // n for i in range(rows)], row_ids=[10 + i // n for i in range(rows)],
-        weight_version=3, image_refs=[[f"img{i // n}"] for i in range(rows)], answers=[f"a{i // n}" for i in range(rows)],
+        prompt_ids,
+        responses,
+        logp,
+        group_ids=[i // n for i in range(rows)],
+        row_ids=[10 + i // n for i in range(rows)],
+        weight_version=3,
+        image_refs=[[f"img{i // n}"] for i in range(rows)],
+        answers=[f"a{i // n}" for i in range(rows)],
         pad_token_id=pad,
     )
 
@@ -81,8 +87,9 @@ def test_validation_names_the_field():
         b.answers = ["x"] * 3
         b.validate()
     with pytest.raises(ValueError, match="2 response tokens but 1 rollout log-probs"):
-        RolloutBatch.from_sequences([[1]], [[1, 2]], [[0.0]], group_ids=[0], row_ids=[0], weight_version=0,
-                                    image_refs=[[]], answers=["a"])
+        RolloutBatch.from_sequences(
+            [[1]], [[1, 2]], [[0.0]], group_ids=[0], row_ids=[0], weight_version=0, image_refs=[[]], answers=["a"]
+        )
     with pytest.raises(ValueError, match="missing old_logp, advantages"):
         make_batch().require("old_logp", "advantages")
 

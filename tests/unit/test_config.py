@@ -8,16 +8,23 @@ import pytest
 import yaml
 
 from trainer.config import (
-    PRESETS, ConfigError, ConfigWarning, JobConfig, dump_config, named_config, parse_override, resolve_config,
+    PRESETS,
+    ConfigError,
+    ConfigWarning,
+    JobConfig,
+    dump_config,
+    named_config,
+    parse_override,
+    resolve_config,
 )
 
 # PAPO.md "Presets" table, written out independently of trainer/config.py.
 PAPER = {
     #          beta  gamma  eta1  eta2  clip_low clip_high dual  dynamic sampling
-    "grpo":   (0.01, 0.0,  0.0,  0.0,  0.2,     0.3,      3.0,  False),
-    "papo":   (0.01, 0.02, 0.0,  0.0,  0.2,     0.3,      3.0,  False),
-    "dapo":   (0.0,  0.0,  0.0,  0.0,  0.2,     0.28,     3.0,  True),
-    "papo_d": (0.0,  0.01, 0.03, 0.03, 0.2,     0.28,     3.0,  True),
+    "grpo": (0.01, 0.0, 0.0, 0.0, 0.2, 0.3, 3.0, False),
+    "papo": (0.01, 0.02, 0.0, 0.0, 0.2, 0.3, 3.0, False),
+    "dapo": (0.0, 0.0, 0.0, 0.0, 0.2, 0.28, 3.0, True),
+    "papo_d": (0.0, 0.01, 0.03, 0.03, 0.2, 0.28, 3.0, True),
 }
 
 
@@ -62,8 +69,11 @@ def test_baseline_with_a_papo_term_fails(name, term):
 
 def test_algo_by_preset_tunes_one_preset_and_leaves_the_others_alone(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text(yaml.safe_dump({"algo": {"beta": 0.04}, "algo_by_preset": {"papo": {"gamma": 0.01},
-                                                                              "dapo": {"clip_high": 0.25}}}))
+    f.write_text(
+        yaml.safe_dump(
+            {"algo": {"beta": 0.04}, "algo_by_preset": {"papo": {"gamma": 0.01}, "dapo": {"clip_high": 0.25}}}
+        )
+    )
     papo = resolve_config([f])
     assert papo.algo.gamma == 0.01 and papo.algo.beta == 0.04 and papo.algo.clip_high == 0.3
     grpo = resolve_config([f], ["algo.name=grpo"])  # a baseline again: no PAPO term, no error
@@ -75,15 +85,18 @@ def test_algo_by_preset_tunes_one_preset_and_leaves_the_others_alone(tmp_path):
     assert "algo_by_preset" not in dump_config(papo)  # the resolved config holds the values themselves
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"papoo": {"gamma": 0.01}}, "algo_by_preset.papoo: 'papoo' is not a preset"),
-    ({"grpo": {"gamma": 0.01}}, "algo_by_preset.grpo.gamma=0.01 switches on a PAPO term"),
-    ({"papo": {"gama": 0.01}}, "algo_by_preset.papo.gama: unknown key; did you mean 'algo_by_preset.papo.gamma'"),
-    ({"papo": {"gamma": -1}}, "algo_by_preset.papo.gamma: Input should be greater than or equal to 0"),
-    ({"papo": {"name": "grpo"}}, "algo_by_preset.papo.name: an entry applies to its preset"),
-    ({"papo": 0.01}, "algo_by_preset.papo: expected a mapping"),
-    (3, "algo_by_preset: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"papoo": {"gamma": 0.01}}, "algo_by_preset.papoo: 'papoo' is not a preset"),
+        ({"grpo": {"gamma": 0.01}}, "algo_by_preset.grpo.gamma=0.01 switches on a PAPO term"),
+        ({"papo": {"gama": 0.01}}, "algo_by_preset.papo.gama: unknown key; did you mean 'algo_by_preset.papo.gamma'"),
+        ({"papo": {"gamma": -1}}, "algo_by_preset.papo.gamma: Input should be greater than or equal to 0"),
+        ({"papo": {"name": "grpo"}}, "algo_by_preset.papo.name: an entry applies to its preset"),
+        ({"papo": 0.01}, "algo_by_preset.papo: expected a mapping"),
+        (3, "algo_by_preset: expected a mapping"),
+    ],
+)
 def test_bad_algo_by_preset_names_the_entry(tmp_path, entry, message):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"algo_by_preset": entry}))
@@ -107,24 +120,27 @@ def test_baseline_with_diagnostic_is_fine():
     assert cfg.algo.gamma == 0 and cfg.needs_masked_pass
 
 
-@pytest.mark.parametrize("override, field, allowed", [
-    ("algo.gamma=-0.1", "algo.gamma", "0 <= x"),
-    ("corruption.prob=1.5", "corruption.prob", "0 <= x <= 1"),
-    ("corruption.prob=-0.01", "corruption.prob", "0 <= x <= 1"),
-    ("algo.clip_low=1.0", "algo.clip_low", "0 <= x < 1"),
-    ("algo.clip_dual=1.0", "algo.clip_dual", "1 < x"),
-    ("corruption.patch_size=0", "corruption.patch_size", "1 <= x"),
-    ("rollout.n=1", "rollout.n", "2 <= x"),
-    ("rollout.top_p=0", "rollout.top_p", "0 < x <= 1"),
-    ("learner.zero_stage=4", "learner.zero_stage", "0 <= x <= 3"),
-    ("algo.loss_avg=mean", "algo.loss_avg", "'token', 'seq', 'token_global'"),
-    ("rollout.n=abc", "rollout.n", "2 <= x"),
-    ("perception.masked_logp=gpu", "perception.masked_logp", "'pool', 'learner', 'learner_grad'"),
-    ("algo.dynamic_sampling_exhausted=skip", "algo.dynamic_sampling_exhausted", "'error' or 'fill'"),
-    ("learner.omp_threads=0", "learner.omp_threads", "1 <= x"),
-    ("learner.weight_broadcast_timeout_s=0", "learner.weight_broadcast_timeout_s", "0 < x"),
-    ("learner.vision_lr=-1e-3", "learner.vision_lr", "0 < x"),
-])
+@pytest.mark.parametrize(
+    "override, field, allowed",
+    [
+        ("algo.gamma=-0.1", "algo.gamma", "0 <= x"),
+        ("corruption.prob=1.5", "corruption.prob", "0 <= x <= 1"),
+        ("corruption.prob=-0.01", "corruption.prob", "0 <= x <= 1"),
+        ("algo.clip_low=1.0", "algo.clip_low", "0 <= x < 1"),
+        ("algo.clip_dual=1.0", "algo.clip_dual", "1 < x"),
+        ("corruption.patch_size=0", "corruption.patch_size", "1 <= x"),
+        ("rollout.n=1", "rollout.n", "2 <= x"),
+        ("rollout.top_p=0", "rollout.top_p", "0 < x <= 1"),
+        ("learner.zero_stage=4", "learner.zero_stage", "0 <= x <= 3"),
+        ("algo.loss_avg=mean", "algo.loss_avg", "'token', 'seq', 'token_global'"),
+        ("rollout.n=abc", "rollout.n", "2 <= x"),
+        ("perception.masked_logp=gpu", "perception.masked_logp", "'pool', 'learner', 'learner_grad'"),
+        ("algo.dynamic_sampling_exhausted=skip", "algo.dynamic_sampling_exhausted", "'error' or 'fill'"),
+        ("learner.omp_threads=0", "learner.omp_threads", "1 <= x"),
+        ("learner.weight_broadcast_timeout_s=0", "learner.weight_broadcast_timeout_s", "0 < x"),
+        ("learner.vision_lr=-1e-3", "learner.vision_lr", "0 < x"),
+    ],
+)
 def test_bad_values_name_field_and_range(override, field, allowed):
     with pytest.raises(ConfigError) as e:
         resolve_config(overrides=[override])
@@ -195,9 +211,12 @@ def test_eta2_without_gradient_warns():
 
 def test_pixel_limits_are_one_field():
     fields = [name for name, f in JobConfig.model_fields.items()]
-    pixel_fields = [f"{sec}.{k}" for sec in fields
-                    for k in getattr(JobConfig.model_fields[sec].annotation, "model_fields", {})
-                    if "pixels" in k and k in ("min_pixels", "max_pixels")]
+    pixel_fields = [
+        f"{sec}.{k}"
+        for sec in fields
+        for k in getattr(JobConfig.model_fields[sec].annotation, "model_fields", {})
+        if "pixels" in k and k in ("min_pixels", "max_pixels")
+    ]
     assert pixel_fields == ["model.min_pixels", "model.max_pixels"]
 
 
@@ -226,14 +245,23 @@ def test_annealed_gamma_and_learner_grad_diagnostic_are_refused_for_baselines():
     with pytest.raises(ConfigError, match=r"algo.gamma_end=0.02 \(linear schedule\)"):
         resolve_config(overrides=["algo.name=grpo", "algo.gamma_schedule=linear", "algo.gamma_end=0.02"])
     with pytest.raises(ConfigError, match="diagnostic=true under a baseline needs a no-grad masked pass"):
-        resolve_config(overrides=["algo.name=dapo", "perception.diagnostic=true", "perception.masked_logp=learner_grad"])
+        resolve_config(
+            overrides=["algo.name=dapo", "perception.diagnostic=true", "perception.masked_logp=learner_grad"]
+        )
 
 
 def test_precomputed_masks_need_their_column_and_pool_sizes_are_checked():
     with pytest.raises(ConfigError, match="corruption.strategy=precomputed reads each row's pre-masked images"):
         resolve_config([], ["corruption.strategy=precomputed"])
-    cfg = resolve_config([], ["corruption.strategy=precomputed", "data.masked_image_key=images_masked",
-                              "perception.num_gpus=0.25", "corruption.num_cpus=0.5"])
+    cfg = resolve_config(
+        [],
+        [
+            "corruption.strategy=precomputed",
+            "data.masked_image_key=images_masked",
+            "perception.num_gpus=0.25",
+            "corruption.num_cpus=0.5",
+        ],
+    )
     assert cfg.data.masked_image_key == "images_masked" and cfg.perception.num_gpus == 0.25
     with pytest.raises(ConfigError, match="corruption.num_cpus"):
         resolve_config([], ["corruption.num_cpus=0"])
@@ -249,6 +277,9 @@ def test_weight_transport_fields_reject_bad_values_naming_them():
     for transport in ("cuda_ipc", "nccl", "gloo"):
         assert resolve_config(overrides=[f"learner.weight_transport={transport}"]).learner.weight_transport == transport
     for transport in ("cuda_ipc", "nccl"):  # GPU transports on a CPU learner: named, with the way out
-        with pytest.raises(ConfigError, match=rf"learner.weight_transport={transport} moves weights between GPUs, "
-                                              r"but learner.num_gpus=0; use object_store, or gloo"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"learner.weight_transport={transport} moves weights between GPUs, "
+            r"but learner.num_gpus=0; use object_store, or gloo",
+        ):
             resolve_config(overrides=[f"learner.weight_transport={transport}", "learner.num_gpus=0"])

@@ -11,21 +11,25 @@ import warnings
 import pytest
 
 from trainer.config import ConfigError, ConfigWarning, configs_dir, named_config, resolve_config, shipped_configs
-from trainer.data import looks_like_hub_id, load_prompt_template
+from trainer.data import load_prompt_template, looks_like_hub_id
 
 MODELS = {"qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
 ALGOS = ("grpo", "papo", "dapo", "papo_d")
 GPUS = (2, 4, 8)
 
 # PAPO.md "Presets":  beta  gamma  eta1  eta2  clip_low clip_high dual  dynamic sampling
-PRESET = {"grpo":    (0.01, 0.0,  0.0,  0.0,  0.2,     0.3,      3.0,  False),
-          "papo":    (0.01, 0.02, 0.0,  0.0,  0.2,     0.3,      3.0,  False),
-          "dapo":    (0.0,  0.0,  0.0,  0.0,  0.2,     0.28,     3.0,  True),
-          "papo_d":  (0.0,  0.01, 0.03, 0.03, 0.2,     0.28,     3.0,  True)}
+PRESET = {
+    "grpo": (0.01, 0.0, 0.0, 0.0, 0.2, 0.3, 3.0, False),
+    "papo": (0.01, 0.02, 0.0, 0.0, 0.2, 0.3, 3.0, False),
+    "dapo": (0.0, 0.0, 0.0, 0.0, 0.2, 0.28, 3.0, True),
+    "papo_d": (0.0, 0.01, 0.03, 0.03, 0.2, 0.28, 3.0, True),
+}
 
 #: PAPO.md "prompt": the question, then this sentence.
-PAPER_PROMPT = ("You first think through the reasoning process as an internal monologue, enclosed within "
-                "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}.")
+PAPER_PROMPT = (
+    "You first think through the reasoning process as an internal monologue, enclosed within "
+    "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
+)
 
 #: What a config may warn about: only the documented eta2 note of papo_d (the official default
 #: computes the masked log-probs without gradient, PAPO.md).
@@ -64,8 +68,11 @@ def test_paper_combination_resolves_to_paper_values(model: str, algo: str, gpus:
     assert (a.beta, a.gamma, a.eta1, a.eta2, a.clip_low, a.clip_high, a.clip_dual, a.dynamic_sampling) == PRESET[algo]
     assert a.loss_avg == "token" and a.kl_kind == a.perception_kl_kind == "low_var_kl"
     if a.dynamic_sampling:
-        assert (a.dynamic_sampling_acc_low, a.dynamic_sampling_acc_high,
-                a.dynamic_sampling_max_tries) == (0.01, 0.99, 20)
+        assert (a.dynamic_sampling_acc_low, a.dynamic_sampling_acc_high, a.dynamic_sampling_max_tries) == (
+            0.01,
+            0.99,
+            20,
+        )
     assert cfg.perception.masked_logp == "pool"  # the official placement: no gradient, pre-update weights
 
     # Model: the hub id (never downloaded by resolving) and the authors' pixel limits.
@@ -79,7 +86,13 @@ def test_paper_combination_resolves_to_paper_values(model: str, algo: str, gpus:
     # the vision tower trained.
     lr = cfg.learner
     assert (lr.lr, lr.lr_scheduler, lr.warmup_steps, lr.weight_decay, lr.grad_clip, lr.ppo_epochs) == (
-        1e-6, "constant", 0, 1e-2, 1.0, 1)
+        1e-6,
+        "constant",
+        0,
+        1e-2,
+        1.0,
+        1,
+    )
     assert lr.mini_batch_size == 128 * r.n and not lr.freeze_vision_tower
     # Mask and reward.
     assert (cfg.corruption.strategy, cfg.corruption.patch_size, cfg.corruption.prob) == ("patch_blackening", 14, 0.6)
@@ -90,7 +103,8 @@ def test_paper_combination_resolves_to_paper_values(model: str, algo: str, gpus:
     assert looks_like_hub_id(d.train_path) and looks_like_hub_id(d.val_path)
     assert d.prompt_template == "papo_math" and d.format_prompt is None and d.max_prompt_length == 4096
     assert load_prompt_template(d.prompt_template).render(content="<image>How many? ") == (
-        f"<image>How many? {PAPER_PROMPT}")
+        f"<image>How many? {PAPER_PROMPT}"
+    )
     # Length: 2 epochs of ViRL39K's 38,870 prompts at 384 per step; runs of different
     # algorithms and models get different directories.
     assert cfg.trainer.total_steps == 2 * (38870 // 384)
@@ -105,12 +119,17 @@ def test_paper_combination_resolves_to_paper_values(model: str, algo: str, gpus:
         "reference": cfg.logprob.reference_workers * cfg.logprob.num_gpus,
     }
     assert sum(layout.values()) == gpus, layout
-    used = sum(v for k, v in layout.items()
-               if k not in ("perception", "reference") or (cfg.needs_masked_pass if k == "perception"
-                                                           else cfg.needs_reference))
+    used = sum(
+        v
+        for k, v in layout.items()
+        if k not in ("perception", "reference") or (cfg.needs_masked_pass if k == "perception" else cfg.needs_reference)
+    )
     assert used <= gpus
-    shares = [(r.num_gpus, r.num_workers), (cfg.logprob.num_gpus, cfg.perception.num_workers),
-              (cfg.logprob.num_gpus, cfg.logprob.reference_workers)]
+    shares = [
+        (r.num_gpus, r.num_workers),
+        (cfg.logprob.num_gpus, cfg.perception.num_workers),
+        (cfg.logprob.num_gpus, cfg.logprob.reference_workers),
+    ]
     assert sum(g * n for g, n in shares if g < 1) % 1 == 0  # the fractional pools share whole cards
     assert lr.num_gpus == 1 and r.tensor_parallel_size == 1
     assert lr.mini_batch_size % (lr.micro_batch_size * lr.num_ranks) == 0
@@ -119,10 +138,12 @@ def test_paper_combination_resolves_to_paper_values(model: str, algo: str, gpus:
 def test_resources_overlays_differ_only_in_placement() -> None:
     """A GPU overlay changes where pools run, never what is learned."""
     base, _ = _resolve("paper/qwen2_5_vl_7b", "paper/papo")
-    placement = {"rollout": {"num_workers", "num_gpus", "gpu_memory_utilization"},
-                 "learner": {"num_ranks", "num_gpus", "zero_stage", "cpu_offload"},
-                 "logprob": {"num_gpus", "micro_batch_size", "reference_workers"},
-                 "perception": {"num_workers"}}
+    placement = {
+        "rollout": {"num_workers", "num_gpus", "gpu_memory_utilization"},
+        "learner": {"num_ranks", "num_gpus", "zero_stage", "cpu_offload"},
+        "logprob": {"num_gpus", "micro_batch_size", "reference_workers"},
+        "perception": {"num_workers"},
+    }
     for gpus in GPUS:
         cfg, _ = _resolve("paper/qwen2_5_vl_7b", "paper/papo", f"paper/qwen2_5_vl_7b_gpus{gpus}")
         a, b = base.model_dump(), cfg.model_dump()

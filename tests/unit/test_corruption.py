@@ -100,9 +100,7 @@ def black_pixel(image: corruption.ImageLike) -> np.ndarray:
     return fill
 
 
-def classify_cells(
-    original: corruption.ImageLike, masked: corruption.ImageLike, patch_size: int
-) -> np.ndarray:
+def classify_cells(original: corruption.ImageLike, masked: corruption.ImageLike, patch_size: int) -> np.ndarray:
     """Check the cell structure and return the (rows, cols) grid of blackened cells.
 
     Every cell must be either bit-identical to the original or entirely black; a cell that is
@@ -128,9 +126,7 @@ def classify_cells(
     return blackened
 
 
-def reference_loop(
-    image: corruption.ImageLike, patch_size: int, prob: float, seed: int
-) -> np.ndarray:
+def reference_loop(image: corruption.ImageLike, patch_size: int, prob: float, seed: int) -> np.ndarray:
     """The official per-cell loop, seeded with a Generator: one draw per cell, row-major."""
     rng = np.random.default_rng(seed)
     array = as_hwc(image).copy()

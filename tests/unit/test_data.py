@@ -194,8 +194,11 @@ def test_build_messages_rejects_count_mismatch() -> None:
 
 
 def test_string_and_null_ids(tmp_path: Path) -> None:
-    rows = [{"id": "geo_7", "problem": "Q?", "answer": "a"}, {"id": None, "problem": "Q?", "answer": "a"},
-            {"id": "12", "problem": "Q?", "answer": "a"}]
+    rows = [
+        {"id": "geo_7", "problem": "Q?", "answer": "a"},
+        {"id": None, "problem": "Q?", "answer": "a"},
+        {"id": "12", "problem": "Q?", "answer": "a"},
+    ]
     _write(tmp_path / "train.parquet", rows)
     first = load_split(tmp_path, "train", image_key=None)
     again = load_split(tmp_path, "train", image_key=None)
@@ -227,10 +230,15 @@ def _colours(images) -> list[tuple[int, int, int]]:
 
 #: HF ``Image`` feature storage: a struct of (bytes, path), as datasets writes it to parquet/arrow.
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-EMBEDDED_SCHEMA = pa.schema([
-    ("id", pa.int64()), ("problem", pa.string()), ("answer", pa.string()),
-    ("images", pa.list_(IMAGE_STRUCT)), ("images_masked", pa.list_(IMAGE_STRUCT)),
-])
+EMBEDDED_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("problem", pa.string()),
+        ("answer", pa.string()),
+        ("images", pa.list_(IMAGE_STRUCT)),
+        ("images_masked", pa.list_(IMAGE_STRUCT)),
+    ]
+)
 
 
 def _embedded_rows() -> list[dict]:
@@ -241,29 +249,69 @@ def _embedded_rows() -> list[dict]:
         # kept: one image, its masked copy
         {"id": 10, "problem": "<image>Colour?", "answer": "red", "images": [img(RED)], "images_masked": [img(GREY)]},
         # kept: two images in placeholder order, two masked copies in the same order
-        {"id": 11, "problem": "Left <image> right <image> which is green?", "answer": "right",
-         "images": [img(BLUE), img(GREEN)], "images_masked": [img(GREY), img((0, 0, 0))]},
+        {
+            "id": 11,
+            "problem": "Left <image> right <image> which is green?",
+            "answer": "right",
+            "images": [img(BLUE), img(GREEN)],
+            "images_masked": [img(GREY), img((0, 0, 0))],
+        },
         # undecodable bytes -> unreadable_image
-        {"id": 12, "problem": "<image>Colour?", "answer": "x", "images": [{"bytes": b"not a png", "path": None}],
-         "images_masked": [img(GREY)]},
+        {
+            "id": 12,
+            "problem": "<image>Colour?",
+            "answer": "x",
+            "images": [{"bytes": b"not a png", "path": None}],
+            "images_masked": [img(GREY)],
+        },
         # one placeholder, two images -> placeholder_mismatch
-        {"id": 13, "problem": "<image>Colour?", "answer": "x", "images": [img(RED), img(RED)],
-         "images_masked": [img(GREY), img(GREY)]},
+        {
+            "id": 13,
+            "problem": "<image>Colour?",
+            "answer": "x",
+            "images": [img(RED), img(RED)],
+            "images_masked": [img(GREY), img(GREY)],
+        },
         # masked column has fewer images -> masked_image_mismatch
-        {"id": 14, "problem": "<image><image>", "answer": "x", "images": [img(RED), img(RED)],
-         "images_masked": [img(GREY)]},
+        {
+            "id": 14,
+            "problem": "<image><image>",
+            "answer": "x",
+            "images": [img(RED), img(RED)],
+            "images_masked": [img(GREY)],
+        },
         # undecodable masked bytes -> unreadable_image (a precomputed mask must decode too)
-        {"id": 15, "problem": "<image>Colour?", "answer": "x", "images": [img(RED)],
-         "images_masked": [{"bytes": b"\x89PNG broken", "path": None}]},
+        {
+            "id": 15,
+            "problem": "<image>Colour?",
+            "answer": "x",
+            "images": [img(RED)],
+            "images_masked": [{"bytes": b"\x89PNG broken", "path": None}],
+        },
         # kept: bytes absent, path relative to the dataset file's folder (HF Image with a path)
-        {"id": 16, "problem": "<image>Colour?", "answer": "blue", "images": [{"bytes": None, "path": "blue.png"}],
-         "images_masked": [{"bytes": None, "path": "grey.png"}]},
+        {
+            "id": 16,
+            "problem": "<image>Colour?",
+            "answer": "blue",
+            "images": [{"bytes": None, "path": "blue.png"}],
+            "images_masked": [{"bytes": None, "path": "grey.png"}],
+        },
         # path to a missing file -> missing_image_file
-        {"id": 17, "problem": "<image>Colour?", "answer": "x", "images": [{"bytes": None, "path": "gone.png"}],
-         "images_masked": [img(GREY)]},
+        {
+            "id": 17,
+            "problem": "<image>Colour?",
+            "answer": "x",
+            "images": [{"bytes": None, "path": "gone.png"}],
+            "images_masked": [img(GREY)],
+        },
         # neither bytes nor path -> bad_image_entry
-        {"id": 18, "problem": "<image>Colour?", "answer": "x", "images": [{"bytes": None, "path": None}],
-         "images_masked": [img(GREY)]},
+        {
+            "id": 18,
+            "problem": "<image>Colour?",
+            "answer": "x",
+            "images": [{"bytes": None, "path": None}],
+            "images_masked": [img(GREY)],
+        },
     ]
 
 
@@ -271,8 +319,11 @@ def _check_embedded(split, caplog_text: str = "") -> None:
     by_id = {ex.row_id: ex for ex in split.examples}
     assert sorted(by_id) == [10, 11, 16]
     assert split.num_rows == 9 and split.skipped == {
-        data.SKIP_UNREADABLE_IMAGE: 2, data.SKIP_PLACEHOLDER_MISMATCH: 1, data.SKIP_MASKED_MISMATCH: 1,
-        data.SKIP_MISSING_IMAGE: 1, data.SKIP_BAD_IMAGE_ENTRY: 1,
+        data.SKIP_UNREADABLE_IMAGE: 2,
+        data.SKIP_PLACEHOLDER_MISMATCH: 1,
+        data.SKIP_MASKED_MISMATCH: 1,
+        data.SKIP_MISSING_IMAGE: 1,
+        data.SKIP_BAD_IMAGE_ENTRY: 1,
     }
     assert split.skipped_row_ids[data.SKIP_UNREADABLE_IMAGE] == [12, 15]
     assert split.skipped_row_ids[data.SKIP_PLACEHOLDER_MISMATCH] == [13]
@@ -315,9 +366,15 @@ def test_saved_dataset_folder(tmp_path: Path) -> None:
         with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
             with pa.ipc.new_stream(sink, table.schema) as writer:
                 writer.write_table(table)
-        state = {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_fingerprint": "x",
-                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
-                 "_output_all_columns": False, "_split": None}
+        state = {
+            "_data_files": [{"filename": "data-00000-of-00001.arrow"}],
+            "_fingerprint": "x",
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
         if indices is not None:
             idx = pa.table({"indices": pa.array(indices, pa.uint64())})
             with pa.OSFile(str(folder / "indices-00000-of-00001.arrow"), "wb") as sink:
@@ -351,11 +408,23 @@ def test_saved_dataset_folder(tmp_path: Path) -> None:
 def test_real_save_to_disk_folder(tmp_path: Path) -> None:
     import datasets
 
-    feats = datasets.Features({"id": datasets.Value("int64"), "problem": datasets.Value("string"),
-                               "answer": datasets.Value("string"), "images": datasets.Sequence(datasets.Image())})
-    ds = datasets.Dataset.from_dict({"id": [1, 2], "problem": ["<image>Q?", "<image>Q?"], "answer": ["red", "blue"],
-                                     "images": [[Image.new("RGB", (28, 28), RED)], [Image.new("RGB", (28, 28), BLUE)]]},
-                                    features=feats)
+    feats = datasets.Features(
+        {
+            "id": datasets.Value("int64"),
+            "problem": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "images": datasets.Sequence(datasets.Image()),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {
+            "id": [1, 2],
+            "problem": ["<image>Q?", "<image>Q?"],
+            "answer": ["red", "blue"],
+            "images": [[Image.new("RGB", (28, 28), RED)], [Image.new("RGB", (28, 28), BLUE)]],
+        },
+        features=feats,
+    )
     ds.shuffle(seed=1).save_to_disk(str(tmp_path / "saved"))
     split = load_split(tmp_path / "saved", "train")
     got = {e.row_id: (e.answer, _colours(data.prompt_images(e, 10**6))) for e in split.examples}
@@ -383,8 +452,11 @@ def test_jsonl_with_relative_paths(tmp_path: Path, caplog: pytest.LogCaptureFixt
         kept = {e.answer: _colours(data.prompt_images(e, 10**6)) for e in split.examples}
         assert kept == {"red": [RED], "green": [GREEN, BLUE], "blue": [BLUE]}
         assert split.num_rows == 7 and split.skipped == {
-            data.SKIP_MISSING_IMAGE: 1, data.SKIP_PLACEHOLDER_MISMATCH: 1, data.SKIP_BAD_JSON: 1,
-            data.SKIP_BAD_IMAGE_ENTRY: 1}
+            data.SKIP_MISSING_IMAGE: 1,
+            data.SKIP_PLACEHOLDER_MISMATCH: 1,
+            data.SKIP_BAD_JSON: 1,
+            data.SKIP_BAD_IMAGE_ENTRY: 1,
+        }
         assert split.skipped_row_ids[data.SKIP_BAD_JSON] == [4]  # its position in the file
         assert split.examples[0].row_id == data._row_id("geo-1")
         assert split.examples[0].image_paths == [(tmp_path / "data" / "img" / "a.png").resolve()]
@@ -443,7 +515,7 @@ def test_prompt_images_of_bytes(tmp_path: Path) -> None:
         data.prompt_images(garbage, 10**6)
     # Files-only helpers refuse embedded images instead of returning a wrong list.
     with pytest.raises(ValueError, match="use trainer.data.prompt_images"):
-        good.image_paths
+        _ = good.image_paths
     assert "bytes>" in repr(good) and "\\x89PNG" not in repr(good)
     assert data.prompt_masked_images(good, 10**6) is None
 
@@ -459,13 +531,18 @@ def test_template_matches_format_prompt_on_demo_rows(demo_assets: DemoAssets) ->
 
 def test_custom_and_broken_templates(tmp_path: Path) -> None:
     _png(tmp_path / "a.png")
-    _write(tmp_path / "train.parquet", [{"id": 1, "problem": "  Look: <image> what?  ", "answer": "a",
-                                         "images": ["a.png"]}])
+    _write(
+        tmp_path / "train.parquet",
+        [{"id": 1, "problem": "  Look: <image> what?  ", "answer": "a", "images": ["a.png"]}],
+    )
     tpl = tmp_path / "mine.jinja"
     tpl.write_text("Question: {{ content | trim }}\nAnswer briefly.\n")
     (ex,) = load_split(tmp_path, "train", prompt_template=tpl).examples
-    assert ex.messages[0]["content"] == [{"type": "text", "text": "Question: Look: "}, {"type": "image"},
-                                         {"type": "text", "text": "what?\nAnswer briefly."}]
+    assert ex.messages[0]["content"] == [
+        {"type": "text", "text": "Question: Look: "},
+        {"type": "image"},
+        {"type": "text", "text": "what?\nAnswer briefly."},
+    ]
     (tmp_path / "typo.jinja").write_text("{{ contnet }}")
     with pytest.raises(DataError, match="UndefinedError"):
         load_split(tmp_path, "train", prompt_template=tmp_path / "typo.jinja")
@@ -490,9 +567,9 @@ def tiny_processor(demo_assets: DemoAssets):
 def test_prompt_lengths_match_the_processor(tmp_path: Path, tiny_processor) -> None:
     """Token counts computed from image headers equal what the processor really produces,
     including an image the pixel limit scales down and one the floor scales up."""
-    _png(tmp_path / "small.png", size=(30, 20))     # below min_pixels: scaled up
+    _png(tmp_path / "small.png", size=(30, 20))  # below min_pixels: scaled up
     _png(tmp_path / "mid.png", size=(84, 56))
-    _png(tmp_path / "big.png", size=(400, 300))     # above max_pixels: scaled down
+    _png(tmp_path / "big.png", size=(400, 300))  # above max_pixels: scaled down
     rows = [
         {"id": 0, "problem": "<image>What colour is it?", "answer": "a", "images": ["small.png"]},
         {"id": 1, "problem": "Compare <image> and <image>.", "answer": "a", "images": ["mid.png", "big.png"]},
@@ -509,11 +586,14 @@ def test_prompt_lengths_match_the_processor(tmp_path: Path, tiny_processor) -> N
     assert computed == actual and len(set(actual)) == 3
 
 
-def test_overlong_prompts_are_filtered_and_counted(tmp_path: Path, tiny_processor,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_overlong_prompts_are_filtered_and_counted(
+    tmp_path: Path, tiny_processor, caplog: pytest.LogCaptureFixture
+) -> None:
     _png(tmp_path / "big.png", size=(112, 112))  # 16 image tokens at these limits
-    rows = [{"id": i, "problem": "<image>" + "Why? " * words, "answer": str(i), "images": ["big.png"]}
-            for i, words in enumerate((1, 200, 2, 300))]
+    rows = [
+        {"id": i, "problem": "<image>" + "Why? " * words, "answer": str(i), "images": ["big.png"]}
+        for i, words in enumerate((1, 200, 2, 300))
+    ]
     _write(tmp_path / "train.parquet", rows)
     split = load_split(tmp_path, "train")
     lengths = data.prompt_lengths(split.examples, tiny_processor, min_pixels=56 * 56, max_pixels=112 * 112)
@@ -535,15 +615,33 @@ def test_load_split_from_config(tmp_path: Path, demo_assets: DemoAssets, tiny_pr
     from trainer.config import resolve_config
 
     _png(tmp_path / "img.png", RED, size=(112, 112))
-    rows = [{"uid": 5, "question": "<image>Short?", "solution": "red", "pics": ["img.png"], "masked": ["img.png"]},
-            {"uid": 6, "question": "<image>" + "Long? " * 300, "solution": "red", "pics": ["img.png"],
-             "masked": ["img.png"]}]
+    rows = [
+        {"uid": 5, "question": "<image>Short?", "solution": "red", "pics": ["img.png"], "masked": ["img.png"]},
+        {
+            "uid": 6,
+            "question": "<image>" + "Long? " * 300,
+            "solution": "red",
+            "pics": ["img.png"],
+            "masked": ["img.png"],
+        },
+    ]
     _write(tmp_path / "d" / "train.jsonl.parquet", rows)  # any parquet file name works when given directly
-    cfg = resolve_config(overrides=[
-        f"data.train_path={tmp_path / 'd' / 'train.jsonl.parquet'}", "data.prompt_key=question",
-        "data.answer_key=solution", "data.image_key=pics", "data.masked_image_key=masked", "data.id_key=uid",
-        "data.prompt_template=papo_math", "data.max_prompt_length=200", f"data.image_root={tmp_path}",
-        f"model.path={demo_assets.model_dir}", "model.min_pixels=3136", "model.max_pixels=12544"])
+    cfg = resolve_config(
+        overrides=[
+            f"data.train_path={tmp_path / 'd' / 'train.jsonl.parquet'}",
+            "data.prompt_key=question",
+            "data.answer_key=solution",
+            "data.image_key=pics",
+            "data.masked_image_key=masked",
+            "data.id_key=uid",
+            "data.prompt_template=papo_math",
+            "data.max_prompt_length=200",
+            f"data.image_root={tmp_path}",
+            f"model.path={demo_assets.model_dir}",
+            "model.min_pixels=3136",
+            "model.max_pixels=12544",
+        ]
+    )
     assert cfg.data.format_prompt is None  # cleared by the template
     split = data.load_split_from_config(cfg.data, cfg.data.train_path, "train", model=cfg.model)
     (ex,) = split.examples
@@ -570,8 +668,9 @@ def test_data_config_errors_name_the_field(tmp_path: Path) -> None:
     assert resolve_config([tmp_path / "c.yaml"]).data == cfg.data
 
 
-def test_readme_example_writes_a_dataset_that_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture) -> None:
+def test_readme_example_writes_a_dataset_that_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """README "Bring your own data": its two Python blocks run as written, and
     the dataset they write loads with the documented images and answers."""
     import re
@@ -621,19 +720,39 @@ def test_masked_images_feed_the_precomputed_strategy(tmp_path: Path) -> None:
     _png(tmp_path / "small_mask.png", GREY, size=(20, 15))
     # Plain path strings for the originals; HF Image structs (a path, then bytes) for the masks.
     rows = [
-        {"id": 1, "problem": "<image><image>Q", "answer": "a", "images": ["orig.png", "orig.png"],
-         "images_masked": [{"bytes": None, "path": "masked.png"},
-                           {"bytes": _png_bytes((0, 0, 0), (40, 30)), "path": None}]},
-        {"id": 2, "problem": "<image>Q", "answer": "b", "images": ["orig.png"],
-         "images_masked": [{"bytes": None, "path": "small_mask.png"}]},
+        {
+            "id": 1,
+            "problem": "<image><image>Q",
+            "answer": "a",
+            "images": ["orig.png", "orig.png"],
+            "images_masked": [
+                {"bytes": None, "path": "masked.png"},
+                {"bytes": _png_bytes((0, 0, 0), (40, 30)), "path": None},
+            ],
+        },
+        {
+            "id": 2,
+            "problem": "<image>Q",
+            "answer": "b",
+            "images": ["orig.png"],
+            "images_masked": [{"bytes": None, "path": "small_mask.png"}],
+        },
     ]
-    schema = pa.schema([("id", pa.int64()), ("problem", pa.string()), ("answer", pa.string()),
-                        ("images", pa.list_(pa.string())), ("images_masked", pa.list_(IMAGE_STRUCT))])
+    schema = pa.schema(
+        [
+            ("id", pa.int64()),
+            ("problem", pa.string()),
+            ("answer", pa.string()),
+            ("images", pa.list_(pa.string())),
+            ("images_masked", pa.list_(IMAGE_STRUCT)),
+        ]
+    )
     _write(tmp_path / "train.parquet", rows, schema=schema)
     split = load_split(tmp_path, "train", masked_image_key="images_masked")
     assert [e.row_id for e in split.examples] == [1] and split.skipped == {data.SKIP_MASKED_MISMATCH: 1}
     (ex,) = split.examples
     service = CorruptionService(strategy="precomputed")
-    masked = service.mask_prompt(data.prompt_images(ex, 10**6), run_seed=0, row_id=ex.row_id, epoch=0,
-                                 precomputed=ex.images_masked)
+    masked = service.mask_prompt(
+        data.prompt_images(ex, 10**6), run_seed=0, row_id=ex.row_id, epoch=0, precomputed=ex.images_masked
+    )
     assert _colours(masked) == [GREY, (0, 0, 0)]

@@ -323,7 +323,15 @@ def test_vllm_cpu_loads_folder_and_generates(demo_assets: DemoAssets, model_and_
     script.write_text(_VLLM_SCRIPT)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(script), str(demo_assets.model_dir), str(image_path), prompt, str(56 * 56), str(112 * 112)],
+        [
+            sys.executable,
+            str(script),
+            str(demo_assets.model_dir),
+            str(image_path),
+            prompt,
+            str(56 * 56),
+            str(112 * 112),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -489,7 +497,13 @@ class _RecordingWarmStart:
 
     def __call__(self, model_dir: Path, data_dir: Path, *, seed: int) -> dict:
         self.calls.append(
-            (model_dir, data_dir, seed, (model_dir / "model.safetensors").is_file(), (data_dir / "sft.parquet").is_file())
+            (
+                model_dir,
+                data_dir,
+                seed,
+                (model_dir / "model.safetensors").is_file(),
+                (data_dir / "sft.parquet").is_file(),
+            )
         )
         if self.fail:
             raise RuntimeError("warm start failed")

@@ -26,8 +26,9 @@ import os
 import re
 import shlex
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import jsonschema
 import pytest
@@ -41,7 +42,7 @@ CORE_KINDS = ("ConfigMap", "Deployment", "Service", "PersistentVolumeClaim")
 OVERLAYS = ("cpu", "gpu")
 
 
-def _shared_data() -> Optional[Path]:
+def _shared_data() -> Path | None:
     candidates = [os.environ.get("PAPO_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"]
     for c in candidates:
         if c and (Path(c) / "kuberay-crds").is_dir() and (Path(c) / "compose-spec").is_dir():
@@ -51,8 +52,10 @@ def _shared_data() -> Optional[Path]:
 
 SHARED = _shared_data()
 needs_schemas = pytest.mark.skipif(
-    SHARED is None, reason="KubeRay CRDs / compose spec not found: set PAPO_SHARED_DATA to the folder holding "
-                           "kuberay-crds/ and compose-spec/ (CI: /work/shared/data)")
+    SHARED is None,
+    reason="KubeRay CRDs / compose spec not found: set PAPO_SHARED_DATA to the folder holding "
+    "kuberay-crds/ and compose-spec/ (CI: /work/shared/data)",
+)
 
 
 # ---- strict CRD schemas ------------------------------------------------------------------------
@@ -69,8 +72,10 @@ def strict(schema: Any) -> Any:
         return [strict(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: strict(v) if k in ("items", "additionalProperties", "allOf", "anyOf", "oneOf", "not") else v
-           for k, v in schema.items()}
+    out = {
+        k: strict(v) if k in ("items", "additionalProperties", "allOf", "anyOf", "oneOf", "not") else v
+        for k, v in schema.items()
+    }
     if "properties" in schema:
         out["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
         if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
@@ -78,21 +83,22 @@ def strict(schema: Any) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _crds() -> tuple[dict, ...]:
     """The CRD files, parsed once (3 MB of YAML: libyaml's loader when PyYAML has it)."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     return tuple(yaml.load(f.read_text(), Loader=loader) for f in sorted((SHARED / "kuberay-crds").glob("*.yaml")))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _crd_schemas(strict_: bool) -> dict[str, dict]:
     schemas = {}
     for crd in _crds():
         kind = crd["spec"]["names"]["kind"]
         for v in crd["spec"]["versions"]:
             schemas[(kind, f"{crd['spec']['group']}/{v['name']}")] = (
-                strict(v["schema"]["openAPIV3Schema"]) if strict_ else v["schema"]["openAPIV3Schema"])
+                strict(v["schema"]["openAPIV3Schema"]) if strict_ else v["schema"]["openAPIV3Schema"]
+            )
     return schemas
 
 
@@ -197,18 +203,34 @@ def all_doc_sets() -> Iterator[tuple[str, list[dict]]]:
 def test_overlays_render_and_differ_where_intended():
     cpu, gpu = (render(DEPLOY / "overlays" / o) for o in OVERLAYS)
     kinds = sorted(d["kind"] for d in cpu)
-    assert kinds == sorted(d["kind"] for d in gpu) == sorted(
-        ["ConfigMap", "Deployment", "PersistentVolumeClaim", "PersistentVolumeClaim", "RayCluster", "RayJob", "Service"])
+    assert (
+        kinds
+        == sorted(d["kind"] for d in gpu)
+        == sorted(
+            [
+                "ConfigMap",
+                "Deployment",
+                "PersistentVolumeClaim",
+                "PersistentVolumeClaim",
+                "RayCluster",
+                "RayJob",
+                "Service",
+            ]
+        )
+    )
 
     def cluster(docs):
         return next(d for d in docs if d["kind"] == "RayCluster")
 
-    groups = {o: {g["groupName"]: g for g in cluster(d)["spec"]["workerGroupSpecs"]} for o, d in zip(OVERLAYS, (cpu, gpu))}
+    groups = {
+        o: {g["groupName"]: g for g in cluster(d)["spec"]["workerGroupSpecs"]} for o, d in zip(OVERLAYS, (cpu, gpu))
+    }
     assert groups["cpu"]["gpu-workers"]["maxReplicas"] == 0 and groups["gpu"]["gpu-workers"]["replicas"] >= 1
     assert all(c["image"] == "papo:gpu" for c in _containers(gpu)), "GPU cluster mixes images (Ray needs one Python)"
     # CPU overlay: papo:cpu everywhere but the GPU group, which can never scale up there.
     cpu_images = {c["image"] for c in _containers(cpu)} - {
-        c["image"] for c in groups["cpu"]["gpu-workers"]["template"]["spec"]["containers"]}
+        c["image"] for c in groups["cpu"]["gpu-workers"]["template"]["spec"]["containers"]
+    }
     assert cpu_images == {"papo:cpu"}, cpu_images
     gpu_limits = groups["gpu"]["gpu-workers"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu_limits.get("nvidia.com/gpu") == "1"
@@ -226,22 +248,38 @@ def test_every_document_is_valid(label, docs, crd_schemas):
         _check_metadata(d, label)
         if d["kind"] in RAY_KINDS:
             errors = crd_errors(d, crd_schemas)
-            assert not errors, f"{label}: {d['kind']}/{d['metadata']['name']} fails the strict CRD schema:\n" + \
-                "\n".join(errors)
+            assert not errors, (
+                f"{label}: {d['kind']}/{d['metadata']['name']} fails the strict CRD schema:\n" + "\n".join(errors)
+            )
         else:
             CORE_CHECKS[d["kind"]](d, label)
 
 
 @needs_schemas
-@pytest.mark.parametrize("mutate,key", [
-    (lambda rc: rc["spec"]["headGroupSpec"].__setitem__("rayStartParam", rc["spec"]["headGroupSpec"].pop("rayStartParams")),
-     "rayStartParam"),
-    (lambda rc: rc["spec"]["workerGroupSpecs"][0].__setitem__("replica", rc["spec"]["workerGroupSpecs"][0].pop("replicas")),
-     "replica"),
-    (lambda rc: rc["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["resources"].__setitem__(
-        "limit", {"nvidia.com/gpu": "1"}), "limit"),
-    (lambda rc: rc["spec"].__setitem__("authOption", rc["spec"].pop("authOptions")), "authOption"),
-])
+@pytest.mark.parametrize(
+    "mutate,key",
+    [
+        (
+            lambda rc: rc["spec"]["headGroupSpec"].__setitem__(
+                "rayStartParam", rc["spec"]["headGroupSpec"].pop("rayStartParams")
+            ),
+            "rayStartParam",
+        ),
+        (
+            lambda rc: rc["spec"]["workerGroupSpecs"][0].__setitem__(
+                "replica", rc["spec"]["workerGroupSpecs"][0].pop("replicas")
+            ),
+            "replica",
+        ),
+        (
+            lambda rc: rc["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["resources"].__setitem__(
+                "limit", {"nvidia.com/gpu": "1"}
+            ),
+            "limit",
+        ),
+        (lambda rc: rc["spec"].__setitem__("authOption", rc["spec"].pop("authOptions")), "authOption"),
+    ],
+)
 def test_a_misspelled_key_is_rejected(crd_schemas, mutate, key):
     rc = next(d for d in yaml.safe_load_all((DEPLOY / "base" / "raycluster.yaml").read_text()) if d)
     assert not crd_errors(rc, crd_schemas)
@@ -319,8 +357,12 @@ def _check_pvc(d: dict, label: str) -> None:
     assert d["spec"]["accessModes"] and d["spec"]["resources"]["requests"]["storage"], label
 
 
-CORE_CHECKS = {"ConfigMap": _check_configmap, "Deployment": _check_deployment, "Service": _check_service,
-               "PersistentVolumeClaim": _check_pvc}
+CORE_CHECKS = {
+    "ConfigMap": _check_configmap,
+    "Deployment": _check_deployment,
+    "Service": _check_service,
+    "PersistentVolumeClaim": _check_pvc,
+}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -332,11 +374,17 @@ def test_references_resolve_within_the_overlay(overlay):
         by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
     for svc in by_kind["Service"].values():
         sel = svc["spec"]["selector"]
-        targets = [dep for dep in by_kind["Deployment"].values()
-                   if sel.items() <= dep["spec"]["template"]["metadata"]["labels"].items()]
+        targets = [
+            dep
+            for dep in by_kind["Deployment"].values()
+            if sel.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert targets, f"Service {svc['metadata']['name']} selects no Deployment"
-        named = {p["name"]: p["containerPort"] for c in targets[0]["spec"]["template"]["spec"]["containers"]
-                 for p in c.get("ports", [])}
+        named = {
+            p["name"]: p["containerPort"]
+            for c in targets[0]["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+        }
         for p in svc["spec"]["ports"]:
             assert p["targetPort"] in named or p["targetPort"] in named.values(), p
     for spec in _pod_specs(docs):
@@ -415,7 +463,7 @@ def check_ray_command(argv: list[str], ray_cli) -> None:
             assert word.split("=", 1)[0] in known, f"`{' '.join(argv[:3])}` has no option {word.split('=')[0]}"
 
 
-def check_papo_command(argv: list[str], config_files: Optional[dict[str, str]] = None, tmp: Optional[Path] = None) -> Any:
+def check_papo_command(argv: list[str], config_files: dict[str, str] | None = None, tmp: Path | None = None) -> Any:
     """``papo <command> ...`` parses as that command would; ``papo train`` configs resolve."""
     assert argv[0] == "papo", argv
     if argv[1] == "reward-server":
@@ -524,6 +572,7 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 def interpolate(value: Any, env: dict[str, str]) -> Any:
     """Compose's ${VAR}, ${VAR:-default}, ${VAR:?error} with ``env`` (required ones must be in it)."""
     if isinstance(value, str):
+
         def sub(m):
             name, op, arg = m.group(1), m.group(2), m.group(3)
             if name in env and (env[name] or not (op or "").startswith(":")):
@@ -531,6 +580,7 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
             if op and op.endswith("-"):
                 return arg
             raise KeyError(f"${{{name}}} unset: {arg or 'no default'}")
+
         return _VAR.sub(sub, value)
     if isinstance(value, list):
         return [interpolate(v, env) for v in value]
@@ -549,8 +599,10 @@ def test_compose_validates_against_the_compose_spec(compose):
     import json
 
     spec = json.loads((SHARED / "compose-spec" / "compose-spec.json").read_text())
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-              for e in jsonschema.Draft7Validator(spec).iter_errors(compose)]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in jsonschema.Draft7Validator(spec).iter_errors(compose)
+    ]
     assert not errors, "\n".join(errors)
     bad = copy.deepcopy(compose)
     bad["services"]["ray-head"]["healthcheck"]["intervall"] = "10s"
@@ -573,7 +625,7 @@ def test_compose_commands_exist(compose, ray_cli, tmp_path):
             check_ray_command(test[1:], ray_cli)
     submit = services["submit"]["command"]
     assert submit[:3] == ["ray", "job", "submit"]
-    cfg = check_papo_command(submit[submit.index("--") + 1:])
+    cfg = check_papo_command(submit[submit.index("--") + 1 :])
     assert cfg.trainer.output_dir == "/runs" and cfg.reward.url == "http://reward-server:8000"
     assert "/runs" in [v.split(":")[1] for v in services["ray-head"]["volumes"]]
 
@@ -675,13 +727,17 @@ def test_cuda_image_uses_the_gpu_extra_and_the_cpu_ray_pin():
     text = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"pip install -c \S+ -e '\.\[gpu,dev\]'", text)
     assert "grep -E '^ray\\[' requirements/cpu.txt" in text
-    ray_pins = [l for l in (REPO / "requirements" / "cpu.txt").read_text().splitlines() if re.match(r"^ray\[", l)]
+    ray_pins = [
+        line for line in (REPO / "requirements" / "cpu.txt").read_text().splitlines() if re.match(r"^ray\[", line)
+    ]
     assert len(ray_pins) == 1 and "==" in ray_pins[0], "the constraint grep must find exactly the one Ray pin"
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}", text, re.M) and "nvidia/cuda:" in text
 
 
 def test_dockerignore_keeps_local_state_out():
-    ignored = {l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and l[0] != "#"}
+    ignored = {
+        line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and line[0] != "#"
+    }
     assert {".venv", ".git", "docker/.env"} <= ignored
     assert not ignored & {"requirements", "requirements/", "scripts", "scripts/", "trainer", "pyproject.toml"}
 
@@ -690,7 +746,7 @@ def test_submit_script_calls_papo_submit_with_real_options():
     text = (DEPLOY / "submit.sh").read_text()
     subprocess.run(["bash", "-n", str(DEPLOY / "submit.sh")], check=True)
     assert os.access(DEPLOY / "submit.sh", os.X_OK)
-    line = next(l for l in text.splitlines() if re.match(r'^"\$PAPO" submit', l))
+    line = next(entry for entry in text.splitlines() if re.match(r'^"\$PAPO" submit', entry))
     from trainer.submit import build_parser
 
     opts = {o for a in build_parser()._actions for o in a.option_strings}
@@ -701,10 +757,16 @@ def test_submit_script_calls_papo_submit_with_real_options():
 
 def test_deploy_readme_walks_from_empty_cluster_to_a_run():
     text = (DEPLOY / "README.md").read_text()
-    for step in ("kuberay-operator", "docker build -f docker/Dockerfile.cpu -t papo:cpu .",
-                 "kubectl create secret generic papo-ray-token", "kubectl create secret generic papo-reward-token",
-                 "kubectl apply -k deploy/overlays/cpu", "kubectl apply -k deploy/overlays/gpu",
-                 "deploy/submit.sh", "metrics.jsonl"):
+    for step in (
+        "kuberay-operator",
+        "docker build -f docker/Dockerfile.cpu -t papo:cpu .",
+        "kubectl create secret generic papo-ray-token",
+        "kubectl create secret generic papo-reward-token",
+        "kubectl apply -k deploy/overlays/cpu",
+        "kubectl apply -k deploy/overlays/gpu",
+        "deploy/submit.sh",
+        "metrics.jsonl",
+    ):
         assert step in text, f"deploy/README.md lacks {step!r}"
 
 
@@ -714,12 +776,16 @@ def test_deploy_readme_walks_from_empty_cluster_to_a_run():
 def test_entrypoint_ships_the_config_through_a_real_shell(tmp_path):
     from trainer.submit import CONFIG_ENV, build_entrypoint
 
-    text = "trainer:\n  name: \"it's $HOME `x` \\\\ %s\"\n"
+    text = 'trainer:\n  name: "it\'s $HOME `x` \\\\ %s"\n'
     # A stand-in for papo: prints its arguments and the config file it was given.
-    fake = "sh -c 'echo \"$1 $2\"; cat \"$3\"' fake"
-    r = subprocess.run(["/bin/sh", "-c", build_entrypoint(fake)], env={**os.environ, CONFIG_ENV: text,
-                                                                       "TMPDIR": str(tmp_path)},
-                       capture_output=True, text=True, timeout=30)
+    fake = 'sh -c \'echo "$1 $2"; cat "$3"\' fake'
+    r = subprocess.run(
+        ["/bin/sh", "-c", build_entrypoint(fake)],
+        env={**os.environ, CONFIG_ENV: text, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "train --config\n" + text
     assert not list(tmp_path.iterdir()), "the temp config file is removed when the job ends"

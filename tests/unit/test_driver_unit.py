@@ -148,9 +148,11 @@ def test_a_live_run_folder_is_locked_and_a_dead_runs_lock_is_gone(tmp_path):
     lock.release()
     RunDirLock(run_dir).release()  # free again once released
     # A driver that dies without releasing (kill -9) leaves no stale lock: the kernel drops it.
-    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
-            "from trainer.driver import RunDirLock; lock = RunDirLock(Path(sys.argv[1])); print('held', flush=True); "
-            "time.sleep(60)")
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+        "from trainer.driver import RunDirLock; lock = RunDirLock(Path(sys.argv[1])); print('held', flush=True); "
+        "time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir), os.getcwd()], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -166,8 +168,9 @@ def test_papo_train_on_a_busy_run_folder_exits_2_before_any_work(tmp_path, capsy
     from trainer.config import named_config, resolve_config
     from trainer.driver import RunDirLock, train
 
-    cfg = resolve_config([named_config("demo")], [f"trainer.output_dir={tmp_path}", "trainer.name=busy",
-                                                   "model.path=/nonexistent/model"])
+    cfg = resolve_config(
+        [named_config("demo")], [f"trainer.output_dir={tmp_path}", "trainer.name=busy", "model.path=/nonexistent/model"]
+    )
     lock = RunDirLock(tmp_path / "busy")
     try:
         assert train(cfg) == 2
@@ -179,6 +182,7 @@ def test_papo_train_on_a_busy_run_folder_exits_2_before_any_work(tmp_path, capsy
 
 
 # ---- DAPO dynamic sampling (Trainer._generate) with a rollout pool and a grader as test doubles ----------------
+
 
 class _Rollout:
     """Serves each request n times; prompt ``row`` is all right (row % 3 == 0), all wrong (1) or half right (2)."""
@@ -192,12 +196,20 @@ class _Rollout:
 
         self.calls.append(len(requests))
         rows = [(g, row) for g, (row, _epoch) in enumerate(requests) for _ in range(spec.n)]
-        text = [("right" if row % 3 == 0 or (row % 3 == 2 and k % 2 == 0) else "wrong")
-                for k, (_g, row) in enumerate(rows)]
+        text = [
+            ("right" if row % 3 == 0 or (row % 3 == 2 and k % 2 == 0) else "wrong") for k, (_g, row) in enumerate(rows)
+        ]
         batch = RolloutBatch.from_sequences(
-            [[1, 2]] * len(rows), [[3]] * len(rows), [[-0.5]] * len(rows), group_ids=[g for g, _ in rows],
-            row_ids=[row for _, row in rows], weight_version=0, image_refs=[[]] * len(rows),
-            answers=["right"] * len(rows), response_text=text)
+            [[1, 2]] * len(rows),
+            [[3]] * len(rows),
+            [[-0.5]] * len(rows),
+            group_ids=[g for g, _ in rows],
+            row_ids=[row for _, row in rows],
+            weight_version=0,
+            image_refs=[[]] * len(rows),
+            answers=["right"] * len(rows),
+            response_text=text,
+        )
         return RolloutResult(batch=batch, errors={}, weight_version=0, num_requests=len(requests))
 
 
@@ -212,8 +224,16 @@ def _dapo_trainer(overrides: list[str]):
     from trainer.config import resolve_config
     from trainer.driver import Trainer
 
-    cfg = resolve_config(overrides=["algo.name=dapo", "rollout.batch_size=4", "rollout.n=4",
-                                    "learner.mini_batch_size=16", "learner.micro_batch_size=4", *overrides])
+    cfg = resolve_config(
+        overrides=[
+            "algo.name=dapo",
+            "rollout.batch_size=4",
+            "rollout.n=4",
+            "learner.mini_batch_size=16",
+            "learner.micro_batch_size=4",
+            *overrides,
+        ]
+    )
     trainer = Trainer.__new__(Trainer)  # no cluster: only the pieces _generate uses
     trainer.cfg, trainer.version = cfg, 0
     trainer.sampler = PromptSampler(30, seed=0, shuffle=False)
@@ -237,8 +257,11 @@ def test_dynamic_sampling_keeps_only_mixed_groups_in_rounds_of_the_generation_ba
 def test_dynamic_sampling_that_finds_no_mixed_group_stops_with_a_clear_error():
     trainer = _dapo_trainer(["algo.dynamic_sampling_max_tries=2"])
     trainer.sampler = PromptSampler(2, seed=0, shuffle=False)  # rows 0 and 1: all right, all wrong
-    with pytest.raises(RuntimeError, match=r"dynamic sampling kept 0 of 4 groups after "
-                                           r"algo.dynamic_sampling_max_tries=2 tries"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"dynamic sampling kept 0 of 4 groups after "
+        r"algo.dynamic_sampling_max_tries=2 tries",
+    ):
         trainer._generate(step=1, timings={})
 
 
@@ -257,6 +280,7 @@ def test_exhausted_dynamic_sampling_can_fill_the_batch_with_uninformative_groups
 
 
 # ---- start-up (Trainer._start_services) with the pools as test doubles -----------------------------------------
+
 
 def _startup_doubles(monkeypatch, fail: str | None):
     """Each pool double waits at one barrier for all the others: start-up passes only if they start side by side."""
@@ -316,7 +340,12 @@ def test_services_start_side_by_side(monkeypatch):
     services = _startup_trainer()._start_services()
     assert sorted(started) == ["corruption", "learner", "perception", "reference", "rollout"]
     assert [getattr(services, n).name for n in ("rollout", "learner", "corruption", "perception", "reference")] == [
-        "rollout", "learner", "corruption", "perception", "reference"]
+        "rollout",
+        "learner",
+        "corruption",
+        "perception",
+        "reference",
+    ]
     assert stopped == []
 
 

@@ -62,9 +62,16 @@ class FakeEngine:
         if not rows:
             return RolloutResult(None, errors, 0, len(requests))
         batch = RolloutBatch.from_sequences(
-            [[1, 2]] * len(rows), [[3]] * len(rows), [[0.0]] * len(rows), group_ids=[i for i, _, _ in rows],
-            row_ids=[r.row_id for _, r, _ in rows], weight_version=0, image_refs=[[] for _ in rows],
-            answers=[r.answer for _, r, _ in rows], response_text=[t for _, _, t in rows])
+            [[1, 2]] * len(rows),
+            [[3]] * len(rows),
+            [[0.0]] * len(rows),
+            group_ids=[i for i, _, _ in rows],
+            row_ids=[r.row_id for _, r, _ in rows],
+            weight_version=0,
+            image_refs=[[] for _ in rows],
+            answers=[r.answer for _, r, _ in rows],
+            response_text=[t for _, _, t in rows],
+        )
         return RolloutResult(batch, errors, 0, len(requests))
 
 
@@ -82,9 +89,19 @@ def make_examples(folder: Path, row_ids, missing=(), size=28) -> list[PromptExam
             arr = np.full((size, size, 3), COLOUR, dtype=np.uint8)
             arr[::3, ::3] = (10, 200, 90)
             Image.fromarray(arr).save(path)
-        out.append(PromptExample(row_id=row, messages=[{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}],
-            image_paths=[path], answer=f"ans{row}"))
+        out.append(
+            PromptExample(
+                row_id=row,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}],
+                    }
+                ],
+                image_paths=[path],
+                answer=f"ans{row}",
+            )
+        )
     return out
 
 
@@ -126,8 +143,9 @@ def test_exact_numbers_on_a_constructed_case(tmp_path):
 
 def test_fully_masked_images_give_the_black_accuracy(tmp_path):
     examples = make_examples(tmp_path, ROWS, missing={15})
-    result = Evaluator(FakeEngine(wrong={13}, unserved={14}, hits=HITS), grade,
-                       settings(prob=1.0, k=0)).evaluate(examples)
+    result = Evaluator(FakeEngine(wrong={13}, unserved={14}, hits=HITS), grade, settings(prob=1.0, k=0)).evaluate(
+        examples
+    )
     assert result.masked_accuracy == 0.0 and result.masked_gap == pytest.approx(0.5)
     assert result.avg_at_k is None and result.pass_at_k is None
     assert not any(k.startswith(("eval/avg@", "eval/pass@")) for k in result.metrics())
@@ -188,9 +206,11 @@ def test_evaluate_examples_reads_the_config(tmp_path):
 
 def test_report_table_json_and_mean(tmp_path):
     a = Evaluator(FakeEngine(wrong={13}, unserved={14}, hits=HITS), grade, settings()).evaluate(
-        make_examples(tmp_path / "a", ROWS, missing={15}), name="bench-a")
+        make_examples(tmp_path / "a", ROWS, missing={15}), name="bench-a"
+    )
     b = Evaluator(FakeEngine(hits={1: 4, 2: 4}), grade, settings()).evaluate(
-        make_examples(tmp_path / "b", [1, 2]), name="bench-b")
+        make_examples(tmp_path / "b", [1, 2]), name="bench-b"
+    )
     report = EvalReport(checkpoint=str(tmp_path), settings=settings(), datasets=[a, b], reward_fn="exact")
     md = report.to_markdown()
     header = md.splitlines()[0]
@@ -209,8 +229,7 @@ def test_report_table_json_and_mean(tmp_path):
     assert single.mean is None and "**mean**" not in single.to_markdown() and single.metrics() == a.metrics()
     json_path, md_path = write_report(single)
     assert (json_path, md_path) == (tmp_path / "eval.json", tmp_path / "eval.md")
-    assert write_report(single, tmp_path / "out" / "r.json") == (tmp_path / "out" / "r.json",
-                                                                 tmp_path / "out" / "r.md")
+    assert write_report(single, tmp_path / "out" / "r.json") == (tmp_path / "out" / "r.json", tmp_path / "out" / "r.md")
     assert write_report(single, tmp_path / "dir")[0] == tmp_path / "dir" / "eval.json"
 
 

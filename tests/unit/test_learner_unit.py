@@ -52,21 +52,33 @@ def reference_grad_norm(path: Path, batch, images, loss: LossSettings, micro: in
         mb = batch.select(rows)
         inputs = model_inputs(model, processor.image_processor, mb, [images[i] for i in rows])
         logp, _ = token_logprobs(model, inputs, mb.response_ids, mb.response_mask)
-        out, _ = papo_loss(logp, mb.old_logp, mb.advantages, mb.response_mask, masked_logp=mb.masked_logp,
-                           gamma=loss.gamma, avg=loss.avg, grad_accum=1 if loss.avg == "token_global" else k,
-                           num_tokens=batch.num_response_tokens, clip_low=loss.clip_low, clip_high=loss.clip_high)
+        out, _ = papo_loss(
+            logp,
+            mb.old_logp,
+            mb.advantages,
+            mb.response_mask,
+            masked_logp=mb.masked_logp,
+            gamma=loss.gamma,
+            avg=loss.avg,
+            grad_accum=1 if loss.avg == "token_global" else k,
+            num_tokens=batch.num_response_tokens,
+            clip_low=loss.clip_low,
+            clip_high=loss.clip_high,
+        )
         out.backward()
     sq = sum(float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None)
     return math.sqrt(sq)
 
 
-@pytest.mark.parametrize("avg,stage,offload", [("token", 0, False), ("seq", 2, False), ("token_global", 3, False),
-                                               ("token", 2, True)])
+@pytest.mark.parametrize(
+    "avg,stage,offload", [("token", 0, False), ("seq", 2, False), ("token_global", 3, False), ("token", 2, True)]
+)
 def test_loss_is_scaled_once_under_gradient_accumulation(tiny, avg, stage, offload):
     path, _, batch, images, masked = tiny
     algo = algo_cfg(loss_avg=avg, gamma=0.01)
-    learner = make_learner(path, algo=algo, zero_stage=stage, mini_batch_size=8, micro_batch_size=2,
-                           cpu_offload=offload)
+    learner = make_learner(
+        path, algo=algo, zero_stage=stage, mini_batch_size=8, micro_batch_size=2, cpu_offload=offload
+    )
     assert learner.grad_accum == 4
     b = filled(learner, batch, images, masked)
     metrics = learner.train_step(b, images)
@@ -77,8 +89,9 @@ def test_loss_is_scaled_once_under_gradient_accumulation(tiny, avg, stage, offlo
         assert float(learner.engine.get_global_grad_norm()) == pytest.approx(metrics["grad_norm"], rel=1e-6)
 
 
-@pytest.mark.parametrize("stage,dtype", [(0, "float32"), (2, "float32"), (3, "float32"), (0, "bfloat16"),
-                                         (2, "bfloat16"), (3, "bfloat16")])
+@pytest.mark.parametrize(
+    "stage,dtype", [(0, "float32"), (2, "float32"), (3, "float32"), (0, "bfloat16"), (2, "bfloat16"), (3, "bfloat16")]
+)
 def test_non_finite_gradient_skips_the_step_without_touching_parameters(tiny, stage, dtype):
     path, _, batch, images, masked = tiny
     learner = make_learner(path, zero_stage=stage, dtype=dtype)
@@ -201,8 +214,15 @@ def test_frozen_vision_tower_gradient_checkpointing_and_ppo_epochs(tiny):
     plain = make_learner(path, zero_stage=0)
     b = filled(plain, batch, images, masked)
     ref = plain.train_step(b, images)
-    options = make_learner(path, zero_stage=0, freeze_vision_tower=True, gradient_checkpointing=True, ppo_epochs=2,
-                           mini_batch_size=4, micro_batch_size=2)
+    options = make_learner(
+        path,
+        zero_stage=0,
+        freeze_vision_tower=True,
+        gradient_checkpointing=True,
+        ppo_epochs=2,
+        mini_batch_size=4,
+        micro_batch_size=2,
+    )
     before = options.export_weights()
     metrics = options.train_step(b, images)
     assert metrics["optimizer_steps"] == 4  # 2 epochs x 2 mini-batches
@@ -218,8 +238,14 @@ def test_frozen_vision_tower_gradient_checkpointing_and_ppo_epochs(tiny):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lr_schedule_reaches_the_optimizer_that_steps(tiny, stage):
     path, _, batch, images, masked = tiny
-    learner = Learner(str(path), learner_cfg(zero_stage=stage, lr=1e-3, lr_scheduler="linear", warmup_steps=2),
-                      algo_cfg(), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, total_optimizer_steps=6)
+    learner = Learner(
+        str(path),
+        learner_cfg(zero_stage=stage, lr=1e-3, lr_scheduler="linear", warmup_steps=2),
+        algo_cfg(),
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        total_optimizer_steps=6,
+    )
     b = filled(learner, batch, images, masked)
     expected = [1e-3 * lr_factor(s, schedule="linear", warmup_steps=2, total_steps=6) for s in range(4)]
     for step in range(3):
@@ -266,8 +292,15 @@ def test_every_loss_field_of_the_config_reaches_the_loss_settings():
     from trainer.config import resolve_config
     from trainer.learner import LossSettings
 
-    algo = resolve_config(overrides=["algo.perception_kl_masked_grad=true", "algo.perception_top_p=0.2",
-                                     "algo.perception_kl_clip=0.2", "algo.loss_avg=seq"], warn=False).algo
+    algo = resolve_config(
+        overrides=[
+            "algo.perception_kl_masked_grad=true",
+            "algo.perception_top_p=0.2",
+            "algo.perception_kl_clip=0.2",
+            "algo.loss_avg=seq",
+        ],
+        warn=False,
+    ).algo
     s = LossSettings.from_algo(algo)
     assert s.perception_kl_masked_grad and s.perception_top_p == 0.2 and s.perception_kl_clip == 0.2
     assert s.avg == "seq" and (s.gamma, s.beta) == (algo.gamma, algo.beta)

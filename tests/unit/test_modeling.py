@@ -19,7 +19,10 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "model"
-    corpus = ["What color is the circle? Answer with \\boxed{red}.", "<think> the shape is blue </think> \\boxed{blue}"] * 20
+    corpus = [
+        "What color is the circle? Answer with \\boxed{red}.",
+        "<think> the shape is blue </think> \\boxed{blue}",
+    ] * 20
     write_tiny_model(path, seed=0, corpus=corpus, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     model = load_model(str(path), dtype="float32").eval()
     processor = load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
@@ -38,9 +41,11 @@ def prompt_ids(processor, images, question):
 
 def make_batch(processor, vocab: int, n: int = 2):
     rng = np.random.default_rng(1)
-    prompts = [([image(0, (56, 56))], "What color is the circle?"),
-               ([image(1, (112, 56))], "How many shapes?"),  # a wider image: more image tokens, longer prompt
-               ([image(2, (56, 84)), image(3, (56, 56))], "Same color?")]
+    prompts = [
+        ([image(0, (56, 56))], "What color is the circle?"),
+        ([image(1, (112, 56))], "How many shapes?"),  # a wider image: more image tokens, longer prompt
+        ([image(2, (56, 84)), image(3, (56, 56))], "Same color?"),
+    ]
     allowed = [t for t in range(vocab) if t not in VISION_TOKEN_IDS]
     p_ids, r_ids, imgs, groups = [], [], [], []
     for g, (ims, q) in enumerate(prompts):
@@ -51,8 +56,16 @@ def make_batch(processor, vocab: int, n: int = 2):
             imgs.append(ims)  # one list object per prompt, shared by its rows
             groups.append(g)
     batch = RolloutBatch.from_sequences(
-        p_ids, r_ids, [[0.0] * len(r) for r in r_ids], group_ids=groups, row_ids=groups, weight_version=0,
-        image_refs=[[] for _ in r_ids], answers=["x"] * len(r_ids), pad_token_id=0)
+        p_ids,
+        r_ids,
+        [[0.0] * len(r) for r in r_ids],
+        group_ids=groups,
+        row_ids=groups,
+        weight_version=0,
+        image_refs=[[] for _ in r_ids],
+        answers=["x"] * len(r_ids),
+        pad_token_id=0,
+    )
     return batch, imgs
 
 
@@ -62,8 +75,17 @@ def reference_logprobs(model, processor, prompt, response, images, temperature):
     ids = torch.tensor([prompt + response])
     token_type = (ids == model.config.image_token_id).int()
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=out["pixel_values"],
-                       image_grid_thw=out["image_grid_thw"], mm_token_type_ids=token_type).logits[0].double()
+        logits = (
+            model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=out["pixel_values"],
+                image_grid_thw=out["image_grid_thw"],
+                mm_token_type_ids=token_type,
+            )
+            .logits[0]
+            .double()
+        )
     logp = torch.log_softmax(logits / temperature, dim=-1)
     return [float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(response)]
 
@@ -72,15 +94,16 @@ def reference_logprobs(model, processor, prompt, response, images, temperature):
 def test_batched_padded_logprobs_match_unpadded_reference(tiny, temperature):
     model, processor = tiny
     batch, imgs = make_batch(processor, model.config.text_config.vocab_size)
-    logp, entropy = response_logprobs(model, processor.image_processor, batch, imgs, temperature=temperature,
-                                      micro_batch_size=4, with_entropy=True)
+    logp, entropy = response_logprobs(
+        model, processor.image_processor, batch, imgs, temperature=temperature, micro_batch_size=4, with_entropy=True
+    )
     assert logp.shape == batch.response_ids.shape
     for i in range(len(batch)):
         prompt = batch.prompt_ids[i][batch.prompt_mask[i]].tolist()
         response = batch.response_ids[i][batch.response_mask[i]].tolist()
         ref = reference_logprobs(model, processor, prompt, response, imgs[i], temperature)
-        assert np.allclose(logp[i, :len(response)].numpy(), ref, atol=1e-5), (i, logp[i], ref)
-        assert torch.all(logp[i, len(response):] == 0)
+        assert np.allclose(logp[i, : len(response)].numpy(), ref, atol=1e-5), (i, logp[i], ref)
+        assert torch.all(logp[i, len(response) :] == 0)
     assert torch.all(entropy >= 0) and torch.all(entropy <= math.log(model.config.text_config.vocab_size) + 1e-4)
 
 

@@ -235,8 +235,16 @@ def test_numeric_fast_path_agrees_with_math_verify() -> None:
             return f"{round(num / den, rng.randint(0, 8))}"  # sometimes within rounding of the value
         return str(num // den) if num % den == 0 else f"{num / den:.{rng.randint(1, 7)}f}"
 
-    pairs = [("1.0000001", "1"), ("1.0000001", "1.0"), ("0.3333333", r"\frac{1}{3}"), ("1.5000001", "3/2"),
-             ("-0.5", r"-\frac{1}{2}"), ("10", "10.0"), ("2.0", r"\frac{4}{2}"), ("2", "1/2")]
+    pairs = [
+        ("1.0000001", "1"),
+        ("1.0000001", "1.0"),
+        ("0.3333333", r"\frac{1}{3}"),
+        ("1.5000001", "3/2"),
+        ("-0.5", r"-\frac{1}{2}"),
+        ("10", "10.0"),
+        ("2.0", r"\frac{4}{2}"),
+        ("2", "1/2"),
+    ]
     for _ in range(150):
         a = (rng.randint(-30, 30), rng.randint(1, 8))
         b = a if rng.random() < 0.5 else (rng.randint(-30, 30), rng.randint(1, 8))

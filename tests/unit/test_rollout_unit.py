@@ -40,14 +40,16 @@ ASSETS_DIR = Path(tempfile.gettempdir()) / "papo-test-assets" / "rollout"
 
 @pytest.fixture(scope="module")
 def assets():
-    return build_demo_assets(ASSETS_DIR, min_pixels=MIN_PIXELS,
-                             max_pixels=MAX_PIXELS, sizes=DatasetSizes(train=16, validation=4, sft=4))
+    return build_demo_assets(
+        ASSETS_DIR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, sizes=DatasetSizes(train=16, validation=4, sft=4)
+    )
 
 
 @pytest.fixture(scope="module")
 def worker(assets):
-    w = RolloutWorker(assets.model_dir, backend="hf", dtype="float32", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-                      max_model_len=256)
+    w = RolloutWorker(
+        assets.model_dir, backend="hf", dtype="float32", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_model_len=256
+    )
     yield w
     w.shutdown()
 
@@ -61,8 +63,14 @@ def test_sampling_spec_validates_and_spaces_seeds_by_n():
     spec = SamplingSpec(n=8, seed=100)
     assert [spec.request_seed(i) for i in range(3)] == [100, 108, 116]
     assert SamplingSpec(n=8).request_seed(5) is None
-    for bad in (dict(n=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(max_tokens=0),
-                dict(max_tokens=4, min_tokens=5)):
+    for bad in (
+        dict(n=0),
+        dict(temperature=-1.0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(max_tokens=0),
+        dict(max_tokens=4, min_tokens=5),
+    ):
         with pytest.raises(ValueError):
             SamplingSpec(**bad)
     cfg = RolloutConfig(n=5, temperature=0.9, top_p=0.99, max_tokens=77)
@@ -73,16 +81,23 @@ def test_sampling_spec_validates_and_spaces_seeds_by_n():
 
 
 def test_count_image_items_and_error_classification():
-    messages = [{"role": "system", "content": "plain"},
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"},
-                                             {"type": "image", "image": "x.png"}]}]
+    messages = [
+        {"role": "system", "content": "plain"},
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "a"}, {"type": "image", "image": "x.png"}],
+        },
+    ]
     assert count_image_items(messages) == 2
     assert count_image_items([{"role": "user", "content": "no images"}]) == 0
-    too_long = ValueError("This model's maximum context length is 512 tokens. However, your prompt contains at "
-                          "least 513 input tokens (parameter=input_tokens, value=513)")
+    too_long = ValueError(
+        "This model's maximum context length is 512 tokens. However, your prompt contains at "
+        "least 513 input tokens (parameter=input_tokens, value=513)"
+    )
     assert classify_engine_error(too_long).startswith(ERR_PROMPT_TOO_LONG)
-    assert classify_engine_error(RuntimeError("Failed to apply prompt replacement for mm items['image'][0]")
-                                 ).startswith(ERR_IMAGE_TOKEN_MISMATCH)
+    assert classify_engine_error(
+        RuntimeError("Failed to apply prompt replacement for mm items['image'][0]")
+    ).startswith(ERR_IMAGE_TOKEN_MISMATCH)
     assert classify_engine_error(ValueError("top_k must be -1")).startswith(ERR_INVALID_REQUEST)
 
 
@@ -101,8 +116,12 @@ def test_hf_worker_generates_and_reports_per_request_errors(worker, examples, tm
     good = [RolloutRequest.from_example(ex, images=[load_image(ex.image_paths[0])]) for ex in examples[:2]]
     missing = RolloutRequest.from_example(examples[2], images=[tmp_path / "gone.png"])
     mismatch = RolloutRequest(messages=examples[2].messages, images=[])
-    too_long = RolloutRequest(messages=[{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": " ".join(["red blue"] * 300)}]}], images=list(good[0].images))
+    too_long = RolloutRequest(
+        messages=[
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " ".join(["red blue"] * 300)}]}
+        ],
+        images=list(good[0].images),
+    )
     spec = SamplingSpec(n=3, temperature=0.8, top_p=0.9, max_tokens=12, seed=4)
     result = worker.generate([good[0], missing, mismatch, too_long, good[1]], spec, request_offset=10)
     assert sorted(result.errors) == [11, 12, 13]
@@ -120,8 +139,9 @@ def test_hf_worker_generates_and_reports_per_request_errors(worker, examples, tm
 
 def _handle(state: dict, version: int, blob: bytes | None = None) -> tuple[WeightsHandle, bytes]:
     blob = pack_state_dict(state) if blob is None else blob
-    return WeightsHandle(version=version, transport="object_store", num_tensors=len(state), num_bytes=len(blob),
-                         digest=digest(blob)), blob
+    return WeightsHandle(
+        version=version, transport="object_store", num_tensors=len(state), num_bytes=len(blob), digest=digest(blob)
+    ), blob
 
 
 def test_receive_weights_checks_digest_names_and_transport(worker):
@@ -175,13 +195,30 @@ def test_cpu_gemm_patch_reads_the_live_weight():
 
 
 def test_worker_kwargs_come_from_the_config_models():
-    rollout = RolloutConfig(backend="hf", max_model_len=1024, tensor_parallel_size=2, gpu_memory_utilization=0.5,
-                            enforce_eager=True, cpu_kvcache_space_gb=3)
+    rollout = RolloutConfig(
+        backend="hf",
+        max_model_len=1024,
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.5,
+        enforce_eager=True,
+        cpu_kvcache_space_gb=3,
+    )
     model = ModelConfig(path="/models/x", dtype="float32", min_pixels=28 * 28, max_pixels=64 * 28 * 28)
     kw = worker_kwargs_from_config(rollout, model, seed=5, initial_version=2, model_path="/resolved")
-    assert kw == dict(model_path="/resolved", backend="hf", dtype="float32", min_pixels=28 * 28,
-                      max_pixels=64 * 28 * 28, max_model_len=1024, max_images_per_prompt=1, tensor_parallel_size=2,
-                      gpu_memory_utilization=0.5, enforce_eager=True, cpu_kvcache_space_gb=3, seed=5,
-                      initial_version=2, trust_remote_code=False)
+    assert kw == dict(
+        model_path="/resolved",
+        backend="hf",
+        dtype="float32",
+        min_pixels=28 * 28,
+        max_pixels=64 * 28 * 28,
+        max_model_len=1024,
+        max_images_per_prompt=1,
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.5,
+        enforce_eager=True,
+        cpu_kvcache_space_gb=3,
+        seed=5,
+        initial_version=2,
+        trust_remote_code=False,
+    )
     assert worker_kwargs_from_config(rollout, model)["model_path"] == "/models/x"
-

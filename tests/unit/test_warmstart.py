@@ -19,8 +19,15 @@ import pytest
 import torch
 
 from trainer import demo
-from trainer.demo import (DEFAULT_TEMPLATES, DEMO_TEMPLATES, DatasetSizes, DemoAssets, WarmStart, build_demo_assets,
-                          recipe)
+from trainer.demo import (
+    DEFAULT_TEMPLATES,
+    DEMO_TEMPLATES,
+    DatasetSizes,
+    DemoAssets,
+    WarmStart,
+    build_demo_assets,
+    recipe,
+)
 from trainer.warmstart import SFTWarmStart, _greedy_accuracy, _prepare
 
 #: Tiny train/validation (not used here) and the demo's sft split of 4096 rows (with 1024 the
@@ -84,28 +91,49 @@ def test_only_the_weights_change_and_the_recipe_keys_the_cache(warmed: tuple[Dem
     assert warm.recipe_hash != plain.recipe_hash
     assert warm.recipe["warm_start"] == TEST_WARM.recipe
     # Same recipe: cached, nothing retrained.
-    again = build_demo_assets(warm.root, seed=0, sizes=SIZES, templates=TEMPLATES,
-                              warm_start=dataclasses.replace(TEST_WARM))
+    again = build_demo_assets(
+        warm.root, seed=0, sizes=SIZES, templates=TEMPLATES, warm_start=dataclasses.replace(TEST_WARM)
+    )
     assert not again.built and again.recipe_hash == warm.recipe_hash
 
 
 def test_recipe_string_changes_the_cache_key() -> None:
     def key(ws: SFTWarmStart | None) -> str:
-        return recipe(seed=0, min_pixels=3136, max_pixels=12544, sizes=SIZES, templates=DEFAULT_TEMPLATES,
-                      image_size=56, warm_start=ws)[1]
+        return recipe(
+            seed=0,
+            min_pixels=3136,
+            max_pixels=12544,
+            sizes=SIZES,
+            templates=DEFAULT_TEMPLATES,
+            image_size=56,
+            warm_start=ws,
+        )[1]
 
     base = SFTWarmStart()
     assert isinstance(base, WarmStart)
     assert key(base) == key(SFTWarmStart())  # stable across instances (and processes: no id/hash())
-    others = [None, SFTWarmStart(lr=1e-3), SFTWarmStart(max_steps=100), SFTWarmStart(target_band=(0.4, 0.6)),
-              SFTWarmStart(eval_size=64), SFTWarmStart(max_pixels=56 * 56 * 4 + 28 * 28)]
+    others = [
+        None,
+        SFTWarmStart(lr=1e-3),
+        SFTWarmStart(max_steps=100),
+        SFTWarmStart(target_band=(0.4, 0.6)),
+        SFTWarmStart(eval_size=64),
+        SFTWarmStart(max_pixels=56 * 56 * 4 + 28 * 28),
+    ]
     assert len({key(base), *map(key, others)}) == len(others) + 1
 
 
 def test_the_palette_keys_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     def key() -> str:
-        return recipe(seed=0, min_pixels=3136, max_pixels=12544, sizes=SIZES, templates=DEFAULT_TEMPLATES,
-                      image_size=56, warm_start=None)[1]
+        return recipe(
+            seed=0,
+            min_pixels=3136,
+            max_pixels=12544,
+            sizes=SIZES,
+            templates=DEFAULT_TEMPLATES,
+            image_size=56,
+            warm_start=None,
+        )[1]
 
     before = key()
     monkeypatch.setitem(demo.COLORS, "red", (200, 35, 35))

@@ -11,9 +11,11 @@ from trainer.weights import digest, pack_state_dict, unpack_state_dict
 
 
 def test_pack_round_trip_is_bit_exact_and_verified():
-    sd = {"model.language_model.embed_tokens.weight": torch.randn(7, 3),
-          "model.visual.blocks.0.attn.qkv.bias": torch.randn(9, dtype=torch.bfloat16),
-          "lm_head.weight": torch.randn(3, 7)[:, 1:3]}  # a non-contiguous view
+    sd = {
+        "model.language_model.embed_tokens.weight": torch.randn(7, 3),
+        "model.visual.blocks.0.attn.qkv.bias": torch.randn(9, dtype=torch.bfloat16),
+        "lm_head.weight": torch.randn(3, 7)[:, 1:3],
+    }  # a non-contiguous view
     blob = pack_state_dict(sd)
     out = unpack_state_dict(blob, expected_digest=digest(blob))
     assert set(out) == set(sd)
@@ -28,8 +30,9 @@ def test_fetch_blob_accepts_inline_blobs_and_refuses_other_transports():
 
     sd = {"w": torch.arange(6.0).reshape(2, 3)}
     blob = pack_state_dict(sd)
-    handle = WeightsHandle(version=3, transport="object_store", num_tensors=1, num_bytes=len(blob),
-                           digest=digest(blob), ref=blob)
+    handle = WeightsHandle(
+        version=3, transport="object_store", num_tensors=1, num_bytes=len(blob), digest=digest(blob), ref=blob
+    )
     assert fetch_blob(handle) == blob
     assert torch.equal(load_handle(handle)["w"], sd["w"])
     with pytest.raises(ValueError, match="version 3 has no ref"):
@@ -41,8 +44,13 @@ def test_fetch_blob_accepts_inline_blobs_and_refuses_other_transports():
 def test_buckets_round_trip_bit_exactly_with_aligned_slots():
     from trainer.weights import ALIGN, bucket_checksum, pack_buckets, plan_buckets, unpack_buckets
 
-    sd = {"a": torch.randn(3, 5), "b": torch.randn(7, dtype=torch.bfloat16), "big": torch.randn(200),
-          "c": torch.arange(5, dtype=torch.int64), "view": torch.randn(4, 6)[:, 1:4]}
+    sd = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7, dtype=torch.bfloat16),
+        "big": torch.randn(200),
+        "c": torch.arange(5, dtype=torch.int64),
+        "view": torch.randn(4, 6)[:, 1:4],
+    }
     slots, sizes = plan_buckets(sd, bucket_bytes=600)
     # "big" (800 bytes) exceeds the bucket size and gets a bucket of its own; others share.
     by_name = {s.name: s for s in slots}
@@ -143,9 +151,14 @@ def test_gloo_broadcast_reaches_every_member_bit_exactly_and_checks_the_layout()
     from trainer.weights import WeightsHandle
 
     g = torch.Generator().manual_seed(0)
-    versions = {v: {"a.weight": torch.randn(5, 7, generator=g),
-                    "b.bias": torch.randn(3, generator=g).to(torch.bfloat16),
-                    "c.idx": torch.arange(4, dtype=torch.int64) * v} for v in (1, 2)}
+    versions = {
+        v: {
+            "a.weight": torch.randn(5, 7, generator=g),
+            "b.bias": torch.randn(3, generator=g).to(torch.bfloat16),
+            "c.idx": torch.arange(4, dtype=torch.int64) * v,
+        }
+        for v in (1, 2)
+    }
     with _gloo_group("g1", timeout_s=60) as (group, pipes, _):
         for v, sd in versions.items():
             handle = group.publish(sd, v, bucket_bytes=256)  # several buckets
@@ -153,8 +166,14 @@ def test_gloo_broadcast_reaches_every_member_bit_exactly_and_checks_the_layout()
             for c in pipes:
                 c.send_bytes(pickle.dumps(handle))
             group.wait_sent(timeout_s=60)
-        wrong_group = WeightsHandle(3, "gloo", 1, 256, "x", extra={"group": "other", "bucket_sizes": [256],
-                                                                     "slots": [("w", "uint8", (256,), 0, 0)]})
+        wrong_group = WeightsHandle(
+            3,
+            "gloo",
+            1,
+            256,
+            "x",
+            extra={"group": "other", "bucket_sizes": [256], "slots": [("w", "uint8", (256,), 0, 0)]},
+        )
         for c in pipes:
             c.send_bytes(pickle.dumps(wrong_group))
             c.send_bytes(pickle.dumps(None))
