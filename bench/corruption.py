@@ -2,7 +2,7 @@
 
 Per image, for RGB images of 224x224, 448x448 and 1024x1024 (14 px cells, p = 0.6):
 - ``floor``: the bare PIL -> numpy -> PIL round trip any numpy-based implementation pays;
-- ``vectorised``: ``services.corruption.patch_blackening`` on the PIL image (masked inside PIL,
+- ``vectorised``: ``trainer.core.corruption.patch_blackening`` on the PIL image (masked inside PIL,
   so it does not pay the round trip at all);
 - ``array``: ``patch_blackening`` on the image as a numpy array (the numpy path; no PIL);
 - ``loop``: a straightforward per-cell Python loop with the official semantics (written here as
@@ -38,7 +38,9 @@ import PIL  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from services.corruption import CorruptionPool, MaskRequest, patch_blackening  # noqa: E402
+from services.corruption.pool import CorruptionPool
+from services.corruption.service import MaskRequest
+from trainer.core.corruption import patch_blackening  # noqa: E402
 
 PATCH_SIZE = 14
 PROB = 0.6

@@ -3,7 +3,7 @@ ceiling) on the demo assets, several variants side by side.
 
 Why it exists: ``papo train`` on the demo takes ~6 minutes per seed and mixes five Ray services,
 so "the demo does not learn" could be the stack or the recipe. This loop uses the same pieces
-that decide the numbers (``trainer.modeling`` scoring, ``trainer.algos.papo_loss`` and
+that decide the numbers (``trainer.core.modeling`` scoring, ``trainer.core.algos.papo_loss`` and
 ``group_advantages``, ``rewards.score("exact")``, the demo's prompts and images) but samples
 with HF ``generate`` and steps a plain ``torch.optim.AdamW`` in one process, about twice as fast
 per step as the stack. When a variant does not learn here either, the recipe is the problem.
@@ -86,7 +86,7 @@ def parse_variant(spec: str) -> tuple[str, str, dict[str, float]]:
 
 
 def load_examples(processor: Any, data_dir: Path, split: str) -> list[Example]:
-    from trainer.data import load_image, load_split
+    from trainer.core.data import load_image, load_split
 
     out = []
     for ex in load_split(data_dir, split).examples:
@@ -104,7 +104,7 @@ def generate(
     import torch
     from PIL import Image
 
-    from trainer.demo import VISION_TOKEN_IDS
+    from trainer.demo.assets import VISION_TOKEN_IDS
 
     tok = processor.tokenizer
     images = [Image.new("RGB", e.image.size) if black else e.image for e in examples]
@@ -149,7 +149,7 @@ def accuracy(model: Any, processor: Any, examples: list[Example], *, max_new: in
 
 
 def as_batch(examples: list[Example], responses: list[list[int]], pad_id: int) -> Any:
-    from trainer.batch import RolloutBatch
+    from trainer.core.batch import RolloutBatch
 
     return RolloutBatch.from_sequences(
         [e.prompt_ids for e in examples],
@@ -179,9 +179,9 @@ def run_variant(
     import torch
 
     import rewards
-    from trainer.algos import group_advantages, papo_loss
-    from trainer.modeling import load_model, model_inputs, token_logprobs
-    from trainer.warmstart import RESPONSE_TEMPLATE
+    from trainer.core.algos import group_advantages, papo_loss
+    from trainer.core.modeling import load_model, model_inputs, token_logprobs
+    from trainer.demo.warmstart import RESPONSE_TEMPLATE
 
     torch.manual_seed(seed)
     tok = processor.tokenizer
@@ -280,8 +280,8 @@ def run_variant(
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from trainer.driver import demo_assets_dir
-    from trainer.modeling import load_processor
+    from trainer.core.modeling import load_processor
+    from trainer.demo.paths import demo_assets_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--assets", type=Path, default=None, help="demo assets folder (default: the cached one)")

@@ -1,6 +1,6 @@
 """Driver memory (RSS) over a training run: does the driver hold on to anything per step?
 
-DESIGN.md asks that the driver's memory not grow with n or with steps (images travel as ObjectRefs
+docs/design.md asks that the driver's memory not grow with n or with steps (images travel as ObjectRefs
 put once per prompt; batches live in the object store). This runs ``Trainer.run()`` (the real loop:
 steps, periodic eval, metrics writer) for ``--steps`` steps of a tiny job (4 prompts x n=4 x 8
 tokens by default, so the step count, not the batch size, is what is stressed) and reads the
@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from trainer.config import named_config, resolve_config
+    from trainer.core.config import named_config, resolve_config
+    from trainer.core.metrics import read_metrics
     from trainer.driver import Trainer
-    from trainer.metrics import read_metrics
 
     machine = machine_info()
     warnings = [w for w in [warn_if_loaded("start")] if w]

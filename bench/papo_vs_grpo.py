@@ -91,9 +91,9 @@ def _get(d: dict[str, Any], key: str) -> float | None:
 
 def run_one(algo: str, seed: int, base: list[str], args: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
     """Train one (algo, seed) run to the end; its numbers from the summary and metrics.jsonl."""
-    from trainer.config import named_config, resolve_config
+    from trainer.core.config import named_config, resolve_config
+    from trainer.core.metrics import read_metrics
     from trainer.driver import Trainer
-    from trainer.metrics import read_metrics
 
     name = f"{algo}_seed{seed}"
     overrides = (

@@ -1,6 +1,6 @@
 """Rollout throughput and weight-sync time: vLLM vs transformers backends on the tiny demo model.
 
-Measures one :class:`services.rollout.RolloutWorker` per backend, in this process (the engine,
+Measures one :class:`services.rollout.pool.RolloutWorker` per backend, in this process (the engine,
 not Ray dispatch): engine start, tokens/s and requests/s for ``--prompts`` prompts x ``--n``
 samples x ``--max-tokens`` new tokens (EOS ignored via ``min_tokens`` so every run generates the
 same number of tokens) with one image each, and the time of an in-place weight update from a
@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def bench_backend(backend: str, args: argparse.Namespace, assets: Any) -> dict[str, Any]:
     import torch
 
-    from services.rollout import RolloutRequest, RolloutWorker, SamplingSpec
-    from trainer.data import load_image, load_split
-    from trainer.weights import WeightsHandle, digest, pack_state_dict
+    from services.rollout.pool import RolloutRequest, RolloutWorker, SamplingSpec
+    from trainer.core.data import load_image, load_split
+    from trainer.core.weights import WeightsHandle, digest, pack_state_dict
 
     examples = load_split(assets.data_dir, "train").examples
     examples = [examples[i % len(examples)] for i in range(args.prompts)]
@@ -61,7 +61,7 @@ def bench_backend(backend: str, args: argparse.Namespace, assets: Any) -> dict[s
                 raise RuntimeError(f"{backend}: errors {result.errors}")
             tokens.append(result.num_tokens)
         # Weight sync: the full HF state dict (tied lm_head dropped, as save_pretrained does).
-        from trainer.modeling import load_model
+        from trainer.core.modeling import load_model
 
         model = load_model(str(assets.model_dir), dtype=args.dtype)
         state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/rollout.json")
     args = parser.parse_args(argv)
 
-    from trainer.demo import DatasetSizes, build_demo_assets
+    from trainer.demo.assets import DatasetSizes, build_demo_assets
 
     assets = build_demo_assets(
         args.assets,

@@ -73,7 +73,7 @@ VARIANTS: dict[str, list[str]] = {
     "papo_learner_grad": ["algo.name=papo", "perception.masked_logp=learner_grad"],
 }
 DEFAULT_VARIANTS = ["grpo", "papo_learner", "papo_pool"]
-# Phases in the order of a step (DESIGN.md); any other timing/* key the driver adds is appended.
+# Phases in the order of a step (docs/design.md); any other timing/* key the driver adds is appended.
 PHASES = ["gen", "corruption_submit", "reward", "logprobs", "update", "sync", "step"]
 SHORT = {"corruption_submit": "corrupt_sub"}  # table headers are 11 wide
 
@@ -84,7 +84,7 @@ def warn_if_loaded(when: str) -> str | None:
 
 def run_variant(name: str, base: list[str], args: argparse.Namespace, out_dir: Path, rnd: int) -> dict[str, Any]:
     """Start a Trainer for one variant on the running Ray cluster, time its steps, close it."""
-    from trainer.config import named_config, resolve_config
+    from trainer.core.config import named_config, resolve_config
     from trainer.driver import Trainer
 
     overrides = (

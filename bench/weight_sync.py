@@ -39,18 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import machine_info, warn_if_loaded, write_report  # noqa: E402
-from trainer.learner import free_port  # noqa: E402
-from trainer.weights import (  # noqa: E402
-    WeightGroup,
-    WeightsHandle,
-    digest,
-    join_weight_group,
-    load_handle,
-    pack_state_dict,
-    release_cuda_ipc,
-    share_cuda_ipc,
-    unpack_state_dict,
-)
+from trainer.core.weights import WeightsHandle, digest, pack_state_dict, unpack_state_dict
+from trainer.learner.engine import free_port  # noqa: E402
+from trainer.transport.broadcast import WeightGroup, join_weight_group
+from trainer.transport.cuda_ipc import release_cuda_ipc, share_cuda_ipc
+from trainer.transport.receive import load_handle
 
 
 def model_shapes(params: float, vocab: int = 151_936) -> dict[str, tuple[int, ...]]:

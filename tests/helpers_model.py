@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.batch import RolloutBatch
-from trainer.config import AlgoConfig, LearnerConfig
-from trainer.demo import VISION_TOKEN_IDS, write_tiny_model
+from trainer.core.batch import RolloutBatch
+from trainer.core.config import AlgoConfig, LearnerConfig
+from trainer.demo.assets import VISION_TOKEN_IDS, write_tiny_model
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 CORPUS = [
@@ -103,7 +103,7 @@ def algo_cfg(**kw: Any) -> AlgoConfig:
 def tiny_setup(folder: Path) -> tuple[Path, Any, RolloutBatch, list, list]:
     """The tiny model written to ``folder/model``, its processor and a :func:`make_batch` batch:
     ``(path, processor, batch, images, masked)``."""
-    from trainer.modeling import load_processor
+    from trainer.core.modeling import load_processor
 
     path = write_model(folder / "model")
     processor = load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
@@ -113,7 +113,7 @@ def tiny_setup(folder: Path) -> tuple[Path, Any, RolloutBatch, list, list]:
 
 def model_and_ray_batch(ray: Any, folder: Path, *, prompts: int = 2, n: int = 2) -> tuple[Path, RolloutBatch]:
     """The tiny model written to ``folder`` and a batch whose images (real and masked) are in the object store."""
-    from trainer.modeling import load_processor
+    from trainer.core.modeling import load_processor
 
     path = write_model(folder)
     batch, images, masked = make_batch(
@@ -125,8 +125,11 @@ def model_and_ray_batch(ray: Any, folder: Path, *, prompts: int = 2, n: int = 2)
 
 
 def make_learner(path: Path, *, algo: Any = None, masked_logp: str = "pool", **cfg: Any) -> Any:
-    """A one-rank :class:`~trainer.learner.Learner` on the tiny model (``cfg`` overrides :func:`learner_cfg`)."""
-    from trainer.learner import Learner
+    """A one-rank :class:`~trainer.learner.learner.Learner` on the tiny model.
+
+    ``cfg`` overrides :func:`learner_cfg`.
+    """
+    from trainer.learner.learner import Learner
 
     return Learner(
         str(path),

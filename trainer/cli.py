@@ -1,7 +1,7 @@
 """The ``papo`` command line: ``train``, ``eval``, ``reward-server``, ``demo-assets``.
 
 This module only parses arguments and dispatches; each command's work lives in the module that
-owns it (``trainer.driver``, ``services.reward_server``, ``trainer.demo``). Commands whose module
+owns it (``trainer.driver``, ``services.reward_server.app``, ``trainer.demo``). Commands whose module
 brings its own argument parser (``reward-server``, ``demo-assets``) receive the remaining argv.
 """
 
@@ -14,11 +14,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from trainer.config import ConfigError, dump_config, named_config, resolve_config
+from trainer.core.config import ConfigError, dump_config, named_config, resolve_config
 
 # command -> (module owning it, one-line help). Delegated commands parse their own arguments.
 DELEGATED: dict[str, tuple[str, str]] = {
-    "reward-server": ("services.reward_server", "serve the rule-based reward HTTP API (uvicorn)"),
+    "reward-server": ("services.reward_server.app", "serve the rule-based reward HTTP API (uvicorn)"),
     "demo-assets": ("trainer.demo", "write the tiny Qwen2.5-VL demo model and the synthetic VQA dataset"),
     "submit": ("trainer.submit", "submit `papo train` as a Ray job to a running cluster (--wait follows it)"),
 }

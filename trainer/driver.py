@@ -1,13 +1,10 @@
-"""The training loop: the only place that knows the order of a PAPO step (DESIGN.md, "One training step").
+"""The training loop: the only place that knows the order of a PAPO step (docs/design.md, "One training step").
 
 Read :meth:`Trainer.step` top to bottom: sample prompts and put their images into the object
 store once; mask them (corruption pool) while the rollout pool generates; grade; (DAPO) keep
 informative groups; masked / reference / old log-probs in parallel; advantages; learner update;
 weight sync with a version check; metrics. Everything heavy runs in the services; this module
 only orders calls and moves ObjectRefs.
-
-Not yet here (issue "papo train"): the demo's supervised warm start, resume from a checkpoint,
-fault drills and the benchmarks.
 """
 
 from __future__ import annotations
@@ -15,9 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -27,210 +22,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from trainer.algos import group_advantages, perception_coefs
-from trainer.batch import RolloutBatch
-from trainer.config import JobConfig, dump_config
-from trainer.data import BadPrompt, DataError, PromptExample, load_split_from_config, prompt_images
-from trainer.metrics import CURVES_FILE, MetricsWriter, StepLine, plot_curves, read_metrics
-from trainer.weights import BROADCAST_TRANSPORTS
+from trainer.core.algos import group_advantages, perception_coefs
+from trainer.core.batch import RolloutBatch
+from trainer.core.config import JobConfig, dump_config
+from trainer.core.data import BadPrompt, DataError, PromptExample, load_split_from_config, prompt_images
+from trainer.core.metrics import CURVES_FILE, MetricsWriter, StepLine, plot_curves, read_metrics
+from trainer.core.sampler import PromptSampler
+from trainer.core.weights import BROADCAST_TRANSPORTS
+from trainer.demo.paths import resolve_demo_paths
+from trainer.rundir import (
+    ResumeError,
+    RunDirInUse,
+    RunDirLock,
+    archive_earlier_run,
+    check_model_paths,
+    latest_checkpoint,
+    run_dir_of,
+)
 
 logger = logging.getLogger(__name__)
-
-DEMO_PREFIX = "demo://"
-
-
-def demo_assets_dir() -> Path:
-    return Path(os.environ.get("PAPO_CACHE", Path.home() / ".cache" / "papo")) / "demo-assets"
-
-
-def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
-    """Replace ``demo://`` paths by the demo assets, building them (cached) when needed."""
-    paths = [cfg.model.path, cfg.data.train_path, cfg.data.val_path or ""]
-    if not any(p.startswith(DEMO_PREFIX) for p in paths):
-        return cfg
-    from trainer.demo import DEMO_TEMPLATES, build_demo_assets
-    from trainer.warmstart import demo_warm_start
-
-    assets = build_demo_assets(
-        demo_assets_dir(),
-        seed=0,
-        min_pixels=cfg.model.min_pixels,
-        max_pixels=cfg.model.max_pixels,
-        templates=DEMO_TEMPLATES,
-        warm_start=demo_warm_start(cfg.model.min_pixels, cfg.model.max_pixels),
-    )
-    root = {"model": assets.model_dir, "data": assets.data_dir}
-
-    def sub(p: str | None) -> str | None:
-        if p is None or not p.startswith(DEMO_PREFIX):
-            return p
-        name = p[len(DEMO_PREFIX) :]
-        if name not in root:
-            raise ValueError(f"{p!r}: demo:// paths are demo://model and demo://data")
-        return str(root[name])
-
-    out = cfg.model_copy(deep=True)
-    out.model.path = sub(cfg.model.path)
-    out.data.train_path = sub(cfg.data.train_path)
-    out.data.val_path = sub(cfg.data.val_path)
-    return out
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def check_model_paths(cfg: JobConfig) -> None:
-    """Fail before any Ray work when a model path is neither a model folder nor a hub id."""
-    for field, value in (("model.path", cfg.model.path), ("model.ref_path", cfg.model.ref_path)):
-        if value is None:
-            continue
-        path = Path(value).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"{field}={value}: the folder has no config.json (not a model folder)")
-        elif path.exists():
-            raise FileNotFoundError(f"{field}={value}: is a file, not a model folder")
-        elif not _HUB_ID.match(value) or Path(value.split("/")[0]).is_dir():
-            # "models/qwen" with a local models/ folder is a typo'd path, not a hub id.
-            raise FileNotFoundError(f"{field}={value}: no such model folder (and not a hub id like org/name)")
-
-
-def latest_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint ``papo train --resume PATH`` continues from.
-
-    ``PATH`` is a checkpoint folder (it holds the learner's marker file) or a run directory, whose
-    newest complete checkpoint under ``checkpoints/`` (by the driver step it recorded) is taken.
-    Half-written saves never carry the marker (saves are atomic), so they are never picked.
-    """
-    from trainer.learner import CHECKPOINT_MARKER, TRAINER_STATE
-
-    folder = Path(path)
-    if (folder / CHECKPOINT_MARKER).is_file():
-        if not (folder / TRAINER_STATE).is_file():
-            raise FileNotFoundError(
-                f"{folder} is a learner checkpoint without {TRAINER_STATE} (not written by "
-                "`papo train`): it cannot be resumed"
-            )
-        return folder
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--resume {folder}: no such run directory or checkpoint")
-    found = []
-    for d in (folder / "checkpoints").glob("*"):
-        if (d / CHECKPOINT_MARKER).is_file() and (d / TRAINER_STATE).is_file():
-            found.append((json.loads((d / TRAINER_STATE).read_text())["step"], d))
-    if not found:
-        raise FileNotFoundError(f"--resume {folder}: no complete checkpoint under {folder / 'checkpoints'}")
-    return max(found)[1]
-
-
-class ResumeError(ValueError):
-    """A checkpoint this config cannot continue (finished, other data order, other world size)."""
-
-
-def run_dir_of(ckpt: Path) -> Path:
-    """The run directory a checkpoint belongs to (``<run>/checkpoints/step_X`` or ``<run>/best``)."""
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-
-
-def archive_earlier_run(run_dir: Path) -> Path | None:
-    """A new run under the name of an earlier one moves the earlier one aside (nothing is deleted,
-    and its checkpoints can neither be pruned as "newer" nor resumed by mistake)."""
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(run_dir.stat().st_mtime))
-    target = run_dir.with_name(f"{run_dir.name}.prev-{stamp}")
-    k = 1
-    while target.exists():
-        k += 1
-        target = run_dir.with_name(f"{run_dir.name}.prev-{stamp}-{k}")
-    run_dir.rename(target)
-    logger.warning(
-        "%s held an earlier run: moved it to %s (use --resume %s to continue a run instead)", run_dir, target, run_dir
-    )
-    print(f"papo train: an earlier run in {run_dir} was moved to {target}", file=sys.stderr, flush=True)
-    return target
-
-
-class RunDirInUse(RuntimeError):
-    """Another live ``papo train`` holds the run folder."""
-
-
-class RunDirLock:
-    """An exclusive lock on a run folder for the life of one driver.
-
-    The lock file sits beside the folder (``.<name>.lock``), so a new run can move an earlier
-    run's folder aside while holding it. ``flock`` is released by the kernel when the process
-    dies, so a crashed run never leaves a stale lock.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        import fcntl
-
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir.parent / f".{run_dir.name}.lock"
-        self._fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "another process"
-            self._fh.close()
-            raise RunDirInUse(
-                f"{run_dir} is in use by a running papo train ({holder}); give this run another "
-                "trainer.name (or trainer.output_dir), or wait for that one to end"
-            ) from None
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        self._fh.flush()
-
-    def release(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()  # closing the descriptor drops the flock
-
-
-class PromptSampler:
-    """Seeded epoch-wise shuffling: the (epoch, position) pair fully determines the next prompts."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        if n == 0:
-            raise ValueError("the training split has no usable rows")
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.epoch, self.pos = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"n": self.n, "seed": self.seed, "shuffle": int(self.shuffle), "epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue exactly where a saved sampler stopped (same dataset size and seed required)."""
-        if (state["n"], state["seed"], bool(state["shuffle"])) != (self.n, self.seed, self.shuffle):
-            raise ValueError(
-                f"the checkpoint's sampler ran over {state['n']} rows with seed {state['seed']} "
-                f"(shuffle={bool(state['shuffle'])}); this run has {self.n} rows, seed {self.seed} "
-                f"(shuffle={self.shuffle}): resuming would not continue the same data order"
-            )
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._order = self._permutation(self.epoch)
-
-    def take(self, k: int) -> list[tuple[int, int]]:
-        """``k`` (index, epoch) pairs."""
-        out = []
-        while len(out) < k:
-            if self.pos == self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            out.append((int(self._order[self.pos]), self.epoch))
-            self.pos += 1
-        return out
 
 
 @dataclass
@@ -253,7 +65,7 @@ class Services:
         if self.reward is not None:
             self.reward.close()
         if self.serve_started:
-            from services.reward_server import stop_ray_serve
+            from services.reward_server.app import stop_ray_serve
 
             stop_ray_serve()
 
@@ -325,10 +137,10 @@ class Trainer:
 
     def _start_services(self) -> Services:
         from rewards.client import RewardClient
-        from services.corruption import CorruptionPool
-        from services.logprob import LogProbPool
-        from services.rollout import RolloutPool
-        from trainer.learner import LearnerGroup
+        from services.corruption.pool import CorruptionPool
+        from services.logprob.pool import LogProbPool
+        from services.rollout.pool import RolloutPool
+        from trainer.learner.group import LearnerGroup
 
         cfg = self.cfg
         timeout = cfg.cluster.get_timeout_s
@@ -337,7 +149,7 @@ class Trainer:
             serve_started = False
             url = cfg.reward.url
             if url is None:
-                from services.reward_server import start_ray_serve
+                from services.reward_server.app import start_ray_serve
 
                 url = start_ray_serve(
                     fn=cfg.reward.fn,
@@ -452,7 +264,7 @@ class Trainer:
 
     def _check_resume(self, ckpt: Path) -> dict[str, Any]:
         """The checkpoint's driver state, if this config can continue it (else ``ResumeError``)."""
-        from trainer.learner import TRAINER_STATE
+        from trainer.core.checkpoint import TRAINER_STATE
 
         state = json.loads((ckpt / TRAINER_STATE).read_text())
         total = self.cfg.trainer.total_steps
@@ -558,8 +370,8 @@ class Trainer:
         """
         import ray
 
-        from services.corruption import MaskRequest
-        from services.rollout import RolloutRequest
+        from services.corruption.service import MaskRequest
+        from services.rollout.pool import RolloutRequest
 
         examples = examples or self.train_set.examples
         rollout_reqs, mask_reqs = [], []
@@ -598,7 +410,7 @@ class Trainer:
 
     def _generate(self, step: int, timings: dict[str, float]) -> tuple[RolloutBatch, dict[str, float]]:
         """Steps 1-3: prompts, masks alongside generation, rewards, DAPO group filter (bounded tries)."""
-        from services.rollout import SamplingSpec
+        from services.rollout.pool import SamplingSpec
 
         cfg, svc = self.cfg, self.services
         algo = cfg.algo
@@ -706,7 +518,7 @@ class Trainer:
             if versions != batch.weight_versions:
                 raise RuntimeError(
                     f"masked_logp computed with weight versions {sorted(versions)} but the rollouts "
-                    f"came from {sorted(batch.weight_versions)} (DESIGN.md contract)"
+                    f"came from {sorted(batch.weight_versions)} (docs/design.md contract)"
                 )
         if cfg.needs_masked_pass and cfg.perception.masked_logp != "learner_grad":
             timings["timing/masked_logp"], lap = time.perf_counter() - lap, time.perf_counter()

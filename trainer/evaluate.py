@@ -5,18 +5,18 @@ and for ``papo eval --checkpoint DIR``:
 
 * :class:`Evaluator` — plain code, no Ray: given a *generate* function ``(requests, spec) ->
   RolloutResult`` (the driver passes its Ray ``RolloutPool.generate``, ``papo eval`` a local
-  :class:`~services.rollout.RolloutWorker`'s) and a *grade* function ``[(response, answer)] ->
-  [{"accuracy", "overall", ...}]``, it scores a list of :class:`~trainer.data.PromptExample` under
+  :class:`~services.rollout.pool.RolloutWorker`'s) and a *grade* function ``[(response, answer)] ->
+  [{"accuracy", "overall", ...}]``, it scores a list of :class:`~trainer.core.data.PromptExample` under
   four conditions:
 
   - ``greedy``: one greedy answer per prompt with the real images (``rollout.val_temperature``);
   - ``black``: the same with every image replaced by a fully black one of the same size;
   - ``masked``: the same with the *training-style* masked images: the configured corruption
     strategy, patch size and probability, one seed per image from
-    :func:`services.corruption.mask_seed` (run seed, row id, epoch 0) — exactly the mask the
+    :func:`trainer.core.corruption.mask_seed` (run seed, row id, epoch 0) — exactly the mask the
     corruption pool would draw for that row in epoch 0;
   - ``sampled``: ``k`` samples per prompt at the rollout temperature / top-p: avg@k (mean
-    accuracy over all k samples, PAPO.md's headline metric) and pass@k (share of prompts with a
+    accuracy over all k samples, docs/algorithm.md's headline metric) and pass@k (share of prompts with a
     correct sample, i.e. mean over prompts of the best sample's accuracy).
 
   A prompt counts as wrong in a condition when its images cannot be used (``bad_prompts``) or the
@@ -30,7 +30,7 @@ and for ``papo eval --checkpoint DIR``:
   grades in-process with :class:`rewards.pool.GradingPool` (the config's reward function, with
   its per-item timeout), no Ray cluster needed.
 
-Metric keys (``trainer/metrics.py`` naming, ``group/name``): ``eval/accuracy``,
+Metric keys (``trainer/core/metrics.py`` naming, ``group/name``): ``eval/accuracy``,
 ``eval/black_accuracy``, ``eval/masked_accuracy``, ``eval/vision_gap`` (accuracy - black
 accuracy), ``eval/masked_gap`` (accuracy - masked accuracy), ``eval/avg@{k}``, ``eval/pass@{k}``,
 ``eval/num_prompts``, ``eval/bad_prompts``, ``eval/unserved_prompts``, ``eval/grading_errors``.
@@ -38,7 +38,7 @@ A condition that was not run has no key. With several datasets, ``EvalReport.met
 each one's keys as ``eval/<dataset>/...`` and their unweighted mean as ``eval/...``.
 
 The masked images are made in the evaluator's process with
-:class:`services.corruption.CorruptionService` (the class the corruption pool's actors run), not
+:class:`services.corruption.service.CorruptionService` (the class the corruption pool's actors run), not
 through the pool: evaluation needs them by value once per prompt, and masking costs about as much
 as decoding the image. The ``precomputed`` strategy uses the rows' pre-masked images
 (``PromptExample.images_masked``, column ``data.masked_image_key``); without them the masked
@@ -58,11 +58,11 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from trainer.data import BadPrompt, PromptExample, prompt_images, prompt_masked_images
+from trainer.core.data import BadPrompt, PromptExample, prompt_images, prompt_masked_images
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from services.rollout import RolloutRequest, RolloutResult, SamplingSpec
-    from trainer.config import JobConfig
+    from services.rollout.pool import RolloutRequest, RolloutResult, SamplingSpec
+    from trainer.core.config import JobConfig
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class EvalSettings(BaseModel):
         )
 
     def greedy_spec(self) -> SamplingSpec:
-        from services.rollout import SamplingSpec
+        from services.rollout.pool import SamplingSpec
 
         return SamplingSpec(
             n=1, temperature=self.greedy_temperature, top_p=1.0, max_tokens=self.max_tokens, seed=self.seed
@@ -143,7 +143,7 @@ class EvalSettings(BaseModel):
         """k samples; request ``i`` of a chunk starting at prompt ``first_request`` gets seed
         ``seed + (first_request + i) * k``: the prompt's index in the dataset (so the chunk size
         changes nothing) unless an unusable prompt precedes it in its chunk."""
-        from services.rollout import SamplingSpec
+        from services.rollout.pool import SamplingSpec
 
         return SamplingSpec(
             n=self.k,
@@ -354,7 +354,7 @@ class Evaluator:
     """
 
     def __init__(self, generate: GenerateFn, grade: GradeFn, settings: EvalSettings, put: PutFn | None = None) -> None:
-        from services.corruption import CorruptionService
+        from services.corruption.service import CorruptionService
 
         self.generate = generate
         self.grade = grade
@@ -499,7 +499,7 @@ class Evaluator:
     ) -> tuple[list[list[float] | None], int]:
         """Generate and grade one condition for one chunk: per prompt its samples' accuracies
         (None: not served), and the number of grading errors."""
-        from services.rollout import RolloutRequest
+        from services.rollout.pool import RolloutRequest
 
         requests, owners = [], []
         for position, (p, imgs) in enumerate(zip(prompts, images)):
@@ -613,7 +613,7 @@ def load_eval_config(
     ``config`` (shipped names or YAML files) wins; else the run's ``config.yaml`` beside/above
     the checkpoint; else the demo config. ``model.path`` is always the checkpoint.
     """
-    from trainer.config import named_config, resolve_config
+    from trainer.core.config import named_config, resolve_config
 
     if config:
         files = [named_config(c) for c in config]
@@ -656,8 +656,8 @@ def evaluate_checkpoint(
     from rewards.pool import GradingPool
     from rewards.registry import get as get_reward_fn
     from rewards.registry import register_user_functions, reward_name
-    from services.rollout import RolloutWorker
-    from trainer.data import looks_like_hub_id
+    from services.rollout.pool import RolloutWorker
+    from trainer.core.data import looks_like_hub_id
 
     t0 = time.perf_counter()
     if k < 0:
@@ -678,7 +678,7 @@ def evaluate_checkpoint(
         if not cfg.data.val_path:
             raise EvalError("no --data given and the config has no data.val_path")
         if cfg.data.val_path.startswith("demo://"):
-            from trainer.driver import resolve_demo_paths
+            from trainer.demo.paths import resolve_demo_paths
 
             cfg = resolve_demo_paths(cfg)  # builds the demo assets when missing (cached)
         p = Path(cfg.data.val_path)
@@ -751,7 +751,7 @@ def _quiet_vllm_cpu_thread_warning() -> None:
 def _load(cfg: JobConfig, path: Path) -> list[PromptExample]:
     """A dataset's examples, read exactly as training reads them (the job's ``data`` section:
     columns, id column — the mask seeds depend on it —, prompt format, length filter)."""
-    from trainer.data import DataError, load_split_from_config
+    from trainer.core.data import DataError, load_split_from_config
 
     try:
         split = load_split_from_config(cfg.data, path, cfg.data.val_split, model=cfg.model)

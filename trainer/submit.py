@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from trainer.config import ConfigError, JobConfig, dump_config, named_config, resolve_config
+from trainer.core.config import ConfigError, JobConfig, dump_config, named_config, resolve_config
 
 #: Environment variable that carries the resolved job config (YAML) to the job's entrypoint.
 CONFIG_ENV = "PAPO_JOB_CONFIG"

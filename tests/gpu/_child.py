@@ -20,14 +20,15 @@ def receive(conn: Any, kind: str, handle: Any, payload: dict[str, Any]) -> None:
         if kind == "raw":
             import msgpack
 
-            from trainer.weights import handle_from_dict, load_handle
+            from trainer.core.weights import handle_from_dict
+            from trainer.transport.receive import load_handle
 
             if isinstance(handle, bytes):  # sent through msgpack, as vLLM's collective_rpc sends it
                 handle = handle_from_dict(msgpack.unpackb(handle))
             weights = load_handle(handle)
             send({k: v.cpu().clone() for k, v in weights.items()})
         elif kind == "logprob":
-            from services.logprob import LogProbWorker
+            from services.logprob.pool import LogProbWorker
 
             worker = LogProbWorker(
                 payload["model_path"],
@@ -48,7 +49,7 @@ def receive(conn: Any, kind: str, handle: Any, payload: dict[str, Any]) -> None:
                 }
             )
         elif kind == "rollout_hf":
-            from services.rollout import RolloutWorker
+            from services.rollout.pool import RolloutWorker
 
             worker = RolloutWorker(
                 payload["model_path"],
@@ -57,7 +58,8 @@ def receive(conn: Any, kind: str, handle: Any, payload: dict[str, Any]) -> None:
                 min_pixels=payload["min_pixels"],
                 max_pixels=payload["max_pixels"],
             )
-            from trainer.weights import fetch_blob, hf_name_map
+            from trainer.core.weights import hf_name_map
+            from trainer.transport.object_store import fetch_blob
 
             blob = fetch_blob(handle) if handle.transport == "object_store" else None
             version = worker.receive_weights(handle, blob)

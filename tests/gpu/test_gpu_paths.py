@@ -5,8 +5,9 @@
   process (a perception-pool worker, an HF rollout worker) open them and then hold exactly the
   published values; their log-probs match the learner's.
 
-What a one-GPU machine cannot run: the NCCL weight broadcast between two devices (not
-implemented, see trainer/weights.py) and multi-rank DeepSpeed (tests/integration run it on CPU).
+What a one-GPU machine cannot run: the NCCL weight broadcast between two devices (its gloo twin,
+the same code in trainer/transport/broadcast.py, runs in the CPU tests) and multi-rank DeepSpeed
+(tests/integration run it on CPU).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def _in_child(kind: str, handle: Any, payload: dict[str, Any] | None = None, tim
 def test_cuda_ipc_buckets_reach_another_process_bit_exactly():
     import msgpack
 
-    from trainer.weights import handle_to_dict, load_handle, release_cuda_ipc, share_cuda_ipc
+    from trainer.core.weights import handle_to_dict
+    from trainer.transport.cuda_ipc import release_cuda_ipc, share_cuda_ipc
+    from trainer.transport.receive import load_handle
 
     g = torch.Generator(device="cuda").manual_seed(0)
     sd = {
@@ -77,7 +80,7 @@ def test_cuda_ipc_buckets_reach_another_process_bit_exactly():
 @pytest.mark.parametrize("stage,dtype", [(0, "float32"), (3, "float32"), (2, "bfloat16")])
 def test_deepspeed_on_gpu_trains_and_publishes_over_cuda_ipc(tiny, stage, dtype):
     from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, filled, make_learner
-    from trainer.learner import hf_state_dict
+    from trainer.learner.engine import hf_state_dict
 
     path, _, batch, images, masked = tiny
     learner = make_learner(path, zero_stage=stage, dtype=dtype, weight_transport="cuda_ipc", num_gpus=1)
@@ -118,8 +121,8 @@ def test_zero3_loads_the_model_into_partitions_with_the_folders_weights(tiny, mo
     pytest.importorskip("accelerate")  # transformers' ZeRO-3 loading needs it (the GPU stack has it)
     import transformers.integrations.deepspeed as hf_ds
 
-    import trainer.learner as learner_mod
-    from services.logprob import LogProbWorker
+    import trainer.learner.learner as learner_mod
+    from services.logprob.pool import LogProbWorker
     from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, make_learner
 
     path, _, batch, images, _ = tiny

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainer.batch import RolloutBatch
+from trainer.core.batch import RolloutBatch
 
 
 def test_round_trip_through_object_store(ray_cluster):

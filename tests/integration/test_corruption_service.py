@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.corruption import CorruptionPool, CorruptionService, MaskRequest
+from services.corruption.pool import CorruptionPool
+from services.corruption.service import CorruptionService, MaskRequest
 
 pytestmark = pytest.mark.ray
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import dump_config, named_config, resolve_config
+from trainer.core.config import dump_config, named_config, resolve_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def papo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def run_checkpoint(tmp_path_factory):
     """runs/evalrun/{config.yaml, checkpoints/step_000003/} from the small demo model (no warm
     start): an HF model folder plus the files a training checkpoint adds."""
-    from trainer.demo import DatasetSizes, build_demo_assets
+    from trainer.demo.assets import DatasetSizes, build_demo_assets
 
     root = tmp_path_factory.mktemp("eval")
     assets = build_demo_assets(root / "assets", seed=0, sizes=DatasetSizes(train=16, validation=16, sft=16))

@@ -28,7 +28,7 @@ import httpx
 import psutil
 import pytest
 
-from trainer.metrics import read_metrics
+from trainer.core.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
 
@@ -218,7 +218,7 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def small_assets(tmp_path_factory):
-    from trainer.demo import DatasetSizes, build_demo_assets
+    from trainer.demo.assets import DatasetSizes, build_demo_assets
 
     assets = build_demo_assets(
         tmp_path_factory.mktemp("submit") / "assets", seed=0, sizes=DatasetSizes(train=64, validation=16, sft=16)

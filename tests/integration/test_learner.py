@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, make_batch, write_model
-from trainer.learner import LearnerGroup
-from trainer.modeling import load_processor
-from trainer.weights import load_handle
+from trainer.core.modeling import load_processor
+from trainer.learner.group import LearnerGroup
+from trainer.transport.receive import load_handle
 
 TIMEOUT = 300.0
 STEPS = 3
@@ -108,8 +108,8 @@ def test_zero2_and_zero3_give_the_same_losses(runs):
 def test_token_global_gradient_over_two_ranks_equals_the_single_process_gradient(runs):
     """The global token mean is invariant to how rows are split over ranks and micro-batches; a
     missing (or doubled) undo of DeepSpeed's 1/k and rank average shows as a factor 4 or 2."""
-    from trainer.algos import papo_loss
-    from trainer.modeling import load_model, model_inputs, token_logprobs
+    from trainer.core.algos import papo_loss
+    from trainer.core.modeling import load_model, model_inputs, token_logprobs
 
     path, b = runs["path"], runs[0]["batch"]
     model = load_model(str(path), dtype="float32").train()

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, model_and_ray_batch
-from trainer.learner import CHECKPOINT_MARKER, LearnerGroup, prune_checkpoints
+from trainer.core.checkpoint import CHECKPOINT_MARKER, prune_checkpoints
+from trainer.learner.group import LearnerGroup
 
 TIMEOUT = 300.0
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.logprob import LogProbPool, LogProbWorker
+from services.logprob.pool import LogProbPool, LogProbWorker
 from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, make_batch, write_model
-from trainer.learner import Learner
-from trainer.modeling import load_processor
+from trainer.core.modeling import load_processor
+from trainer.learner.learner import Learner
 
 TIMEOUT = 300.0
 T = 0.7

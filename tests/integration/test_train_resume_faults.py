@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import named_config, resolve_config
-from trainer.metrics import read_metrics
+from trainer.core.config import named_config, resolve_config
+from trainer.core.metrics import read_metrics
 
 # The demo config turns on dynamic sampling; these assets have random weights whose rewards are all 0,
 # so no group would ever qualify.
@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def small_assets(tmp_path_factory):
-    from trainer.demo import DatasetSizes, build_demo_assets
+    from trainer.demo.assets import DatasetSizes, build_demo_assets
 
     assets = build_demo_assets(
         tmp_path_factory.mktemp("resume") / "assets", seed=0, sizes=DatasetSizes(train=64, validation=16, sft=16)
@@ -65,8 +65,9 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_resume_continues_the_same_run_and_survives_a_killed_rollout_worker(ray_cluster, small_assets, tmp_path):
     from rewards.client import RewardServerError
-    from services.reward_server import LocalRewardServer
-    from trainer.driver import Trainer, latest_checkpoint
+    from services.reward_server.app import LocalRewardServer
+    from trainer.driver import Trainer
+    from trainer.rundir import latest_checkpoint
 
     ray = ray_cluster
     steps = ["trainer.total_steps=4", "trainer.save_every=2", "trainer.eval_every=0"]
@@ -205,7 +206,7 @@ def test_sigterm_shuts_down_cleanly_and_keeps_the_last_checkpoint(small_assets, 
         time.sleep(0.5)
     assert not _alive(family), f"processes outlived the run: {_alive(family)}"
     # The newest checkpoint is complete and resumable (saves are atomic).
-    from trainer.driver import latest_checkpoint
+    from trainer.rundir import latest_checkpoint
 
     last = latest_checkpoint(run)
     assert (last / "papo_checkpoint.json").is_file() and (last / "model.safetensors").is_file()

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from services.logprob import LogProbPool
+from services.logprob.pool import LogProbPool
 from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, model_and_ray_batch
-from trainer.config import resolve_config
-from trainer.learner import LearnerGroup
+from trainer.core.config import resolve_config
+from trainer.learner.group import LearnerGroup
 
 TIMEOUT = 300.0
 

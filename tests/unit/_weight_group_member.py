@@ -10,7 +10,8 @@ def member(conn: Any, group_id: str, port: int, rank: int, world: int, timeout_s
     """Join the group, then receive each handle the parent sends (None ends); reply (version, tensors) or the
     error text per handle."""
     try:
-        from trainer.weights import join_weight_group, load_handle
+        from trainer.transport.broadcast import join_weight_group
+        from trainer.transport.receive import load_handle
 
         # Imports done: join only when the parent says every member is up, so the group's
         # (short) timeout measures the broadcast, not how long a loaded machine takes to import torch.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.demo import TEMPLATES, DatasetSizes, DemoAssets, build_demo_assets
+from trainer.demo.assets import TEMPLATES, DatasetSizes, DemoAssets, build_demo_assets
 
 #: Small splits: enough rows per question text for the balance checks, fast to build. All
 #: templates (the demo's default is a subset), so every template's labels get checked.

@@ -1,7 +1,7 @@
-"""Tests of trainer/algos.py.
+"""Tests of trainer/core/algos.py.
 
-The reference below is written directly from the formulas (PAPO.md and the docstrings of
-trainer/algos.py) as per-token Python loops over 0-dim float64 tensors, with Python control flow
+The reference below is written directly from the formulas (docs/algorithm.md and the docstrings of
+trainer/core/algos.py) as per-token Python loops over 0-dim float64 tensors, with Python control flow
 for the clips and clamps: deliberately unlike the vectorised implementation. Autograd through the
 reference gives reference gradients.
 """
@@ -14,8 +14,8 @@ import statistics
 import pytest
 import torch
 
-from trainer import algos
-from trainer.algos import (
+from trainer.core import algos
+from trainer.core.algos import (
     aggregate,
     entropy_from_logits,
     group_advantages,

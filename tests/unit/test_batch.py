@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.batch import RolloutBatch
+from trainer.core.batch import RolloutBatch
 
 
 def make_batch(prompts=((5, 6, 7), (8, 9)), responses=((1, 2), (3,), (4, 4, 4), ()), n=2, pad=0):

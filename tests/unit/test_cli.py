@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from trainer.config import resolve_config
+from trainer.core.config import resolve_config
 
 
 def run_papo(*args: str) -> subprocess.CompletedProcess:

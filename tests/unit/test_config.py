@@ -1,4 +1,4 @@
-"""Config: presets resolve to PAPO.md's values; bad input fails naming the field; baselines stay baselines."""
+"""Config: presets resolve to docs/algorithm.md's values; bad input fails naming the field; baselines stay baselines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import warnings
 import pytest
 import yaml
 
-from trainer.config import (
+from trainer.core.config import (
     PRESETS,
     ConfigError,
     ConfigWarning,
@@ -18,7 +18,7 @@ from trainer.config import (
     resolve_config,
 )
 
-# PAPO.md "Presets" table, written out independently of trainer/config.py.
+# docs/algorithm.md "Presets" table, written out independently of trainer/core/config.py.
 PAPER = {
     #          beta  gamma  eta1  eta2  clip_low clip_high dual  dynamic sampling
     "grpo": (0.01, 0.0, 0.0, 0.0, 0.2, 0.3, 3.0, False),

@@ -1,6 +1,6 @@
-"""Every shipped config resolves, and the paper configs carry PAPO.md's hyperparameters.
+"""Every shipped config resolves, and the paper configs carry docs/algorithm.md's hyperparameters.
 
-The expected values are written out here from PAPO.md ("Defaults", "Presets") and the authors'
+The expected values are written out here from docs/algorithm.md ("Defaults", "Presets") and the authors'
 EasyR1 scripts, independently of the YAML files, so a drifting file fails a test.
 """
 
@@ -10,14 +10,14 @@ import warnings
 
 import pytest
 
-from trainer.config import ConfigError, ConfigWarning, configs_dir, named_config, resolve_config, shipped_configs
-from trainer.data import load_prompt_template, looks_like_hub_id
+from trainer.core.config import ConfigError, ConfigWarning, configs_dir, named_config, resolve_config, shipped_configs
+from trainer.core.data import load_prompt_template, looks_like_hub_id
 
 MODELS = {"qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
 ALGOS = ("grpo", "papo", "dapo", "papo_d")
 GPUS = (2, 4, 8)
 
-# PAPO.md "Presets":  beta  gamma  eta1  eta2  clip_low clip_high dual  dynamic sampling
+# docs/algorithm.md "Presets":  beta  gamma  eta1  eta2  clip_low clip_high dual  dynamic sampling
 PRESET = {
     "grpo": (0.01, 0.0, 0.0, 0.0, 0.2, 0.3, 3.0, False),
     "papo": (0.01, 0.02, 0.0, 0.0, 0.2, 0.3, 3.0, False),
@@ -25,14 +25,14 @@ PRESET = {
     "papo_d": (0.0, 0.01, 0.03, 0.03, 0.2, 0.28, 3.0, True),
 }
 
-#: PAPO.md "prompt": the question, then this sentence.
+#: docs/algorithm.md "prompt": the question, then this sentence.
 PAPER_PROMPT = (
     "You first think through the reasoning process as an internal monologue, enclosed within "
     "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
 )
 
 #: What a config may warn about: only the documented eta2 note of papo_d (the official default
-#: computes the masked log-probs without gradient, PAPO.md).
+#: computes the masked log-probs without gradient, docs/algorithm.md).
 ALLOWED_WARNING = "algo.eta2=0.03 has no effect with perception.masked_logp='pool'"
 
 

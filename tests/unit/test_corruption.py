@@ -1,4 +1,4 @@
-"""Properties of the image corruption functions (services/corruption.py), no Ray.
+"""Properties of the image corruption functions (trainer/core/corruption.py), no Ray.
 
 Property-based over random sizes, modes, dtypes, patch sizes, probabilities and seeds: only whole
 grid cells change, changed cells are exactly black (opaque for alpha modes), everything else is
@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from services import corruption
-from services.corruption import (
+from services.corruption.service import CorruptionService
+from trainer.core import corruption
+from trainer.core.corruption import (
     STRATEGIES,
     CorruptionParams,
-    CorruptionService,
     corrupt,
     mask_seed,
     patch_blackening,

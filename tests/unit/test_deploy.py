@@ -467,7 +467,7 @@ def check_papo_command(argv: list[str], config_files: dict[str, str] | None = No
     """``papo <command> ...`` parses as that command would; ``papo train`` configs resolve."""
     assert argv[0] == "papo", argv
     if argv[1] == "reward-server":
-        from services.reward_server import build_parser
+        from services.reward_server.app import build_parser
 
         return build_parser().parse_args(argv[2:])
     if argv[1] == "submit":
@@ -476,7 +476,7 @@ def check_papo_command(argv: list[str], config_files: dict[str, str] | None = No
         return submit_parser().parse_args(argv[2:])
     assert argv[1] == "train", f"unexpected papo command {argv}"
     from trainer.cli import build_parser
-    from trainer.config import named_config, resolve_config
+    from trainer.core.config import named_config, resolve_config
 
     args, extra = build_parser().parse_known_args(argv[1:])
     assert all("=" in e and not e.startswith("-") for e in extra), extra

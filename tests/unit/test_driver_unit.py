@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data import BadPrompt, PromptExample, prompt_images
-from trainer.driver import PromptSampler
+from trainer.core.data import BadPrompt, PromptExample, prompt_images
+from trainer.core.sampler import PromptSampler
 
 
 def example(tmp_path, name: str, size=(56, 56)) -> PromptExample:
@@ -67,7 +67,7 @@ def _checkpoint(folder, step: int, state: bool = True):
 
 
 def test_latest_checkpoint_picks_the_newest_complete_one(tmp_path):
-    from trainer.driver import latest_checkpoint
+    from trainer.rundir import latest_checkpoint
 
     run = tmp_path / "run"
     _checkpoint(run / "checkpoints" / "step_000010", 10)
@@ -85,8 +85,8 @@ def test_latest_checkpoint_picks_the_newest_complete_one(tmp_path):
 
 
 def test_check_model_paths_accepts_model_folders_and_hub_ids(tmp_path):
-    from trainer.config import resolve_config
-    from trainer.driver import check_model_paths
+    from trainer.core.config import resolve_config
+    from trainer.rundir import check_model_paths
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
@@ -111,8 +111,8 @@ def test_check_model_paths_accepts_model_folders_and_hub_ids(tmp_path):
 
 
 def test_check_model_paths_treats_org_name_with_a_local_first_folder_as_a_typo(tmp_path, monkeypatch):
-    from trainer.config import resolve_config
-    from trainer.driver import check_model_paths
+    from trainer.core.config import resolve_config
+    from trainer.rundir import check_model_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
@@ -121,7 +121,7 @@ def test_check_model_paths_treats_org_name_with_a_local_first_folder_as_a_typo(t
 
 
 def test_a_new_run_moves_an_earlier_run_of_the_same_name_aside(tmp_path):
-    from trainer.driver import archive_earlier_run, run_dir_of
+    from trainer.rundir import archive_earlier_run, run_dir_of
 
     run = tmp_path / "demo"
     assert archive_earlier_run(run) is None  # nothing there
@@ -138,7 +138,7 @@ def test_a_live_run_folder_is_locked_and_a_dead_runs_lock_is_gone(tmp_path):
     import subprocess
     import sys
 
-    from trainer.driver import RunDirInUse, RunDirLock
+    from trainer.rundir import RunDirInUse, RunDirLock
 
     run_dir = tmp_path / "runs" / "demo"
     lock = RunDirLock(run_dir)
@@ -165,8 +165,9 @@ def test_a_live_run_folder_is_locked_and_a_dead_runs_lock_is_gone(tmp_path):
 
 
 def test_papo_train_on_a_busy_run_folder_exits_2_before_any_work(tmp_path, capsys):
-    from trainer.config import named_config, resolve_config
-    from trainer.driver import RunDirLock, train
+    from trainer.core.config import named_config, resolve_config
+    from trainer.driver import train
+    from trainer.rundir import RunDirLock
 
     cfg = resolve_config(
         [named_config("demo")], [f"trainer.output_dir={tmp_path}", "trainer.name=busy", "model.path=/nonexistent/model"]
@@ -191,8 +192,8 @@ class _Rollout:
         self.calls: list[int] = []
 
     def generate(self, requests, spec):
-        from services.rollout import RolloutResult
-        from trainer.batch import RolloutBatch
+        from services.rollout.pool import RolloutResult
+        from trainer.core.batch import RolloutBatch
 
         self.calls.append(len(requests))
         rows = [(g, row) for g, (row, _epoch) in enumerate(requests) for _ in range(spec.n)]
@@ -221,7 +222,7 @@ class _Grader:
 def _dapo_trainer(overrides: list[str]):
     from types import SimpleNamespace
 
-    from trainer.config import resolve_config
+    from trainer.core.config import resolve_config
     from trainer.driver import Trainer
 
     cfg = resolve_config(
@@ -287,10 +288,10 @@ def _startup_doubles(monkeypatch, fail: str | None):
     import threading
 
     import rewards.client
-    import services.corruption
-    import services.logprob
-    import services.rollout
-    import trainer.learner
+    import services.corruption.pool
+    import services.logprob.pool
+    import services.rollout.pool
+    import trainer.learner.group
 
     names = ["rollout", "learner", "corruption", "perception", "reference"]
     barrier = threading.Barrier(len(names), timeout=10)
@@ -319,15 +320,17 @@ def _startup_doubles(monkeypatch, fail: str | None):
             pass
 
     monkeypatch.setattr(rewards.client, "RewardClient", Client)
-    monkeypatch.setattr(services.rollout.RolloutPool, "from_config", classmethod(lambda cls, *a, **k: Pool("rollout")))
-    monkeypatch.setattr(trainer.learner, "LearnerGroup", lambda *a, **k: Pool("learner"))
-    monkeypatch.setattr(services.corruption, "CorruptionPool", lambda *a, **k: Pool("corruption"))
-    monkeypatch.setattr(services.logprob, "LogProbPool", lambda *a, role, **k: Pool(role))
+    monkeypatch.setattr(
+        services.rollout.pool.RolloutPool, "from_config", classmethod(lambda cls, *a, **k: Pool("rollout"))
+    )
+    monkeypatch.setattr(trainer.learner.group, "LearnerGroup", lambda *a, **k: Pool("learner"))
+    monkeypatch.setattr(services.corruption.pool, "CorruptionPool", lambda *a, **k: Pool("corruption"))
+    monkeypatch.setattr(services.logprob.pool, "LogProbPool", lambda *a, role, **k: Pool(role))
     return started, stopped
 
 
 def _startup_trainer():
-    from trainer.config import resolve_config
+    from trainer.core.config import resolve_config
     from trainer.driver import Trainer
 
     trainer = Trainer.__new__(Trainer)

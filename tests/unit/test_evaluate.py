@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 
 import rewards
-from services.corruption import CorruptionService
-from services.rollout import RolloutResult, SamplingSpec
-from trainer.batch import RolloutBatch
+from services.corruption.service import CorruptionService
+from services.rollout.pool import RolloutResult, SamplingSpec
 from trainer.cli import main as cli_main
-from trainer.config import named_config, resolve_config
-from trainer.data import PromptExample
+from trainer.core.batch import RolloutBatch
+from trainer.core.config import named_config, resolve_config
+from trainer.core.data import PromptExample
 from trainer.evaluate import (
     EvalError,
     EvalReport,

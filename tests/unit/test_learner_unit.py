@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, filled, learner_cfg, make_learner, tiny_setup
-from trainer.algos import papo_loss
-from trainer.learner import CHECKPOINT_MARKER, Learner, LossSettings, lr_factor, prune_checkpoints
-from trainer.modeling import load_model, load_processor, model_inputs, token_logprobs
-from trainer.weights import load_handle
+from trainer.core.algos import papo_loss
+from trainer.core.checkpoint import CHECKPOINT_MARKER, prune_checkpoints
+from trainer.core.modeling import load_model, load_processor, model_inputs, token_logprobs
+from trainer.learner.engine import LossSettings, lr_factor
+from trainer.learner.learner import Learner
+from trainer.transport.receive import load_handle
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def reference_grad_norm(path: Path, batch, images, loss: LossSettings, micro: in
     """The mini-batch gradient norm computed by hand with a plain transformers model.
 
     token/seq: sum over micro-batches of papo_loss(grad_accum=k); token_global: sum of
-    papo_loss(num_tokens = the whole batch's tokens). This is the objective DESIGN.md defines; a
+    papo_loss(num_tokens = the whole batch's tokens). This is the objective docs/design.md defines; a
     learner that scaled twice (or not at all) reports a norm k times off.
     """
     model = load_model(str(path), dtype="float32").train()
@@ -152,7 +154,7 @@ def test_published_weights_carry_save_pretrained_names_and_the_trained_values(ti
     assert set(weights) == saved_names  # e.g. "model.layers.0...", "visual.blocks.0...", no lm_head
     assert handle.num_tensors == len(weights)
     initial = load_model(str(path), dtype="float32")
-    from trainer.weights import hf_name_map
+    from trainer.core.weights import hf_name_map
 
     internal = initial.state_dict()
     changed = [n for n, i in hf_name_map(initial).items() if not torch.equal(weights[n], internal[i])]
@@ -182,7 +184,7 @@ def test_checkpoint_round_trip_resumes_exactly_and_saves_atomically(tiny, tmp_pa
 
     # The folder is a plain HF model + processor folder.
     hf = AutoModelForImageTextToText.from_pretrained(str(ckpt1), dtype=torch.float32)
-    from trainer.weights import hf_name_map
+    from trainer.core.weights import hf_name_map
 
     sd = hf.state_dict()
     assert all(torch.equal(sd[i], saved[n]) for n, i in hf_name_map(hf).items())
@@ -282,15 +284,15 @@ def test_a_plain_process_leaves_no_rank_variables_behind(tiny):
 
     import torch.distributed as dist
 
-    from trainer.learner import init_distributed
+    from trainer.learner.engine import init_distributed
 
     assert init_distributed() == (0, 1) and dist.is_initialized()
     assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
 
 
 def test_every_loss_field_of_the_config_reaches_the_loss_settings():
-    from trainer.config import resolve_config
-    from trainer.learner import LossSettings
+    from trainer.core.config import resolve_config
+    from trainer.learner.engine import LossSettings
 
     algo = resolve_config(
         overrides=[

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from trainer.metrics import MetricsWriter, StepLine, format_duration, plot_curves, read_metrics
+from trainer.core.metrics import MetricsWriter, StepLine, format_duration, plot_curves, read_metrics
 
 
 def test_jsonl_rows_and_non_finite_values(tmp_path):

@@ -1,4 +1,4 @@
-"""Ray-free parts of services/rollout.py and services/vllm_ext.py.
+"""Ray-free parts of services/rollout/ and services/rollout/vllm_ext.py.
 
 Sampling specs, request checks, error classification, the vision-token block list, the CPU GEMM
 patch that makes in-place weight reloads visible, and a plain ``RolloutWorker`` on the ``hf``
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.rollout import (
+from services.rollout.pool import (
     ERR_IMAGE_TOKEN_MISMATCH,
     ERR_INVALID_REQUEST,
     ERR_MISSING_IMAGE,
@@ -26,10 +26,10 @@ from services.rollout import (
     count_image_items,
     worker_kwargs_from_config,
 )
-from trainer.config import ModelConfig, RolloutConfig
-from trainer.data import load_image, load_split
-from trainer.demo import VISION_TOKEN_IDS, DatasetSizes, build_demo_assets
-from trainer.weights import WeightsHandle, digest, hf_name_map, pack_state_dict
+from trainer.core.config import ModelConfig, RolloutConfig
+from trainer.core.data import load_image, load_split
+from trainer.core.weights import WeightsHandle, digest, hf_name_map, pack_state_dict
+from trainer.demo.assets import VISION_TOKEN_IDS, DatasetSizes, build_demo_assets
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 # A stable folder, not pytest's tmp_path: pytest deletes all but its 3 newest basetemp folders,
@@ -178,7 +178,7 @@ def test_cpu_gemm_patch_reads_the_live_weight():
     pytest.importorskip("vllm")
     from vllm.model_executor.layers import utils as layer_utils
 
-    from services import vllm_ext
+    from services.rollout import vllm_ext
 
     if not vllm_ext.CPU_GEMM_PATCHED:
         pytest.skip("vLLM does not run on CPU here")

@@ -1,4 +1,4 @@
-"""The demo's supervised warm start (trainer/warmstart.py): it learns the task from the image,
+"""The demo's supervised warm start (trainer/demo/warmstart.py): it learns the task from the image,
 stays inside the asset cache's contract (recipe keys the cache, only the weights change) and
 is reproducible.
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import demo
-from trainer.demo import (
+from trainer.demo import assets as demo
+from trainer.demo.assets import (
     DEFAULT_TEMPLATES,
     DEMO_TEMPLATES,
     DatasetSizes,
@@ -28,7 +28,7 @@ from trainer.demo import (
     build_demo_assets,
     recipe,
 )
-from trainer.warmstart import SFTWarmStart, _greedy_accuracy, _prepare
+from trainer.demo.warmstart import SFTWarmStart, _greedy_accuracy, _prepare
 
 #: Tiny train/validation (not used here) and the demo's sft split of 4096 rows (with 1024 the
 #: tiny model memorises images and plateaus near 0.3, measured on colour + count).
@@ -171,7 +171,7 @@ def test_bad_settings_fail_at_construction(kwargs: dict) -> None:
 def test_overshooting_the_band_keeps_the_closer_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Between two checks accuracy can jump over the band: 0.30 -> 0.90 around a 0.35-0.55 band
     keeps the earlier weights (0.05 below beats 0.35 above)."""
-    from trainer import warmstart
+    from trainer.demo import warmstart
 
     plain = build_demo_assets(tmp_path / "plain", sizes=SMALL)
     for name in ("ref", "x"):

@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from trainer.weights import digest, pack_state_dict, unpack_state_dict
+from trainer.core.weights import digest, pack_state_dict, unpack_state_dict
 
 
 def test_pack_round_trip_is_bit_exact_and_verified():
@@ -26,7 +26,9 @@ def test_pack_round_trip_is_bit_exact_and_verified():
 
 
 def test_fetch_blob_accepts_inline_blobs_and_refuses_other_transports():
-    from trainer.weights import WeightsHandle, fetch_blob, load_handle
+    from trainer.core.weights import WeightsHandle
+    from trainer.transport.object_store import fetch_blob
+    from trainer.transport.receive import load_handle
 
     sd = {"w": torch.arange(6.0).reshape(2, 3)}
     blob = pack_state_dict(sd)
@@ -42,7 +44,7 @@ def test_fetch_blob_accepts_inline_blobs_and_refuses_other_transports():
 
 
 def test_buckets_round_trip_bit_exactly_with_aligned_slots():
-    from trainer.weights import ALIGN, bucket_checksum, pack_buckets, plan_buckets, unpack_buckets
+    from trainer.core.weights import ALIGN, bucket_checksum, pack_buckets, plan_buckets, unpack_buckets
 
     sd = {
         "a": torch.randn(3, 5),
@@ -71,14 +73,16 @@ def test_buckets_round_trip_bit_exactly_with_aligned_slots():
 
 
 def test_plan_rejects_a_bucket_smaller_than_the_alignment():
-    from trainer.weights import plan_buckets
+    from trainer.core.weights import plan_buckets
 
     with pytest.raises(ValueError, match="bucket_bytes"):
         plan_buckets({"w": torch.zeros(2)}, bucket_bytes=16)
 
 
 def test_cuda_ipc_handles_are_refused_clearly_without_a_gpu():
-    from trainer.weights import WeightsHandle, load_handle, share_cuda_ipc
+    from trainer.core.weights import WeightsHandle
+    from trainer.transport.cuda_ipc import share_cuda_ipc
+    from trainer.transport.receive import load_handle
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; tests/gpu covers the transport")
@@ -92,7 +96,7 @@ def test_cuda_ipc_handles_are_refused_clearly_without_a_gpu():
 
 
 def test_only_cuda_ipc_handles_become_plain_values():
-    from trainer.weights import WeightsHandle, handle_from_dict, handle_to_dict
+    from trainer.core.weights import WeightsHandle, handle_from_dict, handle_to_dict
 
     h = WeightsHandle(3, "cuda_ipc", 2, 512, "sum32:1,2", extra={"slots": [["w", "float32", [2], 0, 0]], "pid": 7})
     d = handle_to_dict(h)
@@ -108,8 +112,8 @@ def _gloo_group(group_id: str, timeout_s: float):
     import pickle
 
     from tests.unit._weight_group_member import member
-    from trainer.learner import free_port
-    from trainer.weights import WeightGroup
+    from trainer.learner.engine import free_port
+    from trainer.transport.broadcast import WeightGroup
 
     port, world = free_port(), 3
     ctx = mp.get_context("spawn")
@@ -148,7 +152,7 @@ def test_gloo_broadcast_reaches_every_member_bit_exactly_and_checks_the_layout()
     """
     import pickle
 
-    from trainer.weights import WeightsHandle
+    from trainer.core.weights import WeightsHandle
 
     g = torch.Generator().manual_seed(0)
     versions = {
@@ -222,7 +226,7 @@ def test_a_member_killed_before_a_broadcast_fails_the_sender_at_once_and_never_h
 
 
 def test_weight_group_refuses_an_unknown_backend():
-    from trainer.weights import WeightGroup
+    from trainer.transport.broadcast import WeightGroup
 
     with pytest.raises(ValueError, match="backend must be one of"):
         WeightGroup("g", "127.0.0.1", 1, 0, 1, "mpi")

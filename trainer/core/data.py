@@ -5,7 +5,7 @@ This module owns the dataset layouts the trainer reads and the prompt formatting
 **Sources** (``data.train_path`` / ``data.val_path``, see :func:`load_split`):
 
 * a parquet file, or a folder holding ``{split}.parquet`` / HF-style shards (the layout
-  ``trainer/demo.py`` writes);
+  ``trainer/demo/`` writes);
 * a jsonl file (one JSON object per line), or a folder holding ``{split}.jsonl``;
 * a ``datasets.save_to_disk`` folder (one ``Dataset``, or a ``DatasetDict`` with one subfolder
   per split), read straight from its Arrow files with pyarrow, so the ``datasets`` package is
@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 logger = logging.getLogger(__name__)
 
-#: The prompt PAPO appends to every question (PAPO.md, "prompt").
+#: The prompt PAPO appends to every question (docs/algorithm.md, "prompt").
 PAPO_FORMAT_PROMPT = (
     "You first think through the reasoning process as an internal monologue, enclosed within "
     "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
@@ -153,7 +153,7 @@ class PromptExample(BaseModel):
         if not all(isinstance(im, Path) for im in self.images):
             raise ValueError(
                 f"row {self.row_id} has images stored in the dataset, not files; "
-                "use trainer.data.prompt_images(example, max_raw_pixels)"
+                "use trainer.core.data.prompt_images(example, max_raw_pixels)"
             )
         return list(self.images)  # type: ignore[arg-type]
 
@@ -303,7 +303,7 @@ def _image_items(value: Any, root: Path | None) -> list[ImageItem] | None:
 
 def templates_dir() -> Path:
     """The shipped prompt templates (``configs/templates``)."""
-    import configs  # the shipped-configs package; imported lazily like trainer.config does
+    import configs  # the shipped-configs package; imported lazily like trainer.core.config does
 
     return Path(configs.__file__).parent / "templates"
 
@@ -883,7 +883,7 @@ def filter_overlong(
 
 @functools.lru_cache(maxsize=2)
 def _cached_processor(path: str, min_pixels: int, max_pixels: int, trust_remote_code: bool) -> Any:
-    from trainer.modeling import load_processor  # torch/transformers: only when filtering
+    from trainer.core.modeling import load_processor  # torch/transformers: only when filtering
 
     return load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code)
 
@@ -891,7 +891,7 @@ def _cached_processor(path: str, min_pixels: int, max_pixels: int, trust_remote_
 def load_split_from_config(
     data: Any, path: str | Path, split: str, *, model: Any = None, processor: Any = None
 ) -> LoadedSplit:
-    """:func:`load_split` with a job's ``data`` section (``trainer.config.DataConfig``), then the
+    """:func:`load_split` with a job's ``data`` section (``trainer.core.config.DataConfig``), then the
     ``data.max_prompt_length`` filter when it is set. That filter needs the model's processor:
     ``processor`` if given, else loaded (once per process) from ``model.path`` with the job's
     pixel limits (``model`` is the job's ``ModelConfig``)."""

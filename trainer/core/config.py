@@ -3,7 +3,7 @@
 This module owns what a job *is*: every knob of every pool, validated before anything starts.
 
 Resolution order (lowest to highest priority):
-  1. the field defaults below (the paper's runs, PAPO.md "Defaults");
+  1. the field defaults below (the paper's runs, docs/algorithm.md "Defaults");
   2. the algorithm preset named by ``algo.name`` (``grpo``, ``dapo``, ``papo`` = PAPO-G, ``papo_d``),
      which fills every ``algo.*`` field the user did not set, then that preset's entry of the
      top-level ``algo_by_preset`` mapping, if the files or overrides give one (a config's own
@@ -15,7 +15,7 @@ Resolution order (lowest to highest priority):
 Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`, whose message names
 each offending field with the value given and the allowed range. A baseline (``grpo``/``dapo``)
 with a PAPO term switched on is an error, so a baseline can never silently run PAPO (a known
-defect of the official scripts, PAPO.md).
+defect of the official scripts, docs/algorithm.md).
 
 The image pixel limits are ``model.min_pixels`` / ``model.max_pixels``, the one pair of fields
 that the vLLM engine and every HF processor call read, so image-token counts always agree.
@@ -35,7 +35,7 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.data import PAPO_FORMAT_PROMPT
+from trainer.core.data import PAPO_FORMAT_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ MaskedLogpPlacement = Literal["pool", "learner", "learner_grad"]
 CorruptionStrategy = Literal["patch_blackening", "full", "noise", "precomputed"]
 DType = Literal["float32", "bfloat16", "float16"]
 
-# PAPO.md "Presets": every algo.* value a preset decides. All use token averaging, k3 estimators.
+# docs/algorithm.md "Presets": every algo.* value a preset decides. All use token averaging, k3 estimators.
 PRESETS: dict[str, dict[str, Any]] = {
     "grpo": dict(
         beta=0.01,
@@ -122,7 +122,7 @@ class _Section(BaseModel):
 
 
 class AlgoConfig(_Section):
-    """The loss: PAPO.md "Objective". Values not set by the user come from the preset ``name``."""
+    """The loss: docs/algorithm.md "Objective". Values not set by the user come from the preset ``name``."""
 
     name: AlgoName = DEFAULT_ALGO
     gamma: float = Field(
@@ -192,7 +192,7 @@ class AlgoConfig(_Section):
 
 
 class PerceptionConfig(_Section):
-    """Where the masked-image pass runs (PAPO.md, DESIGN.md)."""
+    """Where the masked-image pass runs (docs/algorithm.md, docs/design.md)."""
 
     masked_logp: MaskedLogpPlacement = Field(
         "pool",
@@ -206,7 +206,7 @@ class PerceptionConfig(_Section):
 
 
 class CorruptionConfig(_Section):
-    """How the masked image is made (PAPO.md "mask")."""
+    """How the masked image is made (docs/algorithm.md "mask")."""
 
     strategy: CorruptionStrategy = "patch_blackening"
     patch_size: int = Field(14, ge=1, description="cell size in raw-image pixels")
@@ -232,7 +232,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Where prompts come from and how they are formatted (``trainer/data.py``).
+    """Where prompts come from and how they are formatted (``trainer/core/data.py``).
 
     Paths are a parquet/jsonl file or folder, a ``datasets.save_to_disk`` folder, or a hub id
     ``owner/name[@split]``; ``demo://data`` is the demo dataset.
@@ -285,7 +285,7 @@ class DataConfig(_Section):
     @classmethod
     def _template_exists(cls, value: str | None) -> str | None:
         if value is not None:
-            from trainer.data import DataError, load_prompt_template
+            from trainer.core.data import DataError, load_prompt_template
 
             try:
                 load_prompt_template(value)  # resolves, compiles and test-renders it
@@ -371,7 +371,7 @@ class LearnerConfig(_Section):
         description="how published weights reach the rollout and perception pools: object_store "
         "(any placement), cuda_ipc (GPU; every receiver on learner rank 0's GPU), nccl (GPU; a bucketed "
         "broadcast from learner rank 0 to every receiver) or gloo (the same broadcast between CPU processes). "
-        "See trainer/weights.py",
+        "See trainer/core/weights.py",
     )
     weight_bucket_mb: int = Field(512, ge=1, description="cuda_ipc, nccl, gloo: size of one flat weight bucket (MiB)")
     weight_broadcast_timeout_s: float = Field(

@@ -1,7 +1,7 @@
 """The demo's supervised warm start: teach the tiny random model to half-see before RL.
 
-Owns :class:`SFTWarmStart`, the :class:`trainer.demo.WarmStart` implementation that
-:func:`trainer.demo.build_demo_assets` runs on a freshly built asset folder. DEMO-CALIBRATION.md
+Owns :class:`SFTWarmStart`, the :class:`trainer.demo.assets.WarmStart` implementation that
+:func:`trainer.demo.assets.build_demo_assets` runs on a freshly built asset folder. docs/demo.md
 measured that RL from random weights never produces the answer format (no reward signal), and
 the paper starts RL from an instruction-tuned model; so the demo's policy starts from a short
 supervised run with true labels on the ``sft`` split (disjoint from train/validation by
@@ -9,12 +9,12 @@ construction), stopped once it is well above chance but far from solved.
 
 What it does, in place on ``model_dir``:
 
-* prompts are exactly what the trainer sends (``trainer.data.load_split`` with PAPO's format
+* prompts are exactly what the trainer sends (``trainer.core.data.load_split`` with PAPO's format
   prompt, the chat template with ``add_generation_prompt=True``, image pads expanded by the
   processor under the job's pixel limits); the target is a short response in the reward's format,
   ``<think> </think> \\boxed{ANSWER}`` followed by ``<|im_end|>``;
 * loss: mean negative log-likelihood of the response tokens only, through the shared forward
-  (:func:`trainer.modeling.model_inputs` + :func:`trainer.modeling.token_logprobs`), so training
+  (:func:`trainer.core.modeling.model_inputs` + :func:`trainer.core.modeling.token_logprobs`), so training
   and RL score tokens identically (explicit m-RoPE positions);
 * plain torch AdamW on CPU in float32, deterministic under ``torch.manual_seed(seed)``;
 * every ``eval_every`` steps: greedy HF ``generate`` on a held-out slice of the ``sft`` split
@@ -49,7 +49,7 @@ RESPONSE_TEMPLATE = "<think> </think> \\boxed{{{answer}}}"
 class SFTWarmStart:
     """Supervised warm start of the demo's tiny model on the ``sft`` split (a ``WarmStart``).
 
-    Defaults follow DEMO-CALIBRATION.md (batch 64, lr 2e-3: chance until ~100 steps, 0.42 at
+    Defaults follow docs/demo.md (batch 64, lr 2e-3: chance until ~100 steps, 0.42 at
     125, 0.81 at 175), so checks every 10 steps land inside the 0.35-0.55 band rather than
     jumping over it. ``min_pixels``/``max_pixels`` must be the trainer's ``model.min_pixels``/
     ``model.max_pixels`` (the prompts' image-token counts depend on them).
@@ -120,7 +120,7 @@ class _Example:
 class _CachedImageProcessor:
     """Wraps the image processor so each sft image is processed once, not once per epoch.
 
-    :func:`trainer.modeling.pixel_inputs` calls the processor for every row of every batch; the
+    :func:`trainer.core.modeling.pixel_inputs` calls the processor for every row of every batch; the
     same few hundred images recur every epoch, and processing them again costs a sizeable share
     of a CPU step. The key is the image objects' identity (they live as long as the run).
     """
@@ -149,7 +149,7 @@ def _templates_by_id(data_dir: Path) -> dict[int, str]:
 
 
 def _prepare(processor: Any, data_dir: Path) -> list[_Example]:
-    from trainer.data import load_image, load_split
+    from trainer.core.data import load_image, load_split
 
     split = load_split(data_dir, "sft")  # PAPO's format prompt, exactly as the trainer builds prompts
     templates = _templates_by_id(data_dir)
@@ -170,7 +170,7 @@ def _response_ids(tokenizer: Any, answer: str) -> list[int]:
 
 
 def _batch(examples: Sequence[_Example], responses: Sequence[list[int]], pad_id: int) -> Any:
-    from trainer.batch import RolloutBatch
+    from trainer.core.batch import RolloutBatch
 
     return RolloutBatch.from_sequences(
         [e.prompt_ids for e in examples],
@@ -201,7 +201,7 @@ def _greedy_accuracy(
     which measures how much of the accuracy needs the image.
     """
     import rewards
-    from trainer.demo import VISION_TOKEN_IDS
+    from trainer.demo.assets import VISION_TOKEN_IDS
 
     tok = processor.tokenizer
     model.eval()
@@ -238,7 +238,7 @@ def _greedy_accuracy(
 
 
 def _run(cfg: SFTWarmStart, model_dir: Path, data_dir: Path, seed: int) -> dict[str, Any]:
-    from trainer.modeling import load_model, load_processor, model_inputs, token_logprobs
+    from trainer.core.modeling import load_model, load_processor, model_inputs, token_logprobs
 
     t0 = time.perf_counter()
     processor = load_processor(str(model_dir), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)

@@ -1,18 +1,14 @@
-"""The learner: the PAPO policy update over a DeepSpeed engine, and its data-parallel Ray group.
+"""The learner: the PAPO policy update of one rank over a DeepSpeed engine (no Ray).
 
-This module owns
-- :class:`Learner`, a plain class (no Ray) holding one DeepSpeed rank: the policy model wrapped in
+This module owns :class:`Learner`, a plain class (no Ray) holding one DeepSpeed rank: the policy model wrapped in
   a ZeRO 0-3 engine (fp32/bf16, torch AdamW, LR schedule, grad-norm clipping, optional gradient
   checkpointing and frozen vision tower). It computes ``old_logp`` (:meth:`Learner.compute_logprobs`),
   runs every optimiser step of one rollout batch (:meth:`Learner.train_step`), publishes the
   weights under their HF names (:meth:`Learner.publish_weights`) and saves/loads checkpoints
-  atomically (:meth:`Learner.save_checkpoint` / :meth:`Learner.load_checkpoint`);
-- :class:`LearnerGroup`: N Ray actors, one rank each, in a placement group; it shards batches
-  data-parallel and gathers results; rank 0 publishes weights;
-- :func:`resolve_image_refs`: per-row image ObjectRefs -> per-row PIL lists, rows of one prompt
-  sharing one list object (the pixel cache of ``trainer.modeling`` keys on it).
+  atomically (:meth:`Learner.save_checkpoint` / :meth:`Learner.load_checkpoint`).
 
-Loss scaling (PAPO.md: "scale once, not twice"). DeepSpeed is configured with
+
+Loss scaling (docs/algorithm.md: "scale once, not twice"). DeepSpeed is configured with
 ``gradient_accumulation_steps = micro-batches per rank per mini-batch`` and its
 ``engine.backward`` divides every loss by that number; its data-parallel reduction then averages
 over ranks. So ``papo_loss`` is always called with ``grad_accum=1``:
@@ -24,17 +20,7 @@ over ranks. So ``papo_loss`` is always called with ``grad_accum=1``:
   ``k * world_size`` before ``engine.backward`` to undo both DeepSpeed divisions, so the gradient
   is exactly that of the global token mean.
 
-Non-finite gradients. DeepSpeed's automatic skip belongs to fp16 loss scaling; which other
-configurations it covers depends on version and stage (in 0.19.8 with NaN gradients: the ZeRO 1-3
-optimisers and the bf16 optimiser skip, fp32 ZeRO 0 steps and writes NaN into the weights; the
-unit test shows it by failing there without our guard). So at every accumulation boundary we compute the
-global gradient norm ourselves (collectively, from the
-reduced gradients of the configured stage) before ``engine.step()``. A non-finite norm sets a flag
-on our AdamW subclass, whose ``step`` then returns without touching parameters or moments; the
-engine still runs its bookkeeping (clearing gradients, counters). The step is counted in
-``skipped_steps`` and the LR schedule does not advance. The LR schedule is ours (a pure function of
-the optimiser-step count, written into the optimiser's param groups before each step), so it
-checkpoints as one integer and never advances on a skipped step.
+Non-finite gradient norms skip the step (see :mod:`trainer.learner.engine`).
 
 Published and checkpointed weights carry the names ``save_pretrained`` writes (transformers 5
 renames Qwen2.5-VL's ``model.language_model.*`` to ``model.*`` and ``model.visual.*`` to
@@ -55,226 +41,33 @@ import math
 import os
 import random
 import shutil
-import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from trainer.algos import papo_loss
-from trainer.batch import RolloutBatch
-from trainer.checkpoint import replace_dir
-from trainer.config import AlgoConfig, LearnerConfig, MaskedLogpPlacement
-from trainer.modeling import load_model, load_processor, model_inputs, token_logprobs
-from trainer.weights import (
-    BROADCAST_TRANSPORTS,
-    WeightsHandle,
-    current_weight_group,
-    digest,
-    join_weight_group,
-    pack_state_dict,
-    share_cuda_ipc,
-)
+from trainer.core.algos import papo_loss
+from trainer.core.batch import RolloutBatch
+from trainer.core.checkpoint import CHECKPOINT_MARKER, TRAINER_STATE, prune_checkpoints, replace_dir
+from trainer.core.config import AlgoConfig, LearnerConfig, MaskedLogpPlacement
+from trainer.core.modeling import load_model, load_processor, model_inputs, token_logprobs
+from trainer.core.weights import BROADCAST_TRANSPORTS, WeightsHandle, digest, pack_state_dict
+from trainer.learner.engine import GuardedAdamW, LossSettings, ds_config, hf_state_dict, init_distributed, lr_factor
+from trainer.transport.broadcast import current_weight_group, join_weight_group
+from trainer.transport.cuda_ipc import share_cuda_ipc
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHECKPOINT_MARKER = "papo_checkpoint.json"
-#: The driver's state (step, sampler position, best eval) inside a checkpoint, written with it atomically.
-TRAINER_STATE = "trainer_state.json"
 _DS_SUBDIR = "deepspeed"
 _DS_TAG = "state"
 # Files of a model folder that are weights (rewritten from the trained parameters on save);
 # everything else (config, tokenizer, processor, chat template) is copied as it is.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
-
-
-# --------------------------------------------------------------------------------------------
-# Loss hyper-parameters
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """The ``papo_loss`` keyword arguments a learner uses (from :class:`AlgoConfig`)."""
-
-    gamma: float = 0.0
-    beta: float = 0.0
-    eta1: float = 0.0
-    eta2: float = 0.0
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    clip_dual: float = 3.0
-    kl_kind: str = "low_var_kl"
-    perception_kl_kind: str = "low_var_kl"
-    avg: str = "token"
-    perception_top_p: float | None = None
-    perception_kl_clip: float | None = None
-    perception_kl_masked_grad: bool = False
-
-    @classmethod
-    def from_algo(cls, algo: AlgoConfig) -> LossSettings:
-        return cls(
-            gamma=algo.gamma,
-            beta=algo.beta,
-            eta1=algo.eta1,
-            eta2=algo.eta2,
-            clip_low=algo.clip_low,
-            clip_high=algo.clip_high,
-            clip_dual=algo.clip_dual,
-            kl_kind=algo.kl_kind,
-            perception_kl_kind=algo.perception_kl_kind,
-            avg=algo.loss_avg,
-            perception_top_p=algo.perception_top_p,
-            perception_kl_clip=algo.perception_kl_clip,
-            perception_kl_masked_grad=algo.perception_kl_masked_grad,
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Optimiser and schedule
-# --------------------------------------------------------------------------------------------
-
-
-class GuardedAdamW(torch.optim.AdamW):
-    """torch AdamW whose ``step`` is a no-op while ``skip_next`` is set.
-
-    DeepSpeed calls the client optimiser's ``step`` from inside ``engine.step()`` (directly under
-    ZeRO 0, on the fp32 partitions under ZeRO 1-3). Skipping here keeps parameters and Adam moments
-    untouched while the engine still clears gradients and advances its micro-step counter.
-    """
-
-    skip_next: bool = False
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        if self.skip_next:
-            return None
-        return super().step(closure)
-
-
-def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int | None) -> float:
-    """Multiplier of the base LR for optimiser step ``step`` (0 for the first).
-
-    Linear warm-up to 1 over ``warmup_steps`` (the first step already gets ``1/warmup_steps``, not
-    0), then ``constant``, ``linear`` decay to 0 at ``total_steps``, or ``cosine`` (half a cosine
-    to 0 at ``total_steps``).
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if total_steps is None:
-        raise ValueError(f"lr_scheduler={schedule!r} needs total_optimizer_steps")
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, max(0.0, (step - warmup_steps) / span))
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr_scheduler {schedule!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed set-up
-# --------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on this host right now (for MASTER_PORT)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _on_gpu() -> bool:
-    return torch.cuda.is_available()
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join (or create) the process group from the RANK/WORLD_SIZE/MASTER_* environment.
-
-    Without those variables this is a single-rank group on 127.0.0.1 (a plain process: tests,
-    ``papo eval``). On CPU the DeepSpeed accelerator is forced to CPU and the backend is gloo.
-    Returns ``(rank, world_size)``.
-    """
-    if not _on_gpu():
-        # Must be set before deepspeed picks its accelerator (at its first use).
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if _on_gpu() else "gloo"
-        if "RANK" in os.environ:
-            deepspeed.init_distributed(dist_backend=backend)
-        else:
-            # A plain process: a one-rank group. RANK/WORLD_SIZE/MASTER_* are needed only while the
-            # group forms (DeepSpeed's CPU shared-memory comm reads MASTER_*); they are removed again
-            # so processes started later from this one (e.g. a local Ray cluster) do not inherit
-            # them. LOCAL_RANK=0 stays: deepspeed.initialize asserts it.
-            os.environ.setdefault("LOCAL_RANK", "0")
-            single = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}
-            os.environ.update(single)
-            try:
-                deepspeed.init_distributed(dist_backend=backend)
-            finally:
-                for key in single:
-                    os.environ.pop(key, None)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def ds_config(cfg: LearnerConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config of a learner: batch geometry, ZeRO stage, precision, clipping."""
-    per_step = cfg.micro_batch_size * world_size
-    if cfg.mini_batch_size % per_step:
-        raise ValueError(
-            f"learner.mini_batch_size={cfg.mini_batch_size} must be a multiple of "
-            f"learner.micro_batch_size * world_size = {cfg.micro_batch_size} * {world_size}"
-        )
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.cpu_offload and cfg.zero_stage >= 1:
-        zero["offload_optimizer"] = {"device": "cpu"}
-        if cfg.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_batch_size": cfg.mini_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.mini_batch_size // per_step,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.dtype == "bfloat16"},
-        "fp16": {"enabled": cfg.dtype == "float16"},
-        # Our GuardedAdamW is a torch AdamW; DeepSpeed only knows the exact class.
-        "zero_allow_untested_optimizer": True,
-        # With offload, keep torch AdamW instead of DeepSpeedCPUAdam (a 45 s JIT build on CPU).
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
-def hf_state_dict(module: torch.nn.Module, to_cpu: bool = True) -> dict[str, torch.Tensor]:
-    """``module``'s weights under the names ``save_pretrained`` writes: CPU copies, or (``to_cpu=False``)
-    detached views of the live tensors.
-
-    Tied weights are dropped (safetensors forbids aliases; ``from_pretrained`` and vLLM re-tie them)
-    and transformers' load-time renames are reverted. Call with full (gathered) parameters.
-    """
-    from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    sd = module.state_dict()
-    sd = remove_tied_weights_from_state_dict(sd, module)
-    sd = revert_weight_conversion(module, sd)
-    if not to_cpu:
-        return {k: v.detach() for k, v in sd.items()}
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,7 +366,7 @@ class Learner:
         eta1: float | None = None,
         eta2: float | None = None,
     ) -> dict[str, float]:
-        """Every optimiser step of one rollout batch (this rank's shard): DESIGN.md step 5.
+        """Every optimiser step of one rollout batch (this rank's shard): docs/design.md step 5.
 
         ``learner.ppo_epochs`` passes over consecutive mini-batches of ``mini_batch_size / world``
         rows; each is split into micro-batches with gradient accumulation, then clipped and
@@ -748,9 +541,9 @@ class Learner:
         return None
 
     def publish_weights(self, version: int, transport: str | None = None) -> WeightsHandle | None:
-        """The sending half of the weight sync (DESIGN.md step 6). Collective; rank 0 returns the handle.
+        """The sending half of the weight sync (docs/design.md step 6). Collective; rank 0 returns the handle.
 
-        ``transport`` (default ``learner.weight_transport``) picks how (trainer/weights.py):
+        ``transport`` (default ``learner.weight_transport``) picks how (trainer/core/weights.py):
         ``object_store`` puts the safetensors blob of the HF-named weights into the Ray object store
         and the handle carries its ObjectRef (without a running Ray, the blob itself, so the class
         stays usable in a plain process); ``cuda_ipc`` packs them into GPU buckets that receivers on
@@ -940,289 +733,3 @@ class Learner:
             self._set_rng_state(torch.load(rng, weights_only=False))
         self._set_lr()
         return marker
-
-
-def prune_checkpoints(parent: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints in ``parent``; return the deleted.
-
-    Only folders holding :data:`CHECKPOINT_MARKER` count (newest by the marker's
-    ``optimizer_steps``, then its write time); leftovers of crashed saves (``.*.tmp-*``) are deleted too.
-    """
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    done = []
-    for d in parent.iterdir():
-        m = d / CHECKPOINT_MARKER
-        if d.is_dir() and not d.name.startswith(".") and m.is_file():
-            info = json.loads(m.read_text())
-            done.append(((info.get("optimizer_steps", 0), info.get("time", 0.0)), d))
-    done.sort(key=lambda x: x[0])
-    deleted = [d for _, d in done[:-keep_last]]
-    deleted += [d for d in parent.iterdir() if d.is_dir() and d.name.startswith(".") and ".tmp-" in d.name]
-    for d in deleted:
-        shutil.rmtree(d, ignore_errors=True)
-    return deleted
-
-
-# --------------------------------------------------------------------------------------------
-# Ray: images, the rank actor, the group
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_image_refs(refs_per_row: Sequence[Sequence[Any]], timeout_s: float) -> list[list[Any]]:
-    """Per-row image lists from per-row ObjectRefs, fetched once; equal rows share one list object.
-
-    Entries that are not ObjectRefs (already PIL images) pass through unchanged.
-    """
-    import ray
-
-    unique = {}
-    for row in refs_per_row:
-        for r in row:
-            if isinstance(r, ray.ObjectRef):
-                unique.setdefault(r, None)
-    keys = list(unique)
-    if keys:
-        for k, v in zip(keys, ray.get(keys, timeout=timeout_s)):
-            unique[k] = v
-    shared: dict[tuple, list[Any]] = {}
-    out = []
-    for row in refs_per_row:
-        key = tuple(r if isinstance(r, ray.ObjectRef) else id(r) for r in row)
-        if key not in shared:
-            shared[key] = [unique[r] if isinstance(r, ray.ObjectRef) else r for r in row]
-        out.append(shared[key])
-    return out
-
-
-class LearnerWorker:
-    """The body of one rank's Ray actor: joins the process group, then wraps a :class:`Learner`."""
-
-    def __init__(self, rank: int, world_size: int, get_timeout_s: float) -> None:
-        self.rank, self.world_size, self.timeout = rank, world_size, get_timeout_s
-        self.learner: Learner | None = None
-
-    def node_and_port(self) -> tuple[str, str, int]:
-        """(Ray node id, node IP, a free port here): rank 0's become MASTER_ADDR/MASTER_PORT."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), free_port()
-
-    def setup(self, master_addr: str, master_port: int, kwargs: dict[str, Any]) -> int:
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK="0",
-        )
-        self.learner = Learner(**kwargs)
-        return os.getpid()
-
-    def _images(self, batch: RolloutBatch, masked: bool) -> list[list[Any]]:
-        refs = batch.masked_image_refs if masked else batch.image_refs
-        if refs is None:
-            raise ValueError("batch has no masked_image_refs (filled by the corruption service)")
-        return resolve_image_refs(refs, self.timeout)
-
-    def compute_logprobs(self, batch: RolloutBatch, masked: bool) -> torch.Tensor:
-        return self.learner.compute_logprobs(batch, self._images(batch, masked))
-
-    def train_step(self, batch: RolloutBatch, coefs: dict[str, float | None]) -> dict[str, float]:
-        learner = self.learner
-        needs_masked = learner.masked_logp == "learner_grad" and (
-            (coefs.get("gamma") if coefs.get("gamma") is not None else learner.loss.gamma) != 0.0
-            or (coefs.get("eta2") if coefs.get("eta2") is not None else learner.loss.eta2) != 0.0
-        )
-        masked = self._images(batch, True) if needs_masked else None
-        return learner.train_step(batch, self._images(batch, False), masked, **coefs)
-
-    def peak_rss_mb(self) -> float:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.learner, method)(*args, **kwargs)
-
-
-class LearnerGroup:
-    """N Ray actors, one DeepSpeed rank each, in one placement group (data parallelism).
-
-    Each batch is split into N equal contiguous shards (``RolloutBatch.shard``); results are
-    concatenated (log-probs) or averaged over ranks (metrics; counters are rank 0's). Every call
-    waits at most ``get_timeout_s``. Images travel as the batch's ObjectRefs and are fetched by
-    the actors. Placements of the masked pass: ``pool`` (the driver fills ``masked_logp`` from a
-    ``LogProbPool``), ``learner`` (``compute_logprobs(batch, masked=True)`` right after
-    ``old_logp``), ``learner_grad`` (``masked_logp="learner_grad"``: ``train_step`` fetches
-    ``masked_image_refs`` and recomputes them inside the loss).
-    """
-
-    def __init__(
-        self,
-        model_path: str,
-        learner: LearnerConfig,
-        algo: AlgoConfig | LossSettings,
-        *,
-        masked_logp: MaskedLogpPlacement = "pool",
-        min_pixels: int = 56 * 56,
-        max_pixels: int = 1280 * 28 * 28,
-        temperature: float = 1.0,
-        total_optimizer_steps: int | None = None,
-        seed: int = 0,
-        trust_remote_code: bool = False,
-        get_timeout_s: float = 900.0,
-        omp_threads: int = 1,
-    ) -> None:
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        self._ray = ray
-        self.world_size = learner.num_ranks
-        self.timeout = get_timeout_s
-        bundle = {"CPU": float(learner.num_cpus)}
-        if learner.num_gpus > 0:
-            bundle["GPU"] = float(learner.num_gpus)
-        self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
-        try:
-            ray.get(self.placement_group.ready(), timeout=get_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            ray.util.remove_placement_group(self.placement_group)
-            raise TimeoutError(
-                f"learner placement group of {self.world_size} x {bundle} not ready within "
-                f"{get_timeout_s:.0f} s (available: {ray.available_resources()})"
-            ) from None
-        env = {"OMP_NUM_THREADS": str(omp_threads), "TOKENIZERS_PARALLELISM": "false"}
-        if learner.num_gpus == 0:
-            env["DS_ACCELERATOR"] = "cpu"
-        actor_cls = ray.remote(LearnerWorker)
-        self.actors = [
-            actor_cls.options(
-                num_cpus=float(learner.num_cpus),
-                num_gpus=float(learner.num_gpus),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=r
-                ),
-                runtime_env={"env_vars": env},
-            ).remote(r, self.world_size, get_timeout_s)
-            for r in range(self.world_size)
-        ]
-        try:
-            nodes = self._get([a.node_and_port.remote() for a in self.actors])
-            master_node, master_ip, port = nodes[0]
-            # One node (the CPU case): loopback. Several nodes: rank 0's address.
-            addr = "127.0.0.1" if all(n == master_node for n, _, _ in nodes) else master_ip
-            kwargs = dict(
-                model_path=model_path,
-                learner=learner,
-                algo=algo,
-                masked_logp=masked_logp,
-                min_pixels=min_pixels,
-                max_pixels=max_pixels,
-                temperature=temperature,
-                total_optimizer_steps=total_optimizer_steps,
-                seed=seed,
-                trust_remote_code=trust_remote_code,
-            )
-            self.pids = self._get([a.setup.remote(addr, port, kwargs) for a in self.actors])
-        except BaseException:
-            self.shutdown()
-            raise
-
-    def _get(self, refs: Any) -> Any:
-        return self._ray.get(refs, timeout=self.timeout)
-
-    def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return self._get([a.call.remote(method, *args, **kwargs) for a in self.actors])
-
-    def _shards(self, batch: RolloutBatch) -> list[RolloutBatch]:
-        return [batch.shard(r, self.world_size) for r in range(self.world_size)]
-
-    def compute_logprobs(self, batch: RolloutBatch, *, masked: bool = False) -> torch.Tensor:
-        """No-grad log-probs (N, R) of every response (``masked``: under ``masked_image_refs``).
-
-        Rows are padded (repeated) to a multiple of the world size so every rank runs the same
-        number of forwards (a ZeRO-3 requirement); the padding rows' results are dropped.
-        """
-        n = len(batch)
-        pad = (-n) % self.world_size
-        full = batch.select(list(range(n)) + [i % n for i in range(pad)]) if pad else batch
-        width = batch.response_ids.shape[1]
-        parts = self._get([a.compute_logprobs.remote(s, masked) for a, s in zip(self.actors, self._shards(full))])
-        logp = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
-        return logp[:n]
-
-    def train_step(
-        self, batch: RolloutBatch, *, gamma: float | None = None, eta1: float | None = None, eta2: float | None = None
-    ) -> dict[str, float]:
-        """All optimiser steps of one rollout batch; metrics averaged over ranks."""
-        if len(batch) % self.world_size:
-            raise ValueError(f"{len(batch)} rows do not split evenly over {self.world_size} learner ranks")
-        coefs = {"gamma": gamma, "eta1": eta1, "eta2": eta2}
-        per_rank = self._get([a.train_step.remote(s, coefs) for a, s in zip(self.actors, self._shards(batch))])
-        out = {k: float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
-        for k in ("optimizer_steps", "skipped_steps", "total_optimizer_steps", "total_skipped_steps"):
-            out[k] = per_rank[0][k]
-        out["response_tokens"] = float(sum(m["response_tokens"] for m in per_rank))
-        out["step_time_s"] = float(max(m["step_time_s"] for m in per_rank))
-        return out
-
-    def publish_weights(self, version: int, transport: str | None = None) -> WeightsHandle:
-        """Rank 0's handle of the full HF-named weights (every rank takes part in the gather).
-
-        With ``nccl``/``gloo`` the broadcast is still running when this returns: the receivers'
-        calls complete it, then :meth:`wait_weights_sent`.
-        """
-        return self._all("publish_weights", version, transport)[0]
-
-    def weight_group_address(self) -> tuple[str, int]:
-        """Where rank 0 hosts the weight group's store: its node's IP and a free port there."""
-        _, ip, port = self._get(self.actors[0].node_and_port.remote())
-        return ip, port
-
-    def join_weight_group(self, group_id: str, host: str, port: int, world_size: int) -> Any:
-        """Start rank 0's join (an ObjectRef): every member must be joining at the same time."""
-        return self.actors[0].call.remote("join_weight_group", group_id, host, port, world_size)
-
-    def wait_weights_sent(self) -> None:
-        self._get(self.actors[0].call.remote("wait_weights_sent", self.timeout))
-
-    def save_checkpoint(
-        self, path: str | os.PathLike, *, keep_last: int | None = None, extra: dict[str, Any] | None = None
-    ) -> Path:
-        """Every rank writes its part; rank 0 renames the finished folder into place (see Learner).
-
-        A rank that dies during the save fails it at once (the others may be waiting on it in a
-        barrier): nothing appears under ``path``, earlier checkpoints are untouched, and the
-        crashed save's temporary folder is swept by the next save's pruning.
-        """
-        # Absolute here: the actors' working directory need not be the driver's.
-        final = Path(path).absolute()
-        try:
-            return self._all("save_checkpoint", final, keep_last=keep_last, extra=extra)[0]
-        except self._ray.exceptions.RayActorError as e:
-            raise RuntimeError(
-                f"a learner rank died while saving checkpoint {final}; nothing was written under "
-                f"that name and the earlier checkpoints are intact. The learner group is lost: "
-                f"restart the run with --resume ({type(e).__name__})"
-            ) from e
-
-    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
-        return self._all("load_checkpoint", Path(path).absolute())[0]
-
-    def peak_rss_mb(self) -> list[float]:
-        """Peak resident memory of each rank's process, MiB."""
-        return self._get([a.peak_rss_mb.remote() for a in self.actors])
-
-    def param_digests(self) -> list[str]:
-        return self._all("param_digest")
-
-    def shutdown(self) -> None:
-        ray = self._ray
-        for a in getattr(self, "actors", []):
-            with contextlib.suppress(Exception):
-                ray.kill(a)
-        with contextlib.suppress(Exception):
-            ray.util.remove_placement_group(self.placement_group)
-        self.actors = []

@@ -1,6 +1,6 @@
 """The reward server: one FastAPI app, served standalone (uvicorn) or as a Ray Serve deployment.
 
-This module owns the HTTP contract of DESIGN.md ("Reward server HTTP API"):
+This module owns the HTTP contract of docs/design.md ("Reward server HTTP API"):
 
 - ``POST /v1/score``  ``{"reward_fn", "items": [{"response", "ground_truth"}]}`` ->
   ``{"scores": [{"overall", "accuracy", "format", "error"}], "reward_fn"}``, in order;

@@ -1,11 +1,11 @@
 """vLLM worker extension for the rollout engine: exact in-place weight sync and tempered log-probs.
 
 This module owns everything papo does *inside* a vLLM worker process. vLLM imports it by
-qualified name (engine arg ``worker_extension_cls="services.vllm_ext.PapoWorkerExtension"``)
+qualified name (engine arg ``worker_extension_cls="services.rollout.vllm_ext.PapoWorkerExtension"``)
 before it loads the model, and mixes :class:`PapoWorkerExtension` into its worker class, so the
 methods below are reachable through ``LLM.collective_rpc("papo_...")``.
 
-Two facts about vLLM (0.32, CPU-STACK.md "vLLM on CPU") shape it:
+Two facts about vLLM (0.32, docs/cpu-stack.md "vLLM on CPU") shape it:
 
 * **Stale prepacked GEMM weights.** On CPU, vLLM's ``dispatch_cpu_unquantized_gemm`` repacks
   every linear layer's weight into an sgl-kernel/oneDNN layout at load time and (for linear
@@ -17,7 +17,7 @@ Two facts about vLLM (0.32, CPU-STACK.md "vLLM on CPU") shape it:
 * **Which distribution the log-probs come from.** vLLM's default ``logprobs_mode="raw_logprobs"``
   returns ``log_softmax(logits)`` of the *untempered* model, taken before temperature, top-p and
   the allowed-token whitelist. PAPO's ``old_logp``/``masked_logp`` are ``log_softmax(logits / T)``
-  over the full vocabulary (PAPO.md; ``trainer.modeling.token_logprobs``). We get exactly that
+  over the full vocabulary (docs/algorithm.md; ``trainer.core.modeling.token_logprobs``). We get exactly that
   by folding ``1 / T`` into the model's ``LogitsProcessor.scale`` and sampling at temperature 1:
   the sampled distribution is unchanged (temperature is applied before top-p in vLLM too) and
   the raw log-probs become the tempered, unfiltered ones the learner computes.
@@ -82,7 +82,7 @@ class PapoWorkerExtension:
     def papo_load_weights(self, path: str) -> dict[str, Any]:
         """Load HF-named tensors from the safetensors file ``path`` into the running model.
 
-        The names are those of ``model.safetensors`` (``trainer.weights.pack_state_dict``); the
+        The names are those of ``model.safetensors`` (``trainer.core.weights.pack_state_dict``); the
         model's own ``load_weights`` maps them to vLLM's fused parameters. Returns the number of
         tensors read and of vLLM parameters written, so the caller can reject a partial load.
         """
@@ -103,11 +103,12 @@ class PapoWorkerExtension:
         }
 
     def papo_load_weights_ipc(self, handle: dict[str, Any]) -> dict[str, Any]:
-        """Load a ``cuda_ipc`` weights handle (as :func:`trainer.weights.handle_to_dict` gives it: plain
+        """Load a ``cuda_ipc`` weights handle (as :func:`trainer.core.weights.handle_to_dict` gives it: plain
         values survive vLLM's msgpack RPC): open the learner's GPU buckets in this worker and feed
         their views to the model's ``load_weights`` (device-to-device copies).
         """
-        from trainer.weights import handle_from_dict, open_cuda_ipc
+        from trainer.core.weights import handle_from_dict
+        from trainer.transport.cuda_ipc import open_cuda_ipc
 
         state = open_cuda_ipc(handle_from_dict(handle))
         model = self._papo_model()
@@ -127,7 +128,7 @@ class PapoWorkerExtension:
         """Join the learner's weight-broadcast group as rank ``first_rank`` + this worker's rank; returns the pid."""
         import os
 
-        from trainer.weights import join_weight_group
+        from trainer.transport.broadcast import join_weight_group
 
         device = getattr(self, "device", None) if backend == "nccl" else None
         join_weight_group(
@@ -144,7 +145,8 @@ class PapoWorkerExtension:
 
     def papo_load_weights_broadcast(self, handle: dict[str, Any]) -> dict[str, Any]:
         """Receive an ``nccl``/``gloo`` broadcast (handle as plain values) and load it with ``load_weights``."""
-        from trainer.weights import handle_from_dict, receive_broadcast
+        from trainer.core.weights import handle_from_dict
+        from trainer.transport.broadcast import receive_broadcast
 
         state = receive_broadcast(handle_from_dict(handle))
         model = self._papo_model()

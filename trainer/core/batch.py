@@ -1,5 +1,5 @@
 """``RolloutBatch``: the one batch type that the rollout pool, the services, the learner and the
-driver exchange through the Ray object store (DESIGN.md, "The batch").
+driver exchange through the Ray object store (docs/design.md, "The batch").
 
 One row per sampled response. The rollout pool fills the generation fields; later stages fill
 ``rewards``/``accuracy`` (reward server), ``masked_image_refs`` (corruption service),

@@ -1,14 +1,11 @@
-"""Image corruption for PAPO: the masked image that the perception term compares against.
+"""The pure image-corruption math of PAPO: the masked image that the perception term compares against.
 
 This module owns
 - the corruption functions (``patch_blackening`` and the other strategies) on PIL images and
   numpy arrays, with input validation;
 - the strategy registry (``corruption.strategy`` picks one by name; adding one is one function);
 - mask-seed derivation (``mask_seed``): one mask per prompt, shared by its n rollouts, derived
-  from (run seed, dataset row id, epoch) so retries and resumed runs mask identically;
-- ``CorruptionService``, a plain class usable without Ray, and ``CorruptionPool``, N thin Ray
-  actors around it that take ObjectRefs of a prompt's images and hand back ObjectRefs of the
-  masked images.
+  from (run seed, dataset row id, epoch) so retries and resumed runs mask identically.
 
 Semantics of ``patch_blackening`` follow the authors' code (PAPO, ``random_patch_blackening``):
 a grid of ``patch_size`` cells laid over the raw image from the top-left corner, edge cells
@@ -18,18 +15,15 @@ are ``Generator.random((rows, cols))`` in row-major order, which is the same str
 loop calling ``Generator.random()`` row by row would consume, so the two agree cell for cell.
 PIL images are masked inside PIL (one paste through a 1-bit mask, no numpy round trip); arrays
 by one byte-wise AND pass. Both paths give the same pixels (the property tests check it).
-
-Ray is imported lazily so dataset tooling and unit tests can use the functions without it.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
 import math
 import numbers
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,9 +32,10 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    import ray
+    pass
 
 ImageLike = Image.Image | np.ndarray
+
 
 DEFAULT_STRATEGY = "patch_blackening"
 DEFAULT_PATCH_SIZE = 14
@@ -563,245 +558,3 @@ def _precomputed(image: ImageLike, seed: int | None, params: CorruptionParams, p
             f"the original has {image.shape} and {image.dtype}"
         )
     return array
-
-
-# --------------------------------------------------------------------------------------------
-# The service (plain class) and its Ray pool
-# --------------------------------------------------------------------------------------------
-
-
-class CorruptionService:
-    """Masks the images of prompts with one configured strategy; no Ray needed.
-
-    ``mask_prompt`` derives one seed per image with ``mask_seed``; the n rollouts of the prompt
-    share the result, so call it once per prompt, not once per rollout.
-    """
-
-    def __init__(
-        self,
-        strategy: str = DEFAULT_STRATEGY,
-        patch_size: int = DEFAULT_PATCH_SIZE,
-        prob: float = DEFAULT_PROB,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        noise_std: float = DEFAULT_NOISE_STD,
-    ) -> None:
-        self.strategy_name = strategy
-        self.strategy = get_strategy(strategy)
-        self.params = CorruptionParams(patch_size=patch_size, prob=prob, max_pixels=max_pixels, noise_std=noise_std)
-
-    def mask_prompt(
-        self,
-        images: Sequence[ImageLike],
-        run_seed: int,
-        row_id: int,
-        epoch: int,
-        precomputed: Sequence[Any] | None = None,
-    ) -> list[ImageLike]:
-        """The masked images of one prompt, in order."""
-        if precomputed is not None and len(precomputed) != len(images):
-            raise ValueError(f"row {row_id}: {len(precomputed)} precomputed masked images for {len(images)} images")
-        out = []
-        for index, image in enumerate(images):
-            seed = mask_seed(run_seed, row_id, epoch, index)
-            extra = precomputed[index] if precomputed is not None else None
-            out.append(self.strategy(image, seed, self.params, extra))
-        return out
-
-
-# Per prompt in one actor call: (run_seed, row_id, epoch, number of images, has precomputed).
-_Layout = tuple[int, int, int, int, bool]
-
-
-class CorruptionWorker(CorruptionService):
-    """The body of a pool actor: unpacks a batch of prompts sent as flat positional args.
-
-    Images travel as top-level positional arguments so Ray resolves their ObjectRefs before the
-    call (refs nested in a list would arrive unresolved).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # The pool also sets this through runtime_env before numpy loads; here it guards a
-        # worker built by other means from oversubscribing a small machine.
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-    def ping(self) -> int:
-        return os.getpid()
-
-    def mask_flat(self, layout: Sequence[_Layout], *flat: Any) -> Any:
-        """Masked images of all prompts in ``layout``, flattened, in order.
-
-        ``flat`` holds, prompt after prompt, its images and then (if it has them) its
-        precomputed values. With exactly one image the bare image is returned, as Ray expects
-        for ``num_returns=1``.
-        """
-        out: list[ImageLike] = []
-        position = 0
-        for run_seed, row_id, epoch, count, has_precomputed in layout:
-            images = flat[position : position + count]
-            position += count
-            precomputed = None
-            if has_precomputed:
-                precomputed = flat[position : position + count]
-                position += count
-            out.extend(self.mask_prompt(images, run_seed, row_id, epoch, precomputed))
-        return out[0] if len(out) == 1 else out
-
-
-@dataclass(frozen=True)
-class MaskRequest:
-    """One prompt to mask: its images (ObjectRefs or values) and its seed key.
-
-    ``precomputed`` holds the row's ``images_masked`` values (or ObjectRefs of them) for the
-    ``precomputed`` strategy, one per image; leave it None otherwise.
-    """
-
-    images: Sequence[Any]
-    run_seed: int
-    row_id: int
-    epoch: int
-    precomputed: Sequence[Any] | None = None
-
-
-class CorruptionPool:
-    """N ``CorruptionWorker`` actors with fractional CPUs, least-loaded dispatch.
-
-    ``submit`` returns at once with one list of ObjectRefs per prompt (masked images, in order),
-    so the driver can start generation alongside and hand the refs straight to the perception
-    pool: nothing waits on corruption unless a consumer needs the pixels. Each masked image is
-    its own return object of the actor call, so the driver owns it (it survives an actor
-    restart and Ray can rebuild it by re-running the deterministic call), yet its bytes stay in
-    the object store: Ray only inlines return values under 100 KB into the caller.
-    Errors raised while masking surface when a ref is fetched (``get`` or the consumer).
-    """
-
-    def __init__(
-        self,
-        strategy: str = DEFAULT_STRATEGY,
-        patch_size: int = DEFAULT_PATCH_SIZE,
-        prob: float = DEFAULT_PROB,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        noise_std: float = DEFAULT_NOISE_STD,
-        num_workers: int = 2,
-        num_cpus: float = 0.25,
-        prompts_per_call: int = 8,
-        max_restarts: int = 3,
-        start_timeout_s: float = 120.0,
-    ) -> None:
-        import ray
-
-        # Validate here so a bad config fails in the driver, not inside N actors.
-        CorruptionService(strategy, patch_size, prob, max_pixels, noise_std)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
-        if not (isinstance(num_cpus, numbers.Real) and num_cpus > 0):
-            raise ValueError(f"num_cpus must be a number > 0, got {num_cpus!r}")
-        if isinstance(prompts_per_call, bool) or not isinstance(prompts_per_call, int) or prompts_per_call < 1:
-            raise ValueError(f"prompts_per_call must be an integer >= 1, got {prompts_per_call!r}")
-
-        self._ray = ray
-        self.num_workers = num_workers
-        self.prompts_per_call = prompts_per_call
-        actor_cls = ray.remote(CorruptionWorker).options(
-            num_cpus=float(num_cpus),
-            # One OpenMP thread per actor (set before numpy loads in the worker process): on a
-            # 2-core machine every pool shares the same cores.
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-            # Masking is a pure function of its arguments, so retrying after a crash is safe.
-            max_restarts=max_restarts,
-            max_task_retries=max_restarts,
-        )
-        self._actors = [actor_cls.remote(strategy, patch_size, prob, max_pixels, noise_std) for _ in range(num_workers)]
-        self._in_flight: list[list[ray.ObjectRef]] = [[] for _ in self._actors]
-        self._calls = [0] * num_workers
-        self._next = itertools.cycle(range(num_workers))
-        try:
-            # Fail fast (instead of hanging the first step) when the actors cannot be placed.
-            self.pids = ray.get([actor.ping.remote() for actor in self._actors], timeout=start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            self.shutdown()
-            raise RuntimeError(
-                f"corruption pool: {num_workers} actors with num_cpus={num_cpus} did not start "
-                f"within {start_timeout_s:.0f} s; the cluster may lack free CPUs "
-                f"(available: {ray.available_resources().get('CPU', 0)})"
-            ) from None
-
-    @property
-    def calls_per_worker(self) -> list[int]:
-        """Actor calls dispatched to each worker so far (for load-balance checks and metrics)."""
-        return list(self._calls)
-
-    def _pick_worker(self) -> int:
-        """The worker with the fewest unfinished calls; ties go round-robin."""
-        ray = self._ray
-        for index, refs in enumerate(self._in_flight):
-            if refs:
-                # fetch_local=False: only ask whether the call finished, never pull the image
-                # to this node.
-                _, pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-                self._in_flight[index] = pending
-        start = next(self._next)
-        order = [(start + k) % self.num_workers for k in range(self.num_workers)]
-        return min(order, key=lambda index: len(self._in_flight[index]))
-
-    def submit(self, requests: Sequence[MaskRequest]) -> list[list[ray.ObjectRef]]:
-        """Start masking; one list of masked-image ObjectRefs per request, in order."""
-        # Check everything before submitting anything, so a bad request leaves no half batch.
-        for request in requests:
-            if request.precomputed is not None and len(request.precomputed) != len(request.images):
-                raise ValueError(
-                    f"row {request.row_id}: {len(request.precomputed)} precomputed masked "
-                    f"images for {len(request.images)} images"
-                )
-        results: list[list[Any]] = [[] for _ in requests]
-        # Prompts without images (text-only) need no call.
-        work = [i for i, request in enumerate(requests) if len(request.images) > 0]
-        # Spread a small batch over all workers; cap a call's size so large batches still
-        # balance (and one slow call does not hold many prompts).
-        per_call = min(self.prompts_per_call, max(1, -(-len(work) // self.num_workers)))
-        for start in range(0, len(work), per_call):
-            chunk = work[start : start + per_call]
-            layout: list[_Layout] = []
-            flat: list[Any] = []
-            for i in chunk:
-                request = requests[i]
-                has_precomputed = request.precomputed is not None
-                count = len(request.images)
-                layout.append((request.run_seed, request.row_id, request.epoch, count, has_precomputed))
-                flat.extend(request.images)
-                if request.precomputed is not None:
-                    flat.extend(request.precomputed)
-            total = sum(entry[3] for entry in layout)
-            worker = self._pick_worker()
-            refs = self._actors[worker].mask_flat.options(num_returns=total).remote(layout, *flat)
-            refs = [refs] if total == 1 else list(refs)
-            self._in_flight[worker].append(refs[0])
-            self._calls[worker] += 1
-            position = 0
-            for i, entry in zip(chunk, layout):
-                results[i] = refs[position : position + entry[3]]
-                position += entry[3]
-        return results
-
-    def get(self, refs: list[list[ray.ObjectRef]], timeout_s: float = 60.0) -> list[list[ImageLike]]:
-        """Fetch masked images (tests, eval, debugging); the training step passes refs on."""
-        flat = [ref for prompt in refs for ref in prompt]
-        values = iter(self._ray.get(flat, timeout=timeout_s))
-        return [[next(values) for _ in prompt] for prompt in refs]
-
-    def mask(self, requests: Sequence[MaskRequest], timeout_s: float = 60.0) -> list[list[ImageLike]]:
-        """``submit`` then ``get``: masked images by value."""
-        return self.get(self.submit(requests), timeout_s=timeout_s)
-
-    def shutdown(self) -> None:
-        """Kill the actors (idempotent)."""
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors = []
-        self._in_flight = []
-
-    def __enter__(self) -> CorruptionPool:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown()

@@ -2,7 +2,7 @@
 
 Owns: loading a vision-language model and its processor with the job's pixel limits, turning a
 prompt's images into pixel inputs, and the (temperature-scaled) log-probs and exact entropies of
-a :class:`~trainer.batch.RolloutBatch`'s response tokens under given images. The learner
+a :class:`~trainer.core.batch.RolloutBatch`'s response tokens under given images. The learner
 (``old_logp`` and the loss's ``logp``), the perception pool (``masked_logp``: same token ids,
 attention mask and positions, only the pixels differ) and the reference pool all call
 :func:`response_logprobs`, so the three can never disagree about how a token is scored.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from trainer.batch import RolloutBatch
+from trainer.core.batch import RolloutBatch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -28,7 +28,7 @@ or leaves something open, we follow the code:
   only, ``torch.nanquantile``) of the per-token perception KL *before* clipping; tokens with
   ``KL >= threshold`` are kept. Dropped tokens contribute 0 but still count in the averaging
   denominator: the official code multiplies the KL by the token mask and then averages it with
-  the response mask. PAPO.md does not pin this down; we follow the code.
+  the response mask. docs/algorithm.md does not pin this down; we follow the code.
 - Perception KL clip (``perception_kl_clip``, ``use_kl_prcp_clipping``): the per-token KL is
   clamped to ``[0, clip]`` after the top-p mask; tokens above the clip get no gradient.
 - The perception term is subtracted (KL maximised). The official metric ``kl_prcp_loss`` is

@@ -2,13 +2,13 @@
 
 This module owns
 - :class:`LogProbWorker`, a plain class (no Ray): a transformers model in eval mode, no optimiser,
-  scoring a :class:`~trainer.batch.RolloutBatch`'s response tokens with
-  :func:`trainer.modeling.response_logprobs` (the same function the learner's ``old_logp`` uses, so
+  scoring a :class:`~trainer.core.batch.RolloutBatch`'s response tokens with
+  :func:`trainer.core.modeling.response_logprobs` (the same function the learner's ``old_logp`` uses, so
   the two can only differ by weights);
 - :class:`LogProbPool`: N workers as Ray actors with fractional CPUs, each batch split over them in
   contiguous chunks;
 
-Roles (DESIGN.md steps 4 and 6):
+Roles (docs/design.md steps 4 and 6):
 - ``perception``: computes ``masked_logp`` from ``masked_image_refs`` with the rollout policy's
   weights; it follows the policy through ``receive_weights(handle)`` and reports the version it
   holds, so the driver can check the contract that ``masked_logp`` uses the version that generated
@@ -29,17 +29,11 @@ from typing import Any, Literal
 
 import torch
 
-from trainer.batch import RolloutBatch
-from trainer.modeling import load_model, load_processor, response_logprobs
-from trainer.weights import (
-    BROADCAST_TRANSPORTS,
-    StaleWeights,
-    WeightsHandle,
-    hf_name_map,
-    join_weight_group,
-    load_handle,
-    load_hf_named_weights,
-)
+from trainer.core.batch import RolloutBatch
+from trainer.core.modeling import load_model, load_processor, response_logprobs
+from trainer.core.weights import BROADCAST_TRANSPORTS, StaleWeights, WeightsHandle, hf_name_map, load_hf_named_weights
+from trainer.transport.broadcast import join_weight_group
+from trainer.transport.receive import load_handle
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +102,7 @@ class LogProbWorker:
         ``handle`` is the pool's current weights: a worker that holds another version (one Ray just
         restarted with the folder's weights) loads it first.
         """
-        from trainer.learner import resolve_image_refs
+        from trainer.transport.object_store import resolve_image_refs
 
         if handle is not None and handle.version != self.version:
             if handle.transport in BROADCAST_TRANSPORTS:  # a broadcast cannot reach one process alone
@@ -197,7 +191,7 @@ class LogProbPool:
         self.resubmissions = 0
         self.current_handle: WeightsHandle | None = None
         #: Publishes a version by the object store, for a worker that restarted after a broadcast
-        #: (the driver sets it; see services.rollout.resync_handle).
+        #: (the driver sets it; see services.rollout.pool.resync_handle).
         self.fallback_publish: Callable[[int], WeightsHandle] | None = None
         self._fallback: WeightsHandle | None = None
         actor_cls = ray.remote(LogProbWorker).options(
@@ -247,7 +241,7 @@ class LogProbPool:
         return PendingScores(batch, masked, parts)
 
     def _await_ready(self, w: int, deadline: float) -> None:
-        from services.rollout import await_restart
+        from services.rollout.pool import await_restart
 
         self.pids[w] = await_restart(lambda: self.actors[w].ping.remote(), deadline, f"{self.role} worker {w}")
 
@@ -269,7 +263,7 @@ class LogProbPool:
                 except StaleWeights as e:
                     if attempt == self.max_resubmits:
                         raise
-                    from services.rollout import resync_handle
+                    from services.rollout.pool import resync_handle
 
                     logger.warning(
                         "%s worker %d restarted after the last broadcast (%s); resubmitting with the "
@@ -343,7 +337,7 @@ class LogProbPool:
         return [a.receive_weights.remote(handle) for a in self.actors]
 
     def finish_receive(self, handle: WeightsHandle, refs: list[Any]) -> list[int]:
-        from services.rollout import gather_sync_versions
+        from services.rollout.pool import gather_sync_versions
 
         return gather_sync_versions(refs, self.timeout, f"{self.role} worker")
 

@@ -1,0 +1,51 @@
+"""``demo://`` paths: a job config that names the demo gets the cached demo assets' folders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from trainer.core.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+
+DEMO_PREFIX = "demo://"
+
+
+def demo_assets_dir() -> Path:
+    return Path(os.environ.get("PAPO_CACHE", Path.home() / ".cache" / "papo")) / "demo-assets"
+
+
+def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
+    """Replace ``demo://`` paths by the demo assets, building them (cached) when needed."""
+    paths = [cfg.model.path, cfg.data.train_path, cfg.data.val_path or ""]
+    if not any(p.startswith(DEMO_PREFIX) for p in paths):
+        return cfg
+    from trainer.demo.assets import DEMO_TEMPLATES, build_demo_assets
+    from trainer.demo.warmstart import demo_warm_start
+
+    assets = build_demo_assets(
+        demo_assets_dir(),
+        seed=0,
+        min_pixels=cfg.model.min_pixels,
+        max_pixels=cfg.model.max_pixels,
+        templates=DEMO_TEMPLATES,
+        warm_start=demo_warm_start(cfg.model.min_pixels, cfg.model.max_pixels),
+    )
+    root = {"model": assets.model_dir, "data": assets.data_dir}
+
+    def sub(p: str | None) -> str | None:
+        if p is None or not p.startswith(DEMO_PREFIX):
+            return p
+        name = p[len(DEMO_PREFIX) :]
+        if name not in root:
+            raise ValueError(f"{p!r}: demo:// paths are demo://model and demo://data")
+        return str(root[name])
+
+    out = cfg.model_copy(deep=True)
+    out.model.path = sub(cfg.model.path)
+    out.data.train_path = sub(cfg.data.train_path)
+    out.data.val_path = sub(cfg.data.val_path)
+    return out
