@@ -149,3 +149,17 @@ def test_every_docs_reference_resolves_inside_the_repository():
             outside.append(f"{path.relative_to(REPO)}: {m.group(1)}")
     assert not missing, f"references to docs that do not exist: {missing}"
     assert not outside, f"references outside the repository: {outside}"
+
+
+def test_the_public_api_keeps_its_documented_paths():
+    """docs/design.md's public API: the contract paths name the core's functions, not copies."""
+    import services.corruption
+    import trainer.algos
+    from trainer.core import algos, corruption
+
+    assert services.corruption.patch_blackening is corruption.patch_blackening
+    assert (trainer.algos.papo_loss, trainer.algos.kl_penalty, trainer.algos.group_advantages) == (
+        algos.papo_loss,
+        algos.kl_penalty,
+        algos.group_advantages,
+    )
