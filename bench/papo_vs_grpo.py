@@ -19,7 +19,7 @@ interrupted benchmark keeps what it finished) and a PNG of the curves (eval accu
 masked-image accuracy, perception KL vs step; one line per run, GRPO blue, PAPO orange, one line
 style per seed). Exits 1 if a run failed (the others still run and are reported).
 
-Sizing: the demo step takes about 2-2.5 s on the quiet 2-core machine (README: 200 steps in about
+Sizing: the demo step takes about 2-2.5 s on the quiet 2-core machine (docs/demo.md: 200 steps in about
 8.5 min including start-up and 9 evals). The default, 3 seeds x 2 algorithms x 150 steps with an eval
 every 15 steps, is 6 runs of about 5.5-6 minutes (about 290 s of steps, 11 evals, about 30 s of
 service start-up): about 35 minutes in all on a quiet machine; much longer on a loaded one (the

@@ -1,40 +1,13 @@
-"""The weight-sync handle: what ``LearnerGroup.publish_weights(version)`` returns and what
-``pool.receive_weights(handle)`` consumes (docs/design.md, step 6).
+"""Published policy weights, independent of how they travel (docs/design.md, step 6).
 
-A handle is small and travels by value through Ray; the weights themselves do not travel in it.
-The tensors are always the full policy weights named exactly as ``save_pretrained`` names them in
-``model.safetensors`` (so the vLLM engine's ``load_weights`` and an HF model both read them).
-
-Transports (``learner.weight_transport``):
-
-- ``object_store`` (CPU and GPU): the handle holds an ObjectRef of one safetensors blob and its
-  sha256; receivers fetch, verify and copy. Works across machines; costs a host round trip.
-- ``cuda_ipc`` (GPU, receivers on the publisher's GPU): the publisher packs the weights into a few
-  flat ``uint8`` buckets on its GPU (:func:`pack_buckets`, each tensor at a 256-byte-aligned offset)
-  and the handle carries CUDA IPC handles of the buckets (``torch.multiprocessing``'s own
-  reduction), the publisher's GPU UUID and the tensor layout. A receiver opens the buckets as
-  device memory shared with the publisher and copies views of them into its parameters:
-  device-to-device, no host copy, no serialisation. The publisher keeps the buckets alive until
-  its next publish, so receivers must copy before then (the driver's step order guarantees it).
-  The digest is a checksum of the buckets' contents, computed on the GPU on both sides.
-- ``nccl`` (GPUs on different devices or nodes) and ``gloo`` (CPU processes, also across
-  nodes): a bucketed broadcast from learner rank 0 to every receiver process over a process group
-  they all join (:class:`WeightGroup`, rank 0 = the publisher; its own TCP store, outside
-  torch's default group, so DeepSpeed's group and vLLM's are untouched). The publisher packs the
-  weights into buckets on its device and broadcasts them from a background thread, so the
-  receivers' calls, launched by the driver right after, meet it; the handle carries the layout,
-  the group's id and the buckets' checksum, which every receiver verifies. Every member must
-  receive every version (a collective), so the driver re-forms the group whenever a member process
-  changes. Both backends share the code; ``gloo`` is what the CPU tests run, ``nccl`` is untested
-  (a lent machine has one GPU, where NCCL cannot pair two ranks).
-
-Receivers with a transformers model copy the tensors into it with :func:`load_hf_named_weights`
-(saved names mapped back to the model's own by :func:`hf_name_map`); the vLLM engine's
-``load_weights`` takes the saved names directly.
-
-Every receiver must report the version it holds; the driver compares those versions with the
-rollouts' ``weight_version`` (the contract that ``masked_logp`` is computed with the weights that
-generated the rollout).
+Owns the :class:`WeightsHandle` that ``LearnerGroup.publish_weights(version)`` returns and every
+receiver consumes (small, by value through Ray; the tensors never travel in it), the safetensors
+packing of the ``object_store`` payload, the 256-byte-aligned bucket layout that the GPU and
+broadcast transports move (:func:`pack_buckets` / :func:`unpack_buckets`, with a checksum every
+receiver verifies), the errors a receiver reports, and copying saved-name tensors into a live
+transformers model (:func:`load_hf_named_weights`; vLLM's ``load_weights`` takes saved names as
+they are). The tensors are the full policy weights named exactly as ``save_pretrained`` names
+them. How a handle's tensors move is :mod:`trainer.transport`'s.
 """
 
 from __future__ import annotations
@@ -164,8 +137,10 @@ def bucket_checksum(buckets: Sequence[torch.Tensor]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# CUDA IPC: the publisher's GPU buckets opened by receivers on the same GPU
+# Handles as plain values (for msgpack channels)
 # --------------------------------------------------------------------------------------------
+
+
 def handle_to_dict(handle: WeightsHandle) -> dict[str, Any]:
     """A ``cuda_ipc``/``nccl``/``gloo`` handle as plain values (for msgpack channels such as vLLM's
     ``collective_rpc``); :func:`handle_from_dict` inverts it."""
@@ -181,7 +156,7 @@ def handle_from_dict(d: Mapping[str, Any]) -> WeightsHandle:
 
 
 # --------------------------------------------------------------------------------------------
-# Broadcast (nccl / gloo): learner rank 0 sends the buckets to every receiver process
+# What a receiver reports
 # --------------------------------------------------------------------------------------------
 
 
