@@ -104,7 +104,7 @@ def generate(
     import torch
     from PIL import Image
 
-    from trainer.demo.assets import VISION_TOKEN_IDS
+    from trainer.demo.model import VISION_TOKEN_IDS
 
     tok = processor.tokenizer
     images = [Image.new("RGB", e.image.size) if black else e.image for e in examples]
@@ -179,7 +179,7 @@ def run_variant(
     import torch
 
     import rewards
-    from trainer.core.algos import group_advantages, papo_loss
+    from trainer.core.algos import LossSettings, group_advantages, papo_loss
     from trainer.core.modeling import load_model, model_inputs, token_logprobs
     from trainer.demo.warmstart import RESPONSE_TEMPLATE
 
@@ -192,6 +192,7 @@ def run_variant(
     n = int(opts["n"]) if mode == "grpo" else 1
     max_new = int(opts["max_new"])
     curve, stats = [], []
+    grpo_loss = LossSettings(beta=opts["beta"])
 
     def evaluate(step: int) -> None:
         curve.append(
@@ -232,7 +233,7 @@ def run_variant(
             with torch.no_grad():
                 ref_logp, _ = token_logprobs(ref, inputs, batch.response_ids, batch.response_mask)
             loss, metrics = papo_loss(
-                logp, logp.detach(), advantages, batch.response_mask, ref_logp=ref_logp, beta=opts["beta"]
+                logp, logp.detach(), advantages, batch.response_mask, ref_logp=ref_logp, settings=grpo_loss
             )
         else:
             loss = -(logp.sum() / batch.response_mask.sum())

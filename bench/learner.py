@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer.core.batch import RolloutBatch  # noqa: E402
 from trainer.core.config import PRESETS, AlgoConfig, LearnerConfig  # noqa: E402
 from trainer.core.modeling import load_processor  # noqa: E402
-from trainer.demo.assets import VISION_TOKEN_IDS, write_tiny_model  # noqa: E402
+from trainer.demo.model import VISION_TOKEN_IDS, write_tiny_model  # noqa: E402
 from trainer.learner.group import LearnerGroup  # noqa: E402
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112

@@ -21,7 +21,7 @@ Modes, for servers with 1 and 2 grading workers:
 For each row: items/s over the run, p50 / p99 latency of one request (of one batch for inline)
 and CPU milliseconds per item (this client plus the server's process tree, read from /proc).
 Wall-clock numbers depend on whatever else the machine runs; CPU per item hardly does. The
-server runs as its own process (``python -m services.reward_server.app``) so the client does not
+server runs as its own process (``python -m services.reward_server.cli``) so the client does not
 share its interpreter. Prints a table and writes JSON (default
 ``bench/results/reward_server.json``).
 
@@ -130,7 +130,7 @@ def start_server(workers: int) -> tuple[subprocess.Popen, str]:
         [
             sys.executable,
             "-m",
-            "services.reward_server.app",
+            "services.reward_server.cli",
             "--port",
             "0",
             "--workers",

@@ -1,6 +1,6 @@
 """Rollout throughput and weight-sync time: vLLM vs transformers backends on the tiny demo model.
 
-Measures one :class:`services.rollout.pool.RolloutWorker` per backend, in this process (the engine,
+Measures one :class:`services.rollout.worker.RolloutWorker` per backend, in this process (the engine,
 not Ray dispatch): engine start, tokens/s and requests/s for ``--prompts`` prompts x ``--n``
 samples x ``--max-tokens`` new tokens (EOS ignored via ``min_tokens`` so every run generates the
 same number of tokens) with one image each, and the time of an in-place weight update from a
@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def bench_backend(backend: str, args: argparse.Namespace, assets: Any) -> dict[str, Any]:
     import torch
 
-    from services.rollout.pool import RolloutRequest, RolloutWorker, SamplingSpec
+    from services.rollout.types import RolloutRequest, SamplingSpec
+    from services.rollout.worker import RolloutWorker
     from trainer.core.data import load_image, load_split
     from trainer.core.weights import WeightsHandle, digest, pack_state_dict
 
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/rollout.json")
     args = parser.parse_args(argv)
 
-    from trainer.demo.assets import DatasetSizes, build_demo_assets
+    from trainer.demo.assets import build_demo_assets
+    from trainer.demo.dataset import DatasetSizes
 
     assets = build_demo_assets(
         args.assets,

@@ -124,7 +124,7 @@ def run_variant(name: str, base: list[str], args: argparse.Namespace, out_dir: P
         "variant": name,
         "round": rnd,
         "masked_logp": cfg.perception.masked_logp,
-        "needs_masked_pass": cfg.needs_masked_pass,
+        "needs_masked_pass": cfg.masked_pass.runs,
         "start_s": start_s,
         "steps": steps,
         "loadavg_before": load_before,

@@ -46,6 +46,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 
+    # imported after the signal set-up: a Ctrl-C during the slow math-verify import must not kill the zygote
     from rewards import registry
     from rewards.pool import warm_up, worker_loop
 

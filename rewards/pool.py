@@ -46,7 +46,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from rewards import registry
-from rewards.functions import DEFAULT_FORMAT_WEIGHT
+from rewards.functions import DEFAULT_FORMAT_WEIGHT, math_reward
 
 __all__ = ["GradingPool", "PoolClosed", "error_score"]
 
@@ -104,8 +104,6 @@ _WARM_UP_ANSWERS = (
 
 def warm_up() -> None:
     """Import math-verify and parse one answer of each kind (the first grades cost ~0.3 s)."""
-    from rewards.functions import math_reward
-
     for answer in _WARM_UP_ANSWERS:
         math_reward(f"<think>warm-up</think> \\boxed{{{answer}}}", "7")
 

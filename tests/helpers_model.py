@@ -17,7 +17,7 @@ from PIL import Image
 
 from trainer.core.batch import RolloutBatch
 from trainer.core.config import AlgoConfig, LearnerConfig
-from trainer.demo.assets import VISION_TOKEN_IDS, write_tiny_model
+from trainer.demo.model import VISION_TOKEN_IDS, write_tiny_model
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 CORPUS = [

@@ -1,7 +1,7 @@
 """The ``papo`` command line: ``train``, ``eval``, ``reward-server``, ``demo-assets``.
 
 This module only parses arguments and dispatches; each command's work lives in the module that
-owns it (``trainer.driver``, ``services.reward_server.app``, ``trainer.demo``). Commands whose module
+owns it (``trainer.driver``, ``services.reward_server.cli``, ``trainer.demo``). Commands whose module
 brings its own argument parser (``reward-server``, ``demo-assets``) receive the remaining argv.
 """
 
@@ -18,7 +18,7 @@ from trainer.core.config import ConfigError, dump_config, named_config, resolve_
 
 # command -> (module owning it, one-line help). Delegated commands parse their own arguments.
 DELEGATED: dict[str, tuple[str, str]] = {
-    "reward-server": ("services.reward_server.app", "serve the rule-based reward HTTP API (uvicorn)"),
+    "reward-server": ("services.reward_server.cli", "serve the rule-based reward HTTP API (uvicorn)"),
     "demo-assets": ("trainer.demo", "write the tiny Qwen2.5-VL demo model and the synthetic VQA dataset"),
     "submit": ("trainer.submit", "submit `papo train` as a Ray job to a running cluster (--wait follows it)"),
 }
@@ -123,6 +123,7 @@ def _run_config(resume: Path) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    # imported here, like the driver: `papo --help` and config errors must not pay for torch and vLLM
     from trainer.evaluate import (
         EvalError,
         NothingServed,

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,16 +23,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+import ray
 import torch
+from PIL import Image
 
+from rewards.client import RewardClient, RewardServerError
+from services.corruption.pool import CorruptionPool
+from services.corruption.service import MaskRequest
+from services.group import WeightReceiver
+from services.logprob.pool import LogProbPool
+from services.reward_server.serve import start_ray_serve, stop_ray_serve
+from services.rollout.pool import RolloutPool
+from services.rollout.types import RolloutRequest, SamplingSpec
 from trainer.core.algos import group_advantages, perception_coefs
 from trainer.core.batch import RolloutBatch
+from trainer.core.checkpoint import TRAINER_STATE
 from trainer.core.config import JobConfig, dump_config
 from trainer.core.data import BadPrompt, DataError, PromptExample, load_split_from_config, prompt_images
 from trainer.core.metrics import CURVES_FILE, MetricsWriter, StepLine, plot_curves, read_metrics
 from trainer.core.sampler import PromptSampler
 from trainer.core.weights import BROADCAST_TRANSPORTS
 from trainer.demo.paths import resolve_demo_paths
+from trainer.evaluate import evaluate_examples
+from trainer.learner.group import LearnerGroup
 from trainer.rundir import (
     ResumeError,
     RunDirInUse,
@@ -47,12 +62,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Services:
-    rollout: Any
-    learner: Any
-    reward: Any  # rewards.client.RewardClient
-    corruption: Any = None
-    perception: Any = None
-    reference: Any = None
+    """The pools of a run. The rollout and perception pools are the ``WeightReceiver`` s of weight sync."""
+
+    rollout: RolloutPool | None
+    learner: LearnerGroup | None
+    reward: RewardClient | None
+    corruption: CorruptionPool | None = None
+    perception: LogProbPool | None = None
+    reference: LogProbPool | None = None
     serve_started: bool = False
 
     def shutdown(self) -> None:
@@ -65,8 +82,6 @@ class Services:
         if self.reward is not None:
             self.reward.close()
         if self.serve_started:
-            from services.reward_server.app import stop_ray_serve
-
             stop_ray_serve()
 
 
@@ -90,10 +105,9 @@ class Trainer:
             raise
 
     def _start(self, cfg: JobConfig, on_ray_init: Any | None) -> None:
-        import ray
 
-        self.cfg = cfg = resolve_demo_paths(cfg)
         check_model_paths(cfg)
+        self.cfg = cfg = resolve_demo_paths(cfg)
         # data.max_prompt_length, when set, loads the model's processor to count prompt tokens.
         self.train_set = load_split_from_config(cfg.data, cfg.data.train_path, cfg.data.train_split, model=cfg.model)
         self.val_set = None
@@ -136,11 +150,6 @@ class Trainer:
     # ---- set-up ------------------------------------------------------------------------------
 
     def _start_services(self) -> Services:
-        from rewards.client import RewardClient
-        from services.corruption.pool import CorruptionPool
-        from services.logprob.pool import LogProbPool
-        from services.rollout.pool import RolloutPool
-        from trainer.learner.group import LearnerGroup
 
         cfg = self.cfg
         timeout = cfg.cluster.get_timeout_s
@@ -149,8 +158,6 @@ class Trainer:
             serve_started = False
             url = cfg.reward.url
             if url is None:
-                from services.reward_server.app import start_ray_serve
-
                 url = start_ray_serve(
                     fn=cfg.reward.fn,
                     workers=cfg.reward.workers,
@@ -200,7 +207,7 @@ class Trainer:
                     omp_threads=cfg.learner.omp_threads or cfg.cluster.omp_threads_per_actor,
                 ),
             }
-            if cfg.needs_masked_pass:
+            if cfg.masked_pass.runs:
                 c = cfg.corruption
                 build["corruption"] = lambda: CorruptionPool(
                     strategy=c.strategy,
@@ -211,7 +218,7 @@ class Trainer:
                     num_workers=c.num_workers,
                     num_cpus=c.num_cpus,
                 )
-                if cfg.perception.masked_logp == "pool":
+                if cfg.masked_pass.on_pool:
                     p = cfg.perception
                     sizing = {k: v for k, v in (("num_cpus", p.num_cpus), ("num_gpus", p.num_gpus)) if v is not None}
                     build["perception"] = lambda: LogProbPool(
@@ -264,7 +271,6 @@ class Trainer:
 
     def _check_resume(self, ckpt: Path) -> dict[str, Any]:
         """The checkpoint's driver state, if this config can continue it (else ``ResumeError``)."""
-        from trainer.core.checkpoint import TRAINER_STATE
 
         state = json.loads((ckpt / TRAINER_STATE).read_text())
         total = self.cfg.trainer.total_steps
@@ -304,7 +310,7 @@ class Trainer:
     def _sync_weights(self, context: str = "") -> None:
         """Publish ``self.version`` from the learner and load it into the rollout and perception pools."""
         svc = self.services
-        receivers = [p for p in (svc.rollout, svc.perception) if p is not None]
+        receivers: list[WeightReceiver] = [p for p in (svc.rollout, svc.perception) if p is not None]
         broadcast = self.cfg.learner.weight_transport in BROADCAST_TRANSPORTS
         if broadcast:
             self._form_weight_group(receivers)
@@ -331,13 +337,12 @@ class Trainer:
         if held - {self.version}:
             raise RuntimeError(f"{context}after publishing version {self.version} the pools hold {sorted(held)}")
 
-    def _form_weight_group(self, receivers: list) -> None:
+    def _form_weight_group(self, receivers: list[WeightReceiver]) -> None:
         """(Re-)form the nccl/gloo weight group: at the first sync, and whenever a receiver process changed.
 
         Every member receives every broadcast, so a restarted worker (new process) needs a new
         group; until then it catches up through ``fallback_publish`` (the object store).
         """
-        import ray
 
         members = tuple(tuple(pool.current_pids()) for pool in receivers)
         if self._weight_group == members:
@@ -368,10 +373,6 @@ class Trainer:
         ``replace_bad``, replaced by the sampler's next prompt (so the batch stays whole);
         otherwise it is left out.
         """
-        import ray
-
-        from services.corruption.service import MaskRequest
-        from services.rollout.pool import RolloutRequest
 
         examples = examples or self.train_set.examples
         rollout_reqs, mask_reqs = [], []
@@ -390,8 +391,6 @@ class Trainer:
                     picks.extend(self.sampler.take(1))
                 continue
             if black:
-                from PIL import Image
-
                 images = [Image.new("RGB", im.size) for im in images]
             refs = [ray.put(im) for im in images]
             rollout_reqs.append(RolloutRequest.from_example(ex, images=refs, epoch=epoch))
@@ -410,7 +409,6 @@ class Trainer:
 
     def _generate(self, step: int, timings: dict[str, float]) -> tuple[RolloutBatch, dict[str, float]]:
         """Steps 1-3: prompts, masks alongside generation, rewards, DAPO group filter (bounded tries)."""
-        from services.rollout.pool import SamplingSpec
 
         cfg, svc = self.cfg, self.services
         algo = cfg.algo
@@ -511,7 +509,7 @@ class Trainer:
         if not on_policy:
             batch.old_logp = svc.learner.compute_logprobs(batch)
             timings["timing/old_logp"], lap = time.perf_counter() - lap, time.perf_counter()
-        if cfg.needs_masked_pass and cfg.perception.masked_logp == "learner":
+        if cfg.masked_pass.on_learner:
             batch.masked_logp = svc.learner.compute_logprobs(batch, masked=True)  # the official serial order
         if masked_refs is not None:
             batch.masked_logp, versions = svc.perception.collect(masked_refs)
@@ -520,7 +518,7 @@ class Trainer:
                     f"masked_logp computed with weight versions {sorted(versions)} but the rollouts "
                     f"came from {sorted(batch.weight_versions)} (docs/design.md contract)"
                 )
-        if cfg.needs_masked_pass and cfg.perception.masked_logp != "learner_grad":
+        if cfg.masked_pass.before_update:
             timings["timing/masked_logp"], lap = time.perf_counter() - lap, time.perf_counter()
         if ref_refs is not None:
             batch.ref_logp, _ = svc.reference.collect(ref_refs)
@@ -573,12 +571,9 @@ class Trainer:
     # ---- evaluation --------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """The eval/* metrics on the validation rows (trainer/evaluate.py): greedy accuracy with the
+        """The eval/* metrics on the validation rows (trainer/evaluate/): greedy accuracy with the
         real, black and training-style masked images, their gaps, and avg@k / pass@k when
         ``trainer.eval_k > 0``, on the rollout pool and the reward server."""
-        import ray
-
-        from trainer.evaluate import evaluate_examples
 
         if self.val_set is None:
             return {}
@@ -678,7 +673,6 @@ class Trainer:
         print("\n".join(lines), flush=True)
 
     def close(self) -> None:
-        import ray
 
         try:
             self.services.shutdown()
@@ -690,7 +684,6 @@ class Trainer:
 
 def _rss_mb() -> float:
     """This (driver) process's resident memory: flat over a run unless something accumulates."""
-    import psutil
 
     return psutil.Process().memory_info().rss / 2**20
 
@@ -717,7 +710,6 @@ def train(cfg: JobConfig, resume: str | os.PathLike | None = None) -> int:
     no step trains on missing rewards. Bad paths, impossible resumes and a run folder that another
     live run holds exit 2 before Ray starts.
     """
-    from rewards.client import RewardServerError
 
     global _terminated
     _terminated = False
@@ -767,6 +759,5 @@ def train(cfg: JobConfig, resume: str | os.PathLike | None = None) -> int:
 
 
 def _main_thread() -> bool:
-    import threading
 
     return threading.current_thread() is threading.main_thread()

@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.core.checkpoint import CHECKPOINT_MARKER, TRAINER_STATE
 from trainer.core.config import JobConfig
+from trainer.demo.paths import DEMO_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +24,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def check_model_paths(cfg: JobConfig) -> None:
-    """Fail before any Ray work when a model path is neither a model folder nor a hub id."""
+    """Fail before any Ray work when a model path is neither a model folder nor a hub id.
+
+    ``demo://`` paths pass: the demo fixture builds them. Checked before they are built, so a typo'd
+    path fails at once instead of after the demo's first-run build (minutes on an empty cache).
+    """
     for field, value in (("model.path", cfg.model.path), ("model.ref_path", cfg.model.ref_path)):
-        if value is None:
+        if value is None or value.startswith(DEMO_PREFIX):
             continue
         path = Path(value).expanduser()
         if path.is_dir():
@@ -44,8 +50,6 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
     newest complete checkpoint under ``checkpoints/`` (by the driver step it recorded) is taken.
     Half-written saves never carry the marker (saves are atomic), so they are never picked.
     """
-    from trainer.core.checkpoint import CHECKPOINT_MARKER, TRAINER_STATE
-
     folder = Path(path)
     if (folder / CHECKPOINT_MARKER).is_file():
         if not (folder / TRAINER_STATE).is_file():

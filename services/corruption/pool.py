@@ -1,15 +1,20 @@
-"""The corruption pool: N thin Ray actors around :class:`CorruptionWorker` that take ObjectRefs of
-a prompt's images and hand back ObjectRefs of the masked images.
+"""The corruption pool: N :class:`~services.corruption.service.CorruptionService` s on the one actor group.
+
+This module owns what is the corruption role's own on top of services/group.py (docs/design.md
+step 2): packing prompts into calls whose images travel as top-level ObjectRefs, and handing back
+one ObjectRef per masked image without waiting for it.
 """
 
 from __future__ import annotations
 
-import itertools
 import numbers
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from services.corruption.service import CorruptionService, CorruptionWorker, MaskRequest, _Layout
+import ray
+
+from services.corruption.service import CorruptionService, Layout, MaskRequest
+from services.group import ActorGroup, Resources
 from trainer.core.corruption import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_NOISE_STD,
@@ -19,16 +24,9 @@ from trainer.core.corruption import (
     ImageLike,
 )
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    import ray
-
-# --------------------------------------------------------------------------------------------
-# The service (plain class) and its Ray pool
-# --------------------------------------------------------------------------------------------
-
 
 class CorruptionPool:
-    """N ``CorruptionWorker`` actors with fractional CPUs, least-loaded dispatch.
+    """N ``CorruptionService`` actors with fractional CPUs, least-loaded dispatch.
 
     ``submit`` returns at once with one list of ObjectRefs per prompt (masked images, in order),
     so the driver can start generation alongside and hand the refs straight to the perception
@@ -52,8 +50,6 @@ class CorruptionPool:
         max_restarts: int = 3,
         start_timeout_s: float = 120.0,
     ) -> None:
-        import ray
-
         # Validate here so a bad config fails in the driver, not inside N actors.
         CorruptionService(strategy, patch_size, prob, max_pixels, noise_std)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -62,51 +58,35 @@ class CorruptionPool:
             raise ValueError(f"num_cpus must be a number > 0, got {num_cpus!r}")
         if isinstance(prompts_per_call, bool) or not isinstance(prompts_per_call, int) or prompts_per_call < 1:
             raise ValueError(f"prompts_per_call must be an integer >= 1, got {prompts_per_call!r}")
-
-        self._ray = ray
         self.num_workers = num_workers
         self.prompts_per_call = prompts_per_call
-        actor_cls = ray.remote(CorruptionWorker).options(
-            num_cpus=float(num_cpus),
-            # One OpenMP thread per actor (set before numpy loads in the worker process): on a
-            # 2-core machine every pool shares the same cores.
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-            # Masking is a pure function of its arguments, so retrying after a crash is safe.
-            max_restarts=max_restarts,
-            max_task_retries=max_restarts,
+        # Fails fast (instead of hanging the first step) when the actors cannot be placed.
+        self.group = ActorGroup(
+            "corruption pool",
+            CorruptionService,
+            dict(strategy=strategy, patch_size=patch_size, prob=prob, max_pixels=max_pixels, noise_std=noise_std),
+            num_actors=num_workers,
+            resources=Resources(
+                num_cpus=float(num_cpus),
+                # One OpenMP thread per actor (set before numpy loads in the worker process): on a
+                # 2-core machine every pool shares the same cores.
+                env={"OMP_NUM_THREADS": "1"},
+                # Masking is a pure function of its arguments, so Ray retrying it after a crash is
+                # safe, and the refs go on to the perception pool without being awaited here.
+                max_restarts=max_restarts,
+                max_task_retries=max_restarts,
+            ),
+            start_timeout_s=start_timeout_s,
         )
-        self._actors = [actor_cls.remote(strategy, patch_size, prob, max_pixels, noise_std) for _ in range(num_workers)]
-        self._in_flight: list[list[ray.ObjectRef]] = [[] for _ in self._actors]
-        self._calls = [0] * num_workers
-        self._next = itertools.cycle(range(num_workers))
-        try:
-            # Fail fast (instead of hanging the first step) when the actors cannot be placed.
-            self.pids = ray.get([actor.ping.remote() for actor in self._actors], timeout=start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            self.shutdown()
-            raise RuntimeError(
-                f"corruption pool: {num_workers} actors with num_cpus={num_cpus} did not start "
-                f"within {start_timeout_s:.0f} s; the cluster may lack free CPUs "
-                f"(available: {ray.available_resources().get('CPU', 0)})"
-            ) from None
+
+    @property
+    def pids(self) -> list[int]:
+        return self.group.pids
 
     @property
     def calls_per_worker(self) -> list[int]:
         """Actor calls dispatched to each worker so far (for load-balance checks and metrics)."""
-        return list(self._calls)
-
-    def _pick_worker(self) -> int:
-        """The worker with the fewest unfinished calls; ties go round-robin."""
-        ray = self._ray
-        for index, refs in enumerate(self._in_flight):
-            if refs:
-                # fetch_local=False: only ask whether the call finished, never pull the image
-                # to this node.
-                _, pending = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-                self._in_flight[index] = pending
-        start = next(self._next)
-        order = [(start + k) % self.num_workers for k in range(self.num_workers)]
-        return min(order, key=lambda index: len(self._in_flight[index]))
+        return self.group.calls_per_actor
 
     def submit(self, requests: Sequence[MaskRequest]) -> list[list[ray.ObjectRef]]:
         """Start masking; one list of masked-image ObjectRefs per request, in order."""
@@ -125,7 +105,7 @@ class CorruptionPool:
         per_call = min(self.prompts_per_call, max(1, -(-len(work) // self.num_workers)))
         for start in range(0, len(work), per_call):
             chunk = work[start : start + per_call]
-            layout: list[_Layout] = []
+            layout: list[Layout] = []
             flat: list[Any] = []
             for i in chunk:
                 request = requests[i]
@@ -136,11 +116,8 @@ class CorruptionPool:
                 if request.precomputed is not None:
                     flat.extend(request.precomputed)
             total = sum(entry[3] for entry in layout)
-            worker = self._pick_worker()
-            refs = self._actors[worker].mask_flat.options(num_returns=total).remote(layout, *flat)
+            refs = self.group.submit(None, "mask_flat", layout, *flat, num_returns=total)
             refs = [refs] if total == 1 else list(refs)
-            self._in_flight[worker].append(refs[0])
-            self._calls[worker] += 1
             position = 0
             for i, entry in zip(chunk, layout):
                 results[i] = refs[position : position + entry[3]]
@@ -150,7 +127,7 @@ class CorruptionPool:
     def get(self, refs: list[list[ray.ObjectRef]], timeout_s: float = 60.0) -> list[list[ImageLike]]:
         """Fetch masked images (tests, eval, debugging); the training step passes refs on."""
         flat = [ref for prompt in refs for ref in prompt]
-        values = iter(self._ray.get(flat, timeout=timeout_s))
+        values = iter(self.group.get(flat, timeout_s=timeout_s))
         return [[next(values) for _ in prompt] for prompt in refs]
 
     def mask(self, requests: Sequence[MaskRequest], timeout_s: float = 60.0) -> list[list[ImageLike]]:
@@ -159,10 +136,7 @@ class CorruptionPool:
 
     def shutdown(self) -> None:
         """Kill the actors (idempotent)."""
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors = []
-        self._in_flight = []
+        self.group.shutdown()
 
     def __enter__(self) -> CorruptionPool:
         return self

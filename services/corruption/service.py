@@ -1,14 +1,13 @@
 """The corruption service: a plain class (no Ray) that masks a prompt's images with the configured
-strategy, one seed per image from :func:`trainer.core.corruption.mask_seed`, and the batch body
-that a pool actor runs.
+strategy, one seed per image from :func:`trainer.core.corruption.mask_seed` (docs/design.md step 2),
+and :meth:`CorruptionService.mask_flat`, the batch body that each corruption pool actor runs.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from trainer.core.corruption import (
     DEFAULT_MAX_PIXELS,
@@ -22,8 +21,8 @@ from trainer.core.corruption import (
     mask_seed,
 )
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    pass
+#: Per prompt in one pool call: (run_seed, row_id, epoch, number of images, has precomputed).
+Layout = tuple[int, int, int, int, bool]
 
 
 class CorruptionService:
@@ -63,29 +62,11 @@ class CorruptionService:
             out.append(self.strategy(image, seed, self.params, extra))
         return out
 
+    def mask_flat(self, layout: Sequence[Layout], *flat: Any) -> Any:
+        """Masked images of all prompts in ``layout``, flattened, in order (one pool call).
 
-# Per prompt in one actor call: (run_seed, row_id, epoch, number of images, has precomputed).
-_Layout = tuple[int, int, int, int, bool]
-
-
-class CorruptionWorker(CorruptionService):
-    """The body of a pool actor: unpacks a batch of prompts sent as flat positional args.
-
-    Images travel as top-level positional arguments so Ray resolves their ObjectRefs before the
-    call (refs nested in a list would arrive unresolved).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # The pool also sets this through runtime_env before numpy loads; here it guards a
-        # worker built by other means from oversubscribing a small machine.
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-    def ping(self) -> int:
-        return os.getpid()
-
-    def mask_flat(self, layout: Sequence[_Layout], *flat: Any) -> Any:
-        """Masked images of all prompts in ``layout``, flattened, in order.
+        Images travel as top-level positional arguments so Ray resolves their ObjectRefs before the
+        call (refs nested in a list would arrive unresolved).
 
         ``flat`` holds, prompt after prompt, its images and then (if it has them) its
         precomputed values. With exactly one image the bare image is returned, as Ray expects

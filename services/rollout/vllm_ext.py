@@ -26,9 +26,14 @@ Two facts about vLLM (0.32, docs/cpu-stack.md "vLLM on CPU") shape it:
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
+
+from trainer.core.weights import handle_from_dict
+from trainer.transport.broadcast import join_weight_group, receive_broadcast
+from trainer.transport.cuda_ipc import open_cuda_ipc
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +112,6 @@ class PapoWorkerExtension:
         values survive vLLM's msgpack RPC): open the learner's GPU buckets in this worker and feed
         their views to the model's ``load_weights`` (device-to-device copies).
         """
-        from trainer.core.weights import handle_from_dict
-        from trainer.transport.cuda_ipc import open_cuda_ipc
-
         state = open_cuda_ipc(handle_from_dict(handle))
         model = self._papo_model()
         loaded = model.load_weights(weights=iter(state.items()))
@@ -126,10 +128,6 @@ class PapoWorkerExtension:
         self, group_id: str, host: str, port: int, first_rank: int, world_size: int, backend: str, timeout_s: float
     ) -> int:
         """Join the learner's weight-broadcast group as rank ``first_rank`` + this worker's rank; returns the pid."""
-        import os
-
-        from trainer.transport.broadcast import join_weight_group
-
         device = getattr(self, "device", None) if backend == "nccl" else None
         join_weight_group(
             group_id,
@@ -145,9 +143,6 @@ class PapoWorkerExtension:
 
     def papo_load_weights_broadcast(self, handle: dict[str, Any]) -> dict[str, Any]:
         """Receive an ``nccl``/``gloo`` broadcast (handle as plain values) and load it with ``load_weights``."""
-        from trainer.core.weights import handle_from_dict
-        from trainer.transport.broadcast import receive_broadcast
-
         state = receive_broadcast(handle_from_dict(handle))
         model = self._papo_model()
         loaded = model.load_weights(weights=iter(state.items()))

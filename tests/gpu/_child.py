@@ -28,7 +28,7 @@ def receive(conn: Any, kind: str, handle: Any, payload: dict[str, Any]) -> None:
             weights = load_handle(handle)
             send({k: v.cpu().clone() for k, v in weights.items()})
         elif kind == "logprob":
-            from services.logprob.pool import LogProbWorker
+            from services.logprob.scorer import LogProbWorker
 
             worker = LogProbWorker(
                 payload["model_path"],
@@ -49,7 +49,7 @@ def receive(conn: Any, kind: str, handle: Any, payload: dict[str, Any]) -> None:
                 }
             )
         elif kind == "rollout_hf":
-            from services.rollout.pool import RolloutWorker
+            from services.rollout.worker import RolloutWorker
 
             worker = RolloutWorker(
                 payload["model_path"],
@@ -63,9 +63,10 @@ def receive(conn: Any, kind: str, handle: Any, payload: dict[str, Any]) -> None:
 
             blob = fetch_blob(handle) if handle.transport == "object_store" else None
             version = worker.receive_weights(handle, blob)
-            internal = worker._model.state_dict()
-            state = {saved: internal[name].detach().cpu().clone() for saved, name in hf_name_map(worker._model).items()}
-            send({"version": version, "state": state, "device": str(next(worker._model.parameters()).device)})
+            model = worker.engine.model
+            internal = model.state_dict()
+            state = {saved: internal[name].detach().cpu().clone() for saved, name in hf_name_map(model).items()}
+            send({"version": version, "state": state, "device": str(next(model.parameters()).device)})
         else:
             raise ValueError(kind)
         if torch.cuda.is_available():

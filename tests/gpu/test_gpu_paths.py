@@ -122,7 +122,7 @@ def test_zero3_loads_the_model_into_partitions_with_the_folders_weights(tiny, mo
     import transformers.integrations.deepspeed as hf_ds
 
     import trainer.learner.learner as learner_mod
-    from services.logprob.pool import LogProbWorker
+    from services.logprob.scorer import LogProbWorker
     from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, make_learner
 
     path, _, batch, images, _ = tiny

@@ -28,7 +28,8 @@ def papo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def run_checkpoint(tmp_path_factory):
     """runs/evalrun/{config.yaml, checkpoints/step_000003/} from the small demo model (no warm
     start): an HF model folder plus the files a training checkpoint adds."""
-    from trainer.demo.assets import DatasetSizes, build_demo_assets
+    from trainer.demo.assets import build_demo_assets
+    from trainer.demo.dataset import DatasetSizes
 
     root = tmp_path_factory.mktemp("eval")
     assets = build_demo_assets(root / "assets", seed=0, sizes=DatasetSizes(train=16, validation=16, sft=16))

@@ -218,7 +218,8 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def small_assets(tmp_path_factory):
-    from trainer.demo.assets import DatasetSizes, build_demo_assets
+    from trainer.demo.assets import build_demo_assets
+    from trainer.demo.dataset import DatasetSizes
 
     assets = build_demo_assets(
         tmp_path_factory.mktemp("submit") / "assets", seed=0, sizes=DatasetSizes(train=64, validation=16, sft=16)

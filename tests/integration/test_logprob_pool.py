@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.logprob.pool import LogProbPool, LogProbWorker
+from services.logprob.pool import LogProbPool
+from services.logprob.scorer import LogProbWorker
 from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, learner_cfg, make_batch, write_model
 from trainer.core.modeling import load_processor
 from trainer.learner.learner import Learner

@@ -2,7 +2,7 @@
 the client's retries, the standalone CLI and the Ray Serve deployment.
 
 One uvicorn server (in a thread of this process) serves most tests; the CLI test runs
-``python -m services.reward_server.app`` as a subprocess; the Ray Serve test deploys on the
+``python -m services.reward_server.cli`` as a subprocess; the Ray Serve test deploys on the
 session's ``ray_cluster`` and shuts Serve down when this module ends.
 """
 
@@ -25,7 +25,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from rewards.client import RewardClient, RewardServerError
-from services.reward_server.app import LocalRewardServer, cli_main
+from services.reward_server.cli import cli_main
+from services.reward_server.serve import LocalRewardServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -340,7 +341,7 @@ def test_client_retries_5xx_then_succeeds_or_fails_clearly() -> None:
 
     import uvicorn
 
-    from services.reward_server.app import _bind
+    from services.reward_server.serve import bind_socket as _bind
 
     sock = _bind("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -370,7 +371,7 @@ def test_client_retries_5xx_then_succeeds_or_fails_clearly() -> None:
 def test_cli_standalone_uses_env_token(tmp_path) -> None:
     env = dict(os.environ, PAPO_REWARD_TOKEN="env-token")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.reward_server.app", "--port", "0", "--workers", "1", "--log-level", "warning"],
+        [sys.executable, "-m", "services.reward_server.cli", "--port", "0", "--workers", "1", "--log-level", "warning"],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -422,7 +423,7 @@ def test_cli_rejects_bad_user_function(tmp_path, capsys) -> None:
 def serve_url(ray_cluster, user_file):
     from ray import serve
 
-    from services.reward_server.app import start_ray_serve
+    from services.reward_server.serve import start_ray_serve
 
     try:
         url = start_ray_serve(

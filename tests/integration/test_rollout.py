@@ -19,18 +19,20 @@ import pytest
 import torch
 from PIL import Image
 
-from services.rollout.pool import (
+from services.rollout.pool import RolloutPool
+from services.rollout.types import (
     ERR_IMAGE_TOKEN_MISMATCH,
     ERR_MISSING_IMAGE,
     ERR_PROMPT_TOO_LONG,
-    RolloutPool,
     RolloutRequest,
     SamplingSpec,
 )
 from trainer.core.data import load_image, load_split
 from trainer.core.modeling import load_model, load_processor, response_logprobs
 from trainer.core.weights import WeightsHandle, digest, pack_state_dict
-from trainer.demo.assets import VISION_TOKEN_IDS, DatasetSizes, build_demo_assets
+from trainer.demo.assets import build_demo_assets
+from trainer.demo.dataset import DatasetSizes
+from trainer.demo.model import VISION_TOKEN_IDS
 from trainer.learner.engine import hf_state_dict
 
 # slow: starts a vLLM engine; timeout: a hang fails the test instead of stalling CI.

@@ -30,7 +30,8 @@ TINY = [
 @pytest.fixture(scope="module")
 def small_assets(tmp_path_factory):
     """Small demo assets without the warm start: this test is about the machinery, not learning."""
-    from trainer.demo.assets import DatasetSizes, build_demo_assets
+    from trainer.demo.assets import build_demo_assets
+    from trainer.demo.dataset import DatasetSizes
 
     assets = build_demo_assets(
         tmp_path_factory.mktemp("e2e") / "assets", seed=0, sizes=DatasetSizes(train=64, validation=16, sft=16)

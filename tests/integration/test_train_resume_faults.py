@@ -44,7 +44,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def small_assets(tmp_path_factory):
-    from trainer.demo.assets import DatasetSizes, build_demo_assets
+    from trainer.demo.assets import build_demo_assets
+    from trainer.demo.dataset import DatasetSizes
 
     assets = build_demo_assets(
         tmp_path_factory.mktemp("resume") / "assets", seed=0, sizes=DatasetSizes(train=64, validation=16, sft=16)
@@ -65,7 +66,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_resume_continues_the_same_run_and_survives_a_killed_rollout_worker(ray_cluster, small_assets, tmp_path):
     from rewards.client import RewardServerError
-    from services.reward_server.app import LocalRewardServer
+    from services.reward_server.serve import LocalRewardServer
     from trainer.driver import Trainer
     from trainer.rundir import latest_checkpoint
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.demo.assets import TEMPLATES, DatasetSizes, DemoAssets, build_demo_assets
+from trainer.demo.assets import DemoAssets, build_demo_assets
+from trainer.demo.dataset import TEMPLATES, DatasetSizes
 
 #: Small splits: enough rows per question text for the balance checks, fast to build. All
 #: templates (the demo's default is a subset), so every template's labels get checked.

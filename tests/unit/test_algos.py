@@ -8,6 +8,7 @@ reference gives reference gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
@@ -16,6 +17,7 @@ import torch
 
 from trainer.core import algos
 from trainer.core.algos import (
+    LossSettings,
     aggregate,
     entropy_from_logits,
     group_advantages,
@@ -240,7 +242,7 @@ def leaf(x):
     return x.detach().clone().requires_grad_(True)
 
 
-def run_impl(batch, grad_masked=True, **kw):
+def run_impl(batch, grad_masked=True, grad_accum=1, num_tokens=None, **kw):
     lp = leaf(batch["logp"])
     masked = leaf(batch["masked_logp"]) if grad_masked else batch["masked_logp"].clone()
     loss, metrics = papo_loss(
@@ -250,7 +252,9 @@ def run_impl(batch, grad_masked=True, **kw):
         batch["mask"],
         masked_logp=masked,
         ref_logp=batch["ref_logp"],
-        **kw,
+        settings=LossSettings(**kw),
+        grad_accum=grad_accum,
+        num_tokens=num_tokens,
     )
     loss.backward()
     return loss, metrics, lp.grad, masked.grad
@@ -475,9 +479,8 @@ def test_old_ref_advantages_get_no_gradient(avg):
         batch["mask"],
         masked_logp=batch["masked_logp"],
         ref_logp=ref,
-        avg=avg,
+        settings=LossSettings(avg=avg, **ALL_TERMS),
         num_tokens=30,
-        **ALL_TERMS,
     )
     loss.backward()
     assert old.grad is None and ref.grad is None and adv.grad is None
@@ -536,14 +539,11 @@ def test_gradcheck_away_from_kinks():
             mask,
             masked_logp=masked_,
             ref_logp=ref,
-            gamma=0.3,
-            beta=0.2,
-            eta1=0.1,
-            eta2=0.2,
-            avg=avg,
+            settings=LossSettings(
+                gamma=0.3, beta=0.2, eta1=0.1, eta2=0.2, avg=avg, perception_kl_masked_grad=masked_grad
+            ),
             grad_accum=2,
             num_tokens=7,
-            perception_kl_masked_grad=masked_grad,
         )[0]
 
     for avg in algos.AVG_MODES:
@@ -571,9 +571,9 @@ def _two_sequences():
 
 def test_token_vs_seq_known_difference():
     lp, adv, mask = _two_sequences()
-    token, _ = papo_loss(lp, lp.detach(), adv, mask, avg="token")
+    token, _ = papo_loss(lp, lp.detach(), adv, mask, settings=LossSettings(avg="token"))
     (g_token,) = torch.autograd.grad(token, lp)
-    seq, _ = papo_loss(lp, lp.detach(), adv, mask, avg="seq")
+    seq, _ = papo_loss(lp, lp.detach(), adv, mask, settings=LossSettings(avg="seq"))
     (g_seq,) = torch.autograd.grad(seq, lp)
     # token: -(1 * 1 + (-1) * 3) / 4 = 0.5; seq: -(1 / 1 + (-1) * 3 / 3) / 2 = 0
     assert token.item() == pytest.approx(0.5, abs=1e-15)
@@ -590,7 +590,7 @@ def test_seq_mode_counts_empty_sequence_in_mean():
     mask3 = torch.cat([mask, torch.zeros(1, 3, dtype=torch.bool)])
     lp3 = torch.cat([lp.detach(), torch.full((1, 3), float("nan"), dtype=F64)]).requires_grad_(True)
     adv = torch.tensor([1.0, 1.0, 5.0], dtype=F64)
-    seq, _ = papo_loss(lp3, lp3.detach(), adv, mask3, avg="seq")
+    seq, _ = papo_loss(lp3, lp3.detach(), adv, mask3, settings=LossSettings(avg="seq"))
     assert seq.item() == pytest.approx(-2.0 / 3.0, abs=1e-15)  # (-1 - 1 + 0) / 3
 
 
@@ -619,9 +619,8 @@ def test_token_global_is_sum_over_num_tokens():
         mask,
         masked_logp=batch["masked_logp"],
         ref_logp=batch["ref_logp"],
-        avg="token_global",
+        settings=LossSettings(avg="token_global", **kw),
         num_tokens=100,
-        **kw,
     )
     pg, _ = algos.clipped_policy_loss(batch["logp"], batch["old_logp"], batch["advantages"])
     ref_kl = kl_penalty(batch["logp"], batch["ref_logp"])
@@ -636,10 +635,9 @@ def test_token_global_is_sum_over_num_tokens():
         mask,
         masked_logp=batch["masked_logp"],
         ref_logp=batch["ref_logp"],
-        avg="token_global",
+        settings=LossSettings(avg="token_global", **kw),
         num_tokens=torch.tensor(100),
         grad_accum=4,
-        **kw,
     )
     assert torch.equal(loss, loss_k)
     # with num_tokens = this micro-batch's count it equals the token mode without accumulation
@@ -650,8 +648,7 @@ def test_token_global_is_sum_over_num_tokens():
         mask,
         masked_logp=batch["masked_logp"],
         ref_logp=batch["ref_logp"],
-        avg="token",
-        **kw,
+        settings=LossSettings(avg="token", **kw),
     )
     loss_glob, _ = papo_loss(
         batch["logp"],
@@ -660,9 +657,8 @@ def test_token_global_is_sum_over_num_tokens():
         mask,
         masked_logp=batch["masked_logp"],
         ref_logp=batch["ref_logp"],
-        avg="token_global",
+        settings=LossSettings(avg="token_global", **kw),
         num_tokens=int(mask.sum()),
-        **kw,
     )
     assert loss_glob.item() == pytest.approx(loss_tok.item(), rel=1e-13)
 
@@ -702,11 +698,8 @@ def test_extreme_logprobs_stay_finite(avg):
                 mask,
                 masked_logp=masked,
                 ref_logp=ref,
-                avg=avg,
+                settings=LossSettings(avg=avg, kl_kind=kind, perception_kl_kind=kind, **ALL_TERMS),
                 num_tokens=6,
-                kl_kind=kind,
-                perception_kl_kind=kind,
-                **ALL_TERMS,
             )
             loss.backward()
             assert torch.isfinite(loss), (kind, adv)
@@ -726,9 +719,8 @@ def test_all_padding_micro_batch():
             mask,
             masked_logp=lp.detach(),
             ref_logp=lp.detach(),
-            avg=avg,
+            settings=LossSettings(avg=avg, **ALL_TERMS),
             num_tokens=0,
-            **ALL_TERMS,
         )
         loss.backward()
         assert loss.item() == 0.0 and torch.equal(lp.grad, torch.zeros(2, 4))
@@ -745,7 +737,7 @@ def test_half_precision_inputs_compute_in_float32():
         batch["mask"],
         masked_logp=batch["masked_logp"],
         ref_logp=batch["ref_logp"],
-        **ALL_TERMS,
+        settings=LossSettings(**ALL_TERMS),
     )
     loss.backward()
     assert loss.dtype == torch.float32 and lp.grad.dtype == torch.bfloat16
@@ -823,9 +815,7 @@ def test_top_p_mask_handcrafted():
         torch.zeros(3, dtype=F64),
         mask,
         masked_logp=masked,
-        gamma=1.0,
-        perception_kl_kind="k1",
-        perception_top_p=0.4,
+        settings=LossSettings(gamma=1.0, perception_kl_kind="k1", perception_top_p=0.4),
     )
     assert loss.item() == pytest.approx(-(0.5 + 0.9 + 0.05) / 6, rel=1e-12)
     assert metrics["perception_mask_frac"] == pytest.approx(3 / 6)
@@ -848,9 +838,7 @@ def test_kl_clip_handcrafted():
         torch.zeros(1, dtype=F64),
         mask,
         masked_logp=masked,
-        gamma=2.0,
-        perception_kl_kind="k1",
-        perception_kl_clip=0.2,
+        settings=LossSettings(gamma=2.0, perception_kl_kind="k1", perception_kl_clip=0.2),
     )
     # clamp to [0, 0.2]: [0.1, 0.2, 0.0]
     assert metrics["perception_kl"] == pytest.approx(0.3 / 3, rel=1e-12)
@@ -938,6 +926,112 @@ def test_validation_errors_name_the_argument(kwargs, match):
     call.update(kwargs)
     with pytest.raises(ValueError, match=match):
         papo_loss(**call)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(avg="mean"), "avg"),
+        (dict(kl_kind="kl2"), "kl_kind"),
+        (dict(perception_kl_kind="x"), "perception_kl_kind"),
+        (dict(clip_low=1.0), "clip_low"),
+        (dict(clip_high=-0.1), "clip_high"),
+        (dict(clip_dual=1.0), "clip_dual"),
+        (dict(perception_top_p=1.0), "perception_top_p"),
+        (dict(perception_kl_clip=-1.0), "perception_kl_clip"),
+    ],
+)
+def test_loss_settings_validate_once_naming_the_field(fields, match):
+    """The keyword form of papo_loss and LossSettings share one validation: the same message."""
+    with pytest.raises(ValueError, match=match) as direct:
+        LossSettings(**fields)
+    b = make_batch(seed=14)
+    with pytest.raises(ValueError, match=match) as via_keywords:
+        papo_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], **fields)
+    assert str(direct.value) == str(via_keywords.value)
+    # replace() builds a new object through the same check
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(LossSettings(), **fields)
+
+
+def test_loss_settings_are_frozen_and_replace_makes_a_copy():
+    s = LossSettings(gamma=0.02, beta=0.01)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.gamma = 0.5
+    t = dataclasses.replace(s, gamma=0.01, eta2=0.03)
+    assert (s.gamma, s.eta2) == (0.02, 0.0) and (t.gamma, t.beta, t.eta2) == (0.01, 0.01, 0.03)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_keyword_form_equals_settings_form(name):
+    """The contract's keyword form builds the same LossSettings the learner passes: identical results."""
+    kw = dict(CONFIGS[name])
+    placement = {k: kw.pop(k) for k in ("grad_accum", "num_tokens") if k in kw}
+    batch = make_batch(seed=200 + list(CONFIGS).index(name))
+    results = []
+    for call in (dict(kw, **placement), dict(settings=LossSettings(**kw), **placement)):
+        lp, masked = leaf(batch["logp"]), leaf(batch["masked_logp"])
+        loss, metrics = papo_loss(
+            lp,
+            batch["old_logp"],
+            batch["advantages"],
+            batch["mask"],
+            masked_logp=masked,
+            ref_logp=batch["ref_logp"],
+            **call,
+        )
+        loss.backward()
+        results.append((loss, metrics, lp.grad, masked.grad))
+    (l1, m1, g1, gm1), (l2, m2, g2, gm2) = results
+    assert torch.equal(l1, l2) and m1 == m2 and torch.equal(g1, g2)
+    assert (gm1 is None and gm2 is None) or torch.equal(gm1, gm2)
+
+
+def test_contract_keywords_all_accepted():
+    """The public keyword form (docs/design.md): every documented keyword, spelled out."""
+    import trainer.algos
+
+    b = make_batch(seed=15)
+    args = (b["logp"], b["old_logp"], b["advantages"], b["mask"])
+    loss, metrics = trainer.algos.papo_loss(
+        *args,
+        masked_logp=b["masked_logp"],
+        ref_logp=b["ref_logp"],
+        gamma=0.02,
+        beta=0.01,
+        eta1=0.03,
+        eta2=0.03,
+        clip_low=0.2,
+        clip_high=0.28,
+        clip_dual=3.0,
+        kl_kind="low_var_kl",
+        avg="token_global",
+        grad_accum=1,
+        num_tokens=40,
+    )
+    settings = LossSettings(gamma=0.02, beta=0.01, eta1=0.03, eta2=0.03, clip_high=0.28, avg="token_global")
+    same, same_metrics = papo_loss(
+        *args, masked_logp=b["masked_logp"], ref_logp=b["ref_logp"], settings=settings, num_tokens=40
+    )
+    assert torch.equal(loss, same) and metrics == same_metrics
+    # the defaults of the keyword form are LossSettings()'s
+    assert torch.equal(papo_loss(*args)[0], papo_loss(*args, settings=LossSettings())[0])
+
+
+def test_unknown_keywords_and_mixed_forms_are_type_errors():
+    b = make_batch(seed=16)
+    args = (b["logp"], b["old_logp"], b["advantages"], b["mask"])
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'gama', 'kl_typ'") as err:
+        papo_loss(*args, masked_logp=b["masked_logp"], gama=0.02, kl_typ="k1")
+    assert "perception_kl_masked_grad" in str(err.value)  # the message lists the known fields
+    # settings= and keyword fields: ambiguous, refused (override with dataclasses.replace instead)
+    with pytest.raises(TypeError, match=r"not both \(got settings and 'gamma'\)"):
+        papo_loss(*args, masked_logp=b["masked_logp"], settings=LossSettings(gamma=0.01), gamma=0.02)
+    # an unknown name is reported even next to settings=
+    with pytest.raises(TypeError, match="'gama'"):
+        papo_loss(*args, settings=LossSettings(), gama=0.02)
+    with pytest.raises(TypeError, match="must be a LossSettings"):
+        papo_loss(*args, settings={"gamma": 0.0})
 
 
 # --------------------------------------------------------------------------------------------

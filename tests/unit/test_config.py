@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
 import yaml
 
+from trainer.core.algos import LossSettings
 from trainer.core.config import (
     PRESETS,
+    AlgoConfig,
     ConfigError,
     ConfigWarning,
     JobConfig,
+    MaskedPass,
     dump_config,
     named_config,
     parse_override,
     resolve_config,
 )
 
-# docs/algorithm.md "Presets" table, written out independently of trainer/core/config.py.
+# docs/algorithm.md "Presets" table, written out independently of trainer/core/config/schema.py.
 PAPER = {
     #          beta  gamma  eta1  eta2  clip_low clip_high dual  dynamic sampling
     "grpo": (0.01, 0.0, 0.0, 0.0, 0.2, 0.3, 3.0, False),
@@ -40,7 +44,7 @@ def test_preset_resolves_to_paper_values(name):
     assert cfg.corruption.patch_size == 14 and cfg.corruption.prob == 0.6
     assert cfg.learner.lr == 1e-6 and cfg.learner.weight_decay == 1e-2 and cfg.learner.grad_clip == 1.0
     assert cfg.needs_reference == (PAPER[name][0] > 0)
-    assert cfg.needs_masked_pass == (PAPER[name][1] > 0)
+    assert cfg.masked_pass.runs == (PAPER[name][1] > 0)
 
 
 def test_default_algorithm_is_papo_and_overrides_beat_the_preset():
@@ -77,7 +81,7 @@ def test_algo_by_preset_tunes_one_preset_and_leaves_the_others_alone(tmp_path):
     papo = resolve_config([f])
     assert papo.algo.gamma == 0.01 and papo.algo.beta == 0.04 and papo.algo.clip_high == 0.3
     grpo = resolve_config([f], ["algo.name=grpo"])  # a baseline again: no PAPO term, no error
-    assert grpo.algo.gamma == 0.0 and grpo.algo.beta == 0.04 and not grpo.needs_masked_pass
+    assert grpo.algo.gamma == 0.0 and grpo.algo.beta == 0.04 and not grpo.masked_pass.runs
     assert resolve_config([f], ["algo.name=dapo"]).algo.clip_high == 0.25
     # algo.* given by the user beats the config's per-preset value, which beats the built-in preset.
     assert resolve_config([f], ["algo.gamma=0.03"]).algo.gamma == 0.03
@@ -117,7 +121,7 @@ def test_dynamic_sampling_generation_round_is_at_least_a_batch():
 
 def test_baseline_with_diagnostic_is_fine():
     cfg = resolve_config(overrides=["algo.name=grpo", "perception.diagnostic=true"])
-    assert cfg.algo.gamma == 0 and cfg.needs_masked_pass
+    assert cfg.algo.gamma == 0 and cfg.masked_pass.runs
 
 
 @pytest.mark.parametrize(
@@ -283,3 +287,106 @@ def test_weight_transport_fields_reject_bad_values_naming_them():
             r"but learner.num_gpus=0; use object_store, or gloo",
         ):
             resolve_config(overrides=[f"learner.weight_transport={transport}", "learner.num_gpus=0"])
+
+
+# --------------------------------------------------------------------------------------------
+# The masked-pass plan: whether, where and with gradient
+# --------------------------------------------------------------------------------------------
+
+# (preset, perception.masked_logp, perception.diagnostic) -> what runs, written out by hand:
+# "-" nothing (no corruption pool, no masked log-probs), "pool" the perception pool (no grad),
+# "learner" the learner's no-grad pass after old_logp, "grad" recomputed in the loss with grad,
+# "refused" a ConfigError.
+MASKED_PLAN = {
+    ("grpo", "pool", False): "-",
+    ("grpo", "learner", False): "-",
+    ("grpo", "learner_grad", False): "-",
+    ("grpo", "pool", True): "pool",
+    ("grpo", "learner", True): "learner",
+    ("grpo", "learner_grad", True): "refused",
+    ("dapo", "pool", False): "-",
+    ("dapo", "learner", False): "-",
+    ("dapo", "learner_grad", False): "-",
+    ("dapo", "pool", True): "pool",
+    ("dapo", "learner", True): "learner",
+    ("dapo", "learner_grad", True): "refused",
+    ("papo", "pool", False): "pool",
+    ("papo", "learner", False): "learner",
+    ("papo", "learner_grad", False): "grad",
+    ("papo", "pool", True): "pool",
+    ("papo", "learner", True): "learner",
+    ("papo", "learner_grad", True): "grad",
+    ("papo_d", "pool", False): "pool",
+    ("papo_d", "learner", False): "learner",
+    ("papo_d", "learner_grad", False): "grad",
+    ("papo_d", "pool", True): "pool",
+    ("papo_d", "learner", True): "learner",
+    ("papo_d", "learner_grad", True): "grad",
+}
+
+
+@pytest.mark.parametrize("preset, placement, diagnostic", sorted(MASKED_PLAN))
+def test_masked_pass_plan_of_every_preset_and_placement(preset, placement, diagnostic):
+    expected = MASKED_PLAN[(preset, placement, diagnostic)]
+    overrides = [f"algo.name={preset}", f"perception.masked_logp={placement}", f"perception.diagnostic={diagnostic}"]
+    if expected == "refused":
+        with pytest.raises(ConfigError) as err:
+            resolve_config(overrides=overrides, warn=False)
+        assert "perception.diagnostic=true" in str(err.value) and "perception.masked_logp" in str(err.value)
+        return
+    plan = resolve_config(overrides=overrides, warn=False).masked_pass
+    assert plan == MaskedPass(placement=placement, in_loss=preset.startswith("papo"), diagnostic=diagnostic)
+    assert plan.runs == (expected != "-")
+    assert (plan.on_pool, plan.on_learner, plan.with_grad) == (
+        expected == "pool",
+        expected == "learner",
+        expected == "grad",
+    )
+    assert plan.before_update == (expected in ("pool", "learner"))
+    # What the preset's loss takes: the batch's no-grad masked_logp, a recompute, or nothing.
+    gamma, eta2 = PAPER[preset][1], PAPER[preset][3]
+    source = {"-": None, "pool": "batch", "learner": "batch", "grad": "recompute"}[expected]
+    assert plan.loss_source(gamma, eta2) == (source if gamma or eta2 else None)
+
+
+def test_masked_pass_follows_the_schedule_and_the_entropy_term():
+    # eta2 alone (gamma 0) needs the pass; a linear schedule that starts at 0 and rises does too.
+    eta2_only = resolve_config(overrides=["algo.name=papo_d", "algo.gamma=0", "perception.masked_logp=learner_grad"])
+    assert eta2_only.masked_pass.runs and eta2_only.masked_pass.loss_source(0.0, 0.03) == "recompute"
+    rising = resolve_config(overrides=["algo.gamma=0", "algo.gamma_schedule=linear", "algo.gamma_end=0.02"])
+    assert rising.masked_pass.on_pool
+    # a step whose scheduled coefficients are all 0 uses no masked log-probs (measured only if present)
+    assert rising.masked_pass.loss_source(0.0, 0.0) is None and rising.masked_pass.loss_source(0.01, 0.0) == "batch"
+    # a learner knows only its placement: the step's coefficients decide
+    assert MaskedPass("learner_grad").loss_source(0.02, 0.0) == "recompute"
+    assert MaskedPass("learner_grad").loss_source(0.0, 0.0) is None
+    assert MaskedPass("pool").loss_source(0.0, 0.03) == "batch"
+    # "no effect" warnings ask the plan: eta2 and the KL's masked gradient act only with grad
+    with pytest.warns(ConfigWarning, match="algo.eta2=0.03 has no effect with perception.masked_logp='learner'"):
+        resolve_config(overrides=["algo.name=papo_d", "perception.masked_logp=learner"])
+
+
+def test_masked_pass_refuses_a_bad_combination_naming_the_fields():
+    with pytest.raises(ValueError, match=r"perception.masked_logp: 'gpu' is not a placement; allowed: pool, learner"):
+        MaskedPass("gpu")
+    with pytest.raises(ValueError, match=r"perception.diagnostic=true under a baseline .* perception.masked_logp"):
+        MaskedPass("learner_grad", in_loss=False, diagnostic=True)
+    assert MaskedPass("learner_grad", in_loss=True, diagnostic=True).with_grad
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MaskedPass().placement = "learner"  # type: ignore[misc]
+
+
+def test_loss_settings_read_every_loss_field_of_the_algo_section():
+    """LossSettings.from_algo copies each loss field of AlgoConfig (``loss_avg`` is ``avg``)."""
+    names = {"avg": "loss_avg"}
+    fields = [f.name for f in dataclasses.fields(LossSettings)]
+    assert all(names.get(f, f) in AlgoConfig.model_fields for f in fields)
+    values = dict(
+        gamma=0.011, beta=0.012, eta1=0.013, eta2=0.014, clip_low=0.15, clip_high=0.25, clip_dual=2.5,
+        kl_kind="k2", loss_avg="token_global", perception_kl_kind="abs", perception_top_p=0.3,
+        perception_kl_clip=0.7, perception_kl_masked_grad=True,
+    )  # fmt: skip
+    algo = AlgoConfig(name="papo", **values)
+    s = LossSettings.from_algo(algo)
+    assert {f: getattr(s, f) for f in fields} == {f: values[names.get(f, f)] for f in fields}
+    assert all(getattr(LossSettings(), f) != getattr(s, f) for f in fields)  # each one is really copied

@@ -122,7 +122,8 @@ def test_paper_combination_resolves_to_paper_values(model: str, algo: str, gpus:
     used = sum(
         v
         for k, v in layout.items()
-        if k not in ("perception", "reference") or (cfg.needs_masked_pass if k == "perception" else cfg.needs_reference)
+        if k not in ("perception", "reference")
+        or (cfg.masked_pass.on_pool if k == "perception" else cfg.needs_reference)
     )
     assert used <= gpus
     shares = [

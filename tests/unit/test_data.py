@@ -1,4 +1,4 @@
-"""trainer/core/data.py: parquet + image files -> chat prompts; bad rows skipped and counted, not fatal."""
+"""trainer/core/data/: parquet + image files -> chat prompts; bad rows skipped and counted, not fatal."""
 
 from __future__ import annotations
 

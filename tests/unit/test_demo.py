@@ -25,19 +25,9 @@ import torch
 from PIL import Image
 
 from trainer.demo import assets as demo
-from trainer.demo.assets import (
-    ANSWER_VOCAB,
-    COLORS,
-    SPLITS,
-    TEMPLATE_ANSWERS,
-    VISION_TOKEN_IDS,
-    DatasetSizes,
-    DemoAssets,
-    build_demo_assets,
-    build_processor,
-    cli_main,
-    write_dataset,
-)
+from trainer.demo.assets import DemoAssets, build_demo_assets, cli_main
+from trainer.demo.dataset import ANSWER_VOCAB, COLORS, SPLITS, TEMPLATE_ANSWERS, DatasetSizes, write_dataset
+from trainer.demo.model import VISION_TOKEN_IDS, build_processor
 
 TINY = DatasetSizes(train=24, validation=12, sft=12)
 
@@ -95,7 +85,7 @@ def test_palette_colours_stay_apart_after_jitter() -> None:
     stay at least 40 RGB units apart along the line joining them (recipe 1's orange/yellow pair: 14)."""
     import itertools
 
-    from trainer.demo.assets import COLOR_JITTER
+    from trainer.demo.dataset import COLOR_JITTER
 
     for a, b in itertools.combinations(COLORS, 2):
         d = np.asarray(COLORS[b], float) - np.asarray(COLORS[a], float)

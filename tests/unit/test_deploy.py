@@ -467,7 +467,7 @@ def check_papo_command(argv: list[str], config_files: dict[str, str] | None = No
     """``papo <command> ...`` parses as that command would; ``papo train`` configs resolve."""
     assert argv[0] == "papo", argv
     if argv[1] == "reward-server":
-        from services.reward_server.app import build_parser
+        from services.reward_server.cli import build_parser
 
         return build_parser().parse_args(argv[2:])
     if argv[1] == "submit":

@@ -96,6 +96,7 @@ def test_check_model_paths_accepts_model_folders_and_hub_ids(tmp_path):
         check_model_paths(resolve_config([], [f"model.path={path}"]))
 
     check(str(tmp_path / "model"))
+    check("demo://model")  # built by the demo fixture after the check
     check("Qwen/Qwen2.5-VL-3B-Instruct")  # a hub id: loaded (or refused offline) by from_pretrained later
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         check(str(tmp_path / "empty"))
@@ -192,7 +193,7 @@ class _Rollout:
         self.calls: list[int] = []
 
     def generate(self, requests, spec):
-        from services.rollout.pool import RolloutResult
+        from services.rollout.types import RolloutResult
         from trainer.core.batch import RolloutBatch
 
         self.calls.append(len(requests))
@@ -287,11 +288,7 @@ def _startup_doubles(monkeypatch, fail: str | None):
     """Each pool double waits at one barrier for all the others: start-up passes only if they start side by side."""
     import threading
 
-    import rewards.client
-    import services.corruption.pool
-    import services.logprob.pool
-    import services.rollout.pool
-    import trainer.learner.group
+    from trainer import driver
 
     names = ["rollout", "learner", "corruption", "perception", "reference"]
     barrier = threading.Barrier(len(names), timeout=10)
@@ -319,13 +316,11 @@ def _startup_doubles(monkeypatch, fail: str | None):
         def close(self):
             pass
 
-    monkeypatch.setattr(rewards.client, "RewardClient", Client)
-    monkeypatch.setattr(
-        services.rollout.pool.RolloutPool, "from_config", classmethod(lambda cls, *a, **k: Pool("rollout"))
-    )
-    monkeypatch.setattr(trainer.learner.group, "LearnerGroup", lambda *a, **k: Pool("learner"))
-    monkeypatch.setattr(services.corruption.pool, "CorruptionPool", lambda *a, **k: Pool("corruption"))
-    monkeypatch.setattr(services.logprob.pool, "LogProbPool", lambda *a, role, **k: Pool(role))
+    monkeypatch.setattr(driver, "RewardClient", Client)
+    monkeypatch.setattr(driver.RolloutPool, "from_config", classmethod(lambda cls, *a, **k: Pool("rollout")))
+    monkeypatch.setattr(driver, "LearnerGroup", lambda *a, **k: Pool("learner"))
+    monkeypatch.setattr(driver, "CorruptionPool", lambda *a, **k: Pool("corruption"))
+    monkeypatch.setattr(driver, "LogProbPool", lambda *a, role, **k: Pool(role))
     return started, stopped
 
 

@@ -1,4 +1,4 @@
-"""trainer/evaluate.py without an engine: the evaluator's arithmetic on a constructed case, the
+"""trainer/evaluate/ without an engine: the evaluator's arithmetic on a constructed case, the
 masked condition's images against the corruption service, avg@k / pass@k over k samples, the
 report's keys and table, and `papo eval`'s checks that run before any engine starts.
 
@@ -18,7 +18,7 @@ from PIL import Image
 
 import rewards
 from services.corruption.service import CorruptionService
-from services.rollout.pool import RolloutResult, SamplingSpec
+from services.rollout.types import RolloutResult, SamplingSpec
 from trainer.cli import main as cli_main
 from trainer.core.batch import RolloutBatch
 from trainer.core.config import named_config, resolve_config

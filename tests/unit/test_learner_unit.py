@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from tests.helpers_model import MAX_PIXELS, MIN_PIXELS, algo_cfg, filled, learner_cfg, make_learner, tiny_setup
-from trainer.core.algos import papo_loss
+from trainer.core.algos import LossSettings, papo_loss
 from trainer.core.checkpoint import CHECKPOINT_MARKER, prune_checkpoints
 from trainer.core.modeling import load_model, load_processor, model_inputs, token_logprobs
-from trainer.learner.engine import LossSettings, lr_factor
+from trainer.learner.engine import lr_factor
 from trainer.learner.learner import Learner
 from trainer.transport.receive import load_handle
 
@@ -60,12 +60,9 @@ def reference_grad_norm(path: Path, batch, images, loss: LossSettings, micro: in
             mb.advantages,
             mb.response_mask,
             masked_logp=mb.masked_logp,
-            gamma=loss.gamma,
-            avg=loss.avg,
+            settings=loss,
             grad_accum=1 if loss.avg == "token_global" else k,
             num_tokens=batch.num_response_tokens,
-            clip_low=loss.clip_low,
-            clip_high=loss.clip_high,
         )
         out.backward()
     sq = sum(float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None)
@@ -138,6 +135,24 @@ def test_learner_grad_requires_masked_images(tiny):
     b = filled(learner, batch, images, masked)
     with pytest.raises(ValueError, match="masked_images"):
         learner.train_step(b, images)
+
+
+def test_the_steps_coefficients_decide_what_the_loss_takes(tiny):
+    """The masked pass is asked per step (MaskedPass.loss_source): a scheduled gamma of 0 needs no
+    masked images even under learner_grad; a no-grad placement needs the batch's masked_logp."""
+    path, _, batch, images, masked = tiny
+    learner = make_learner(path, algo=algo_cfg(gamma=0.01), masked_logp="learner_grad", zero_stage=0)
+    assert learner.step_settings() is learner.loss and learner.masked_source(learner.loss) == "recompute"
+    zero = learner.step_settings(gamma=0.0, eta2=0.0)
+    assert (zero.gamma, zero.clip_high) == (0.0, learner.loss.clip_high) and learner.masked_source(zero) is None
+    b = filled(learner, batch, images, masked)
+    metrics = learner.train_step(b, images, gamma=0.0)  # no masked_images: no term uses them
+    assert metrics["optimizer_steps"] == 1 and "perception_kl" in metrics  # the batch's are measured
+    pool = make_learner(path, algo=algo_cfg(gamma=0.01), masked_logp="pool", zero_stage=0)
+    assert pool.masked_source(pool.loss) == "batch"
+    b.masked_logp = None
+    with pytest.raises(ValueError, match="masked_logp"):
+        pool.train_step(b, images)
 
 
 def test_published_weights_carry_save_pretrained_names_and_the_trained_values(tiny):
@@ -292,7 +307,6 @@ def test_a_plain_process_leaves_no_rank_variables_behind(tiny):
 
 def test_every_loss_field_of_the_config_reaches_the_loss_settings():
     from trainer.core.config import resolve_config
-    from trainer.learner.engine import LossSettings
 
     algo = resolve_config(
         overrides=[

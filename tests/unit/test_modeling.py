@@ -11,7 +11,7 @@ from PIL import Image
 
 from trainer.core.batch import RolloutBatch
 from trainer.core.modeling import load_model, load_processor, model_inputs, response_logprobs, token_logprobs
-from trainer.demo.assets import VISION_TOKEN_IDS, write_tiny_model
+from trainer.demo.model import VISION_TOKEN_IDS, write_tiny_model
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 

@@ -13,23 +13,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.rollout.pool import (
+from services.rollout.types import (
     ERR_IMAGE_TOKEN_MISMATCH,
     ERR_INVALID_REQUEST,
     ERR_MISSING_IMAGE,
     ERR_PROMPT_TOO_LONG,
     RolloutRequest,
-    RolloutWorker,
     SamplingSpec,
     blocked_token_ids,
     classify_engine_error,
     count_image_items,
-    worker_kwargs_from_config,
 )
+from services.rollout.worker import RolloutWorker, worker_kwargs_from_config
 from trainer.core.config import ModelConfig, RolloutConfig
 from trainer.core.data import load_image, load_split
 from trainer.core.weights import WeightsHandle, digest, hf_name_map, pack_state_dict
-from trainer.demo.assets import VISION_TOKEN_IDS, DatasetSizes, build_demo_assets
+from trainer.demo.assets import build_demo_assets
+from trainer.demo.dataset import DatasetSizes
+from trainer.demo.model import VISION_TOKEN_IDS
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 # A stable folder, not pytest's tmp_path: pytest deletes all but its 3 newest basetemp folders,
@@ -102,7 +103,7 @@ def test_count_image_items_and_error_classification():
 
 
 def test_blocked_tokens_are_the_vision_tokens(worker):
-    assert tuple(blocked_token_ids(worker._hf_config())) == VISION_TOKEN_IDS
+    assert tuple(blocked_token_ids(worker.engine.hf_config())) == VISION_TOKEN_IDS
 
 
 def test_request_from_example_keeps_ids_and_paths(examples):
@@ -146,8 +147,8 @@ def _handle(state: dict, version: int, blob: bytes | None = None) -> tuple[Weigh
 
 def test_receive_weights_checks_digest_names_and_transport(worker):
     # Published weights carry save_pretrained's names (what Learner.publish_weights sends).
-    internal = worker._model.state_dict()
-    state = {saved: internal[name].clone() for saved, name in hf_name_map(worker._model).items()}
+    internal = worker.engine.model.state_dict()
+    state = {saved: internal[name].clone() for saved, name in hf_name_map(worker.engine.model).items()}
     assert any(k.startswith("visual.") for k in state) and not any(k.startswith("model.visual.") for k in state)
     handle, blob = _handle(state, version=0)
     assert worker.receive_weights(handle, b"not even read") == 0  # version already held: no-op
@@ -171,7 +172,7 @@ def test_receive_weights_checks_digest_names_and_transport(worker):
     state[key] = state[key] + 1.0
     handle, blob = _handle(state, version=7)
     assert worker.receive_weights(handle, blob) == 7 and worker.weight_version == 7
-    assert torch.equal(worker._model.state_dict()[hf_name_map(worker._model)[key]], state[key])
+    assert torch.equal(worker.engine.model.state_dict()[hf_name_map(worker.engine.model)[key]], state[key])
 
 
 def test_cpu_gemm_patch_reads_the_live_weight():

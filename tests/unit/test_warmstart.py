@@ -19,15 +19,8 @@ import pytest
 import torch
 
 from trainer.demo import assets as demo
-from trainer.demo.assets import (
-    DEFAULT_TEMPLATES,
-    DEMO_TEMPLATES,
-    DatasetSizes,
-    DemoAssets,
-    WarmStart,
-    build_demo_assets,
-    recipe,
-)
+from trainer.demo.assets import DemoAssets, WarmStart, build_demo_assets, recipe
+from trainer.demo.dataset import DEFAULT_TEMPLATES, DEMO_TEMPLATES, DatasetSizes
 from trainer.demo.warmstart import SFTWarmStart, _greedy_accuracy, _prepare
 
 #: Tiny train/validation (not used here) and the demo's sft split of 4096 rows (with 1024 the

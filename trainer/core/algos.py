@@ -1,12 +1,14 @@
 """The algorithm core of PAPO: pure tensor math, no Ray, no config, no I/O.
 
-This module owns every formula of the objective and nothing else:
+This module owns every formula of the objective and nothing else (the one bridge from the config
+is :meth:`LossSettings.from_algo`, which reads an ``AlgoConfig``'s fields by name):
 
 - KL estimators (``kl_penalty``: k1, k2, abs, k3 / low_var_kl),
 - GRPO outcome advantages (``group_advantages``),
 - the PPO clipped policy loss with clip-higher and dual clip (``clipped_policy_loss``),
 - loss averaging over response tokens (``aggregate``: token / seq / token_global),
 - the perception-KL top-p token mask (``perception_token_mask``),
+- the hyper-parameters of the objective, validated once (``LossSettings``),
 - the full PAPO objective and its metrics (``papo_loss``),
 - the perception coefficient schedule (``perception_coef``, ``perception_coefs``),
 - exact entropy from logits, for logging (``entropy_from_logits``).
@@ -52,13 +54,21 @@ or leaves something open, we follow the code:
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from trainer.core.config import AlgoConfig
 
 __all__ = [
     "AVG_MODES",
     "KL_KINDS",
     "SCHEDULES",
+    "LossSettings",
     "aggregate",
     "clipped_policy_loss",
     "entropy_from_logits",
@@ -325,6 +335,104 @@ def perception_token_mask(kl: Tensor, mask: Tensor, top_p: float) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """The hyper-parameters of :func:`papo_loss`, validated once when built.
+
+    - ``gamma``, ``beta``, ``eta1``, ``eta2``: the coefficients of the perception KL, the
+      reference KL and the two entropy terms (see :func:`papo_loss`);
+    - ``clip_low``, ``clip_high``, ``clip_dual``: the clips of :func:`clipped_policy_loss`,
+      ``0 <= clip_low < 1``, ``clip_high >= 0``, ``clip_dual > 1``;
+    - ``kl_kind``, ``perception_kl_kind``: the :func:`kl_penalty` estimators of the reference and
+      the perception KL (one of :data:`KL_KINDS`);
+    - ``avg``: the :func:`aggregate` mode (one of :data:`AVG_MODES`);
+    - ``perception_top_p`` (in (0, 1)) and ``perception_kl_clip`` (> 0): the top-p token mask and
+      the clamp of the perception KL, off when None;
+    - ``perception_kl_masked_grad``: let the perception KL back-propagate into ``masked_logp``.
+
+    Built once per learner from the config (:meth:`from_algo`); a step's scheduled coefficients
+    are ``dataclasses.replace(settings, gamma=..., eta1=..., eta2=...)`` (validated again).
+
+    Raises:
+        ValueError: an unknown ``avg``/``kl_kind``/``perception_kl_kind`` or an out-of-range clip,
+            ``perception_top_p`` or ``perception_kl_clip`` (the message names the field).
+    """
+
+    gamma: float = 0.0
+    beta: float = 0.0
+    eta1: float = 0.0
+    eta2: float = 0.0
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    clip_dual: float = 3.0
+    kl_kind: str = "low_var_kl"
+    avg: str = "token"
+    perception_kl_kind: str = "low_var_kl"
+    perception_top_p: float | None = None
+    perception_kl_clip: float | None = None
+    perception_kl_masked_grad: bool = False
+
+    def __post_init__(self) -> None:
+        if self.avg not in AVG_MODES:
+            raise ValueError(f"unknown avg {self.avg!r}; allowed: {', '.join(AVG_MODES)}")
+        for name, kind in (("kl_kind", self.kl_kind), ("perception_kl_kind", self.perception_kl_kind)):
+            if kind not in KL_KINDS:
+                raise ValueError(f"unknown {name} {kind!r}; allowed kinds: {', '.join(KL_KINDS)}")
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low!r}")
+        if self.clip_high < 0.0:
+            raise ValueError(f"clip_high must be >= 0, got {self.clip_high!r}")
+        if self.clip_dual <= 1.0:
+            raise ValueError(f"clip_dual must be > 1, got {self.clip_dual!r}")
+        if self.perception_top_p is not None and not 0.0 < self.perception_top_p < 1.0:
+            raise ValueError(f"perception_top_p must be in (0, 1), got {self.perception_top_p!r}")
+        if self.perception_kl_clip is not None and self.perception_kl_clip <= 0.0:
+            raise ValueError(f"perception_kl_clip must be > 0, got {self.perception_kl_clip!r}")
+
+    @classmethod
+    def from_algo(cls, algo: AlgoConfig) -> LossSettings:
+        """The settings of an ``algo`` config section (``algo.loss_avg`` is ``avg``; the gamma
+        schedule is the caller's, see :func:`perception_coefs`)."""
+        return cls(
+            gamma=algo.gamma,
+            beta=algo.beta,
+            eta1=algo.eta1,
+            eta2=algo.eta2,
+            clip_low=algo.clip_low,
+            clip_high=algo.clip_high,
+            clip_dual=algo.clip_dual,
+            kl_kind=algo.kl_kind,
+            avg=algo.loss_avg,
+            perception_kl_kind=algo.perception_kl_kind,
+            perception_top_p=algo.perception_top_p,
+            perception_kl_clip=algo.perception_kl_clip,
+            perception_kl_masked_grad=algo.perception_kl_masked_grad,
+        )
+
+
+_SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(LossSettings))
+
+
+def _loss_settings(settings: LossSettings | None, fields: dict[str, Any]) -> LossSettings:
+    """``settings``, or a :class:`LossSettings` built from ``papo_loss``'s keyword fields."""
+    unknown = sorted(set(fields) - set(_SETTINGS_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"papo_loss() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"the loss settings are: {', '.join(_SETTINGS_FIELDS)}"
+        )
+    if settings is None:
+        return LossSettings(**fields)
+    if fields:
+        raise TypeError(
+            f"papo_loss() takes settings= or the loss-settings keywords, not both (got settings and "
+            f"{', '.join(map(repr, sorted(fields)))}); pass dataclasses.replace(settings, ...) instead"
+        )
+    if not isinstance(settings, LossSettings):
+        raise TypeError(f"papo_loss(settings=...) must be a LossSettings, got {type(settings).__name__}")
+    return settings
+
+
 def papo_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -333,21 +441,10 @@ def papo_loss(
     *,
     masked_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
-    gamma: float = 0.0,
-    beta: float = 0.0,
-    eta1: float = 0.0,
-    eta2: float = 0.0,
-    clip_low: float = 0.2,
-    clip_high: float = 0.3,
-    clip_dual: float = 3.0,
-    kl_kind: str = "low_var_kl",
-    avg: str = "token",
+    settings: LossSettings | None = None,
     grad_accum: int = 1,
     num_tokens: int | float | Tensor | None = None,
-    perception_kl_kind: str = "low_var_kl",
-    perception_top_p: float | None = None,
-    perception_kl_clip: float | None = None,
-    perception_kl_masked_grad: bool = False,
+    **fields: Any,
 ) -> tuple[Tensor, dict[str, float]]:
     """The PAPO objective for one micro-batch, to minimise, and its metrics.
 
@@ -365,6 +462,11 @@ def papo_loss(
     ``grad_accum`` and ``num_tokens``; ``tok`` is the token mean (``token_global``: the global
     token mean ``sum / num_tokens``; otherwise the micro-batch token mean ``/ grad_accum``).
     GRPO = PAPO with gamma = eta1 = eta2 = 0; DAPO additionally has beta = 0 and no ``ref_logp``.
+
+    The hyper-parameters are one :class:`LossSettings`: ``settings=LossSettings(...)`` (what the
+    learner passes), or its fields as keywords (``gamma=0.02, beta=0.01, avg="seq", ...``, each
+    defaulting as in :class:`LossSettings`), which build one; not both. ``grad_accum`` and
+    ``num_tokens`` describe the micro-batch's place in its mini-batch, not the loss.
 
     Gradients (everything else is detached):
 
@@ -397,11 +499,14 @@ def papo_loss(
           response tokens kept by the top-p mask; 1.0 when it is off).
 
     Raises:
-        ValueError: shape mismatches, unknown ``avg``/``kl_kind``/``perception_kl_kind``,
-            ``grad_accum < 1``, ``num_tokens`` missing for ``token_global``, bad clip values,
-            or a non-zero coefficient whose input is missing (beta without ``ref_logp``,
-            gamma or eta2 without ``masked_logp``).
+        ValueError: shape mismatches, invalid settings (see :class:`LossSettings`),
+            ``grad_accum < 1``, ``num_tokens`` missing for ``token_global``, or a non-zero
+            coefficient whose input is missing (beta without ``ref_logp``, gamma or eta2 without
+            ``masked_logp``).
+        TypeError: a keyword that is not a :class:`LossSettings` field, or ``settings`` together
+            with keyword fields.
     """
+    s = _loss_settings(settings, fields)
     # ---- validation (cheap: shapes and python scalars only, no device sync) ----
     if logp.dim() != 2:
         raise ValueError(f"logp must be (batch, tokens), got shape {tuple(logp.shape)}")
@@ -415,31 +520,16 @@ def papo_loss(
         _check_same_shape("masked_logp", masked_logp, logp)
     if ref_logp is not None:
         _check_same_shape("ref_logp", ref_logp, logp)
-    if avg not in AVG_MODES:
-        raise ValueError(f"unknown avg {avg!r}; allowed: {', '.join(AVG_MODES)}")
     if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
-    if avg == "token_global" and num_tokens is None:
+    if s.avg == "token_global" and num_tokens is None:
         raise ValueError("num_tokens is required for avg='token_global' (response tokens of the whole mini-batch)")
-    for name, kind in (("kl_kind", kl_kind), ("perception_kl_kind", perception_kl_kind)):
-        if kind not in KL_KINDS:
-            raise ValueError(f"unknown {name} {kind!r}; allowed kinds: {', '.join(KL_KINDS)}")
-    if not 0.0 <= clip_low < 1.0:
-        raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
-    if clip_high < 0.0:
-        raise ValueError(f"clip_high must be >= 0, got {clip_high!r}")
-    if clip_dual <= 1.0:
-        raise ValueError(f"clip_dual must be > 1, got {clip_dual!r}")
-    if beta != 0.0 and ref_logp is None:
+    if s.beta != 0.0 and ref_logp is None:
         raise ValueError("beta != 0 needs ref_logp (reference-model log-probs)")
-    if gamma != 0.0 and masked_logp is None:
+    if s.gamma != 0.0 and masked_logp is None:
         raise ValueError("gamma != 0 needs masked_logp (log-probs under the masked image)")
-    if eta2 != 0.0 and masked_logp is None:
+    if s.eta2 != 0.0 and masked_logp is None:
         raise ValueError("eta2 != 0 needs masked_logp (log-probs under the masked image)")
-    if perception_top_p is not None and not 0.0 < perception_top_p < 1.0:
-        raise ValueError(f"perception_top_p must be in (0, 1), got {perception_top_p!r}")
-    if perception_kl_clip is not None and perception_kl_clip <= 0.0:
-        raise ValueError(f"perception_kl_clip must be > 0, got {perception_kl_clip!r}")
 
     dtype = _compute_dtype(logp)
     m = mask.to(torch.bool)
@@ -452,10 +542,10 @@ def papo_loss(
         return torch.where(m, x, torch.zeros_like(x))
 
     def avg_(values: Tensor) -> Tensor:
-        return aggregate(values, m, avg, grad_accum=grad_accum, num_tokens=num_tokens)
+        return aggregate(values, m, s.avg, grad_accum=grad_accum, num_tokens=num_tokens)
 
     def tok_(values: Tensor) -> Tensor:
-        mode = "token_global" if avg == "token_global" else "token"
+        mode = "token_global" if s.avg == "token_global" else "token"
         return aggregate(values, m, mode, grad_accum=grad_accum, num_tokens=num_tokens)
 
     lp = clean(logp, detach=False)
@@ -465,7 +555,9 @@ def papo_loss(
         adv = adv.unsqueeze(-1).expand_as(lp)
     adv = torch.where(m, adv, torch.zeros_like(adv))
 
-    pg_tokens, clips = clipped_policy_loss(lp, old, adv, clip_low=clip_low, clip_high=clip_high, clip_dual=clip_dual)
+    pg_tokens, clips = clipped_policy_loss(
+        lp, old, adv, clip_low=s.clip_low, clip_high=s.clip_high, clip_dual=s.clip_dual
+    )
     pg_loss = avg_(pg_tokens)
     loss = pg_loss
 
@@ -478,36 +570,36 @@ def papo_loss(
         stats["response_tokens"] = m.sum().to(dtype)
 
     if ref_logp is not None:
-        ref_kl = kl_penalty(lp, clean(ref_logp, detach=True), kl_kind)
-        if beta != 0.0:
-            loss = loss + beta * avg_(ref_kl)
+        ref_kl = kl_penalty(lp, clean(ref_logp, detach=True), s.kl_kind)
+        if s.beta != 0.0:
+            loss = loss + s.beta * avg_(ref_kl)
         with torch.no_grad():
             stats["ref_kl"] = masked_mean(ref_kl, m)
 
     if masked_logp is not None:
         mlp = clean(masked_logp, detach=False)
-        kl_raw = kl_penalty(lp, mlp if perception_kl_masked_grad else mlp.detach(), perception_kl_kind)
+        kl_raw = kl_penalty(lp, mlp if s.perception_kl_masked_grad else mlp.detach(), s.perception_kl_kind)
         kl = kl_raw
-        if perception_top_p is not None:
-            keep = perception_token_mask(kl_raw, m, perception_top_p)
+        if s.perception_top_p is not None:
+            keep = perception_token_mask(kl_raw, m, s.perception_top_p)
             kl = torch.where(keep, kl, torch.zeros_like(kl))
-        if perception_kl_clip is not None:
-            kl = kl.clamp(0.0, perception_kl_clip)
-        if gamma != 0.0:
-            loss = loss - gamma * avg_(kl)
-        if eta2 != 0.0:
-            loss = loss + eta2 * tok_(-mlp)
+        if s.perception_kl_clip is not None:
+            kl = kl.clamp(0.0, s.perception_kl_clip)
+        if s.gamma != 0.0:
+            loss = loss - s.gamma * avg_(kl)
+        if s.eta2 != 0.0:
+            loss = loss + s.eta2 * tok_(-mlp)
         with torch.no_grad():
             stats["perception_kl"] = masked_mean(kl, m)
             stats["perception_kl_raw"] = masked_mean(kl_raw, m)
             stats["masked_entropy"] = masked_mean(-mlp, m)
-            if perception_top_p is not None:
+            if s.perception_top_p is not None:
                 stats["perception_mask_frac"] = masked_mean(keep.to(dtype), m)
             else:
                 stats["perception_mask_frac"] = torch.ones((), dtype=dtype, device=lp.device)
 
-    if eta1 != 0.0:
-        loss = loss + eta1 * tok_(-lp)
+    if s.eta1 != 0.0:
+        loss = loss + s.eta1 * tok_(-lp)
 
     with torch.no_grad():
         stats["loss"] = loss.detach()

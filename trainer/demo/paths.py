@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 from trainer.core.config import JobConfig
+from trainer.demo.assets import build_demo_assets
+from trainer.demo.dataset import DEMO_TEMPLATES
+from trainer.demo.warmstart import demo_warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +26,6 @@ def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
     paths = [cfg.model.path, cfg.data.train_path, cfg.data.val_path or ""]
     if not any(p.startswith(DEMO_PREFIX) for p in paths):
         return cfg
-    from trainer.demo.assets import DEMO_TEMPLATES, build_demo_assets
-    from trainer.demo.warmstart import demo_warm_start
-
     assets = build_demo_assets(
         demo_assets_dir(),
         seed=0,

@@ -35,8 +35,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
+
+import rewards
+from trainer.core.batch import RolloutBatch
+from trainer.core.data import load_image, load_split
+from trainer.core.modeling import load_model, load_processor, model_inputs, token_logprobs
+from trainer.demo.model import VISION_TOKEN_IDS
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +102,7 @@ def demo_warm_start(min_pixels: int, max_pixels: int) -> SFTWarmStart:
     """The embedded demo's warm start: stopped on the slope of the learning curve, not at its foot.
 
     Held-out accuracy sits near chance for a few hundred steps, then climbs. Measured on colour +
-    count (README): from a model stopped just after the plateau (0.35), neither RL nor more
+    count (docs/demo.md): from a model stopped just after the plateau (0.35), neither RL nor more
     supervised steps gained anything for ~100 steps, because its visual features had not formed
     yet. From one stopped at ~0.45-0.5, RL climbs. 256 held-out rows keep a single lucky
     check on the plateau from stopping it (standard error 0.03).
@@ -139,8 +146,6 @@ class _CachedImageProcessor:
 def _templates_by_id(data_dir: Path) -> dict[int, str]:
     """Row id -> template name from ``sft.parquet`` (the trainer's loader does not read it), for
     per-template accuracy in the facts; empty when the column is absent."""
-    import pyarrow.parquet as pq
-
     path = data_dir / "sft.parquet"
     if not path.is_file() or "template" not in pq.read_schema(path).names:
         return {}
@@ -149,8 +154,6 @@ def _templates_by_id(data_dir: Path) -> dict[int, str]:
 
 
 def _prepare(processor: Any, data_dir: Path) -> list[_Example]:
-    from trainer.core.data import load_image, load_split
-
     split = load_split(data_dir, "sft")  # PAPO's format prompt, exactly as the trainer builds prompts
     templates = _templates_by_id(data_dir)
     out = []
@@ -170,8 +173,6 @@ def _response_ids(tokenizer: Any, answer: str) -> list[int]:
 
 
 def _batch(examples: Sequence[_Example], responses: Sequence[list[int]], pad_id: int) -> Any:
-    from trainer.core.batch import RolloutBatch
-
     return RolloutBatch.from_sequences(
         [e.prompt_ids for e in examples],
         responses,
@@ -200,9 +201,6 @@ def _greedy_accuracy(
     ``black`` replaces every image by an all-black one of the same size (same image-token count),
     which measures how much of the accuracy needs the image.
     """
-    import rewards
-    from trainer.demo.assets import VISION_TOKEN_IDS
-
     tok = processor.tokenizer
     model.eval()
     correct: list[float] = []
@@ -238,8 +236,6 @@ def _greedy_accuracy(
 
 
 def _run(cfg: SFTWarmStart, model_dir: Path, data_dir: Path, seed: int) -> dict[str, Any]:
-    from trainer.core.modeling import load_model, load_processor, model_inputs, token_logprobs
-
     t0 = time.perf_counter()
     processor = load_processor(str(model_dir), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     tok = processor.tokenizer

@@ -17,56 +17,13 @@ import math
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from trainer.core.config import AlgoConfig, LearnerConfig
+from trainer.core.config import LearnerConfig
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Loss hyper-parameters
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """The ``papo_loss`` keyword arguments a learner uses (from :class:`AlgoConfig`)."""
-
-    gamma: float = 0.0
-    beta: float = 0.0
-    eta1: float = 0.0
-    eta2: float = 0.0
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    clip_dual: float = 3.0
-    kl_kind: str = "low_var_kl"
-    perception_kl_kind: str = "low_var_kl"
-    avg: str = "token"
-    perception_top_p: float | None = None
-    perception_kl_clip: float | None = None
-    perception_kl_masked_grad: bool = False
-
-    @classmethod
-    def from_algo(cls, algo: AlgoConfig) -> LossSettings:
-        return cls(
-            gamma=algo.gamma,
-            beta=algo.beta,
-            eta1=algo.eta1,
-            eta2=algo.eta2,
-            clip_low=algo.clip_low,
-            clip_high=algo.clip_high,
-            clip_dual=algo.clip_dual,
-            kl_kind=algo.kl_kind,
-            perception_kl_kind=algo.perception_kl_kind,
-            avg=algo.loss_avg,
-            perception_top_p=algo.perception_top_p,
-            perception_kl_clip=algo.perception_kl_clip,
-            perception_kl_masked_grad=algo.perception_kl_masked_grad,
-        )
 
 
 # --------------------------------------------------------------------------------------------

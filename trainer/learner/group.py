@@ -1,44 +1,53 @@
-"""The learner's Ray side: one actor per rank in a placement group, and the data-parallel group
-that shards batches over them, gathers results and lets rank 0 publish the weights.
+"""The learner's Ray side: one rank per actor of the one actor group, in a placement group.
+
+This module owns :class:`LearnerWorker`, the plain body of one DeepSpeed rank (joins the process
+group, then wraps a :class:`~trainer.learner.learner.Learner` and resolves the batch's image refs),
+and :class:`LearnerGroup`, the data-parallel group on services/group.py that shards batches over
+the ranks, gathers results and lets rank 0 publish the weights (docs/design.md steps 4-6).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import resource
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
+from services.group import ActorGroup, Resources
+from trainer.core.algos import LossSettings
 from trainer.core.batch import RolloutBatch
 from trainer.core.config import AlgoConfig, LearnerConfig, MaskedLogpPlacement
 from trainer.core.weights import WeightsHandle
-from trainer.learner.engine import LossSettings, free_port
+from trainer.learner.engine import free_port
 from trainer.learner.learner import Learner
 from trainer.transport.object_store import resolve_image_refs
 
 logger = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------
-# Ray: images, the rank actor, the group
-# --------------------------------------------------------------------------------------------
-
-
 class LearnerWorker:
-    """The body of one rank's Ray actor: joins the process group, then wraps a :class:`Learner`."""
+    """One rank: joins the process group in :meth:`setup`, then serves its :class:`Learner`.
+
+    Every method the group calls is spelled out here (no dispatch by name to the learner).
+    """
 
     def __init__(self, rank: int, world_size: int, get_timeout_s: float) -> None:
         self.rank, self.world_size, self.timeout = rank, world_size, get_timeout_s
-        self.learner: Learner | None = None
+        self._learner: Learner | None = None
+
+    @property
+    def learner(self) -> Learner:
+        if self._learner is None:
+            raise RuntimeError(f"learner rank {self.rank} is not set up")
+        return self._learner
 
     def node_and_port(self) -> tuple[str, str, int]:
         """(Ray node id, node IP, a free port here): rank 0's become MASTER_ADDR/MASTER_PORT."""
-        import ray
-
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master_addr: str, master_port: int, kwargs: dict[str, Any]) -> int:
@@ -49,7 +58,7 @@ class LearnerWorker:
             WORLD_SIZE=str(self.world_size),
             LOCAL_RANK="0",
         )
-        self.learner = Learner(**kwargs)
+        self._learner = Learner(**kwargs)
         return os.getpid()
 
     def _images(self, batch: RolloutBatch, masked: bool) -> list[list[Any]]:
@@ -63,24 +72,34 @@ class LearnerWorker:
 
     def train_step(self, batch: RolloutBatch, coefs: dict[str, float | None]) -> dict[str, float]:
         learner = self.learner
-        needs_masked = learner.masked_logp == "learner_grad" and (
-            (coefs.get("gamma") if coefs.get("gamma") is not None else learner.loss.gamma) != 0.0
-            or (coefs.get("eta2") if coefs.get("eta2") is not None else learner.loss.eta2) != 0.0
-        )
-        masked = self._images(batch, True) if needs_masked else None
+        recompute = learner.masked_source(learner.step_settings(**coefs)) == "recompute"
+        masked = self._images(batch, True) if recompute else None
         return learner.train_step(batch, self._images(batch, False), masked, **coefs)
 
+    def publish_weights(self, version: int, transport: str | None = None) -> WeightsHandle | None:
+        return self.learner.publish_weights(version, transport)
+
+    def join_weight_group(self, group_id: str, host: str, port: int, world_size: int) -> int:
+        return self.learner.join_weight_group(group_id, host, port, world_size)
+
+    def wait_weights_sent(self, timeout_s: float | None = None) -> None:
+        self.learner.wait_weights_sent(timeout_s)
+
+    def save_checkpoint(self, path: Path, *, keep_last: int | None = None, extra: dict[str, Any] | None = None) -> Path:
+        return self.learner.save_checkpoint(path, keep_last=keep_last, extra=extra)
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        return self.learner.load_checkpoint(path)
+
+    def param_digest(self) -> str:
+        return self.learner.param_digest()
+
     def peak_rss_mb(self) -> float:
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.learner, method)(*args, **kwargs)
 
 
 class LearnerGroup:
-    """N Ray actors, one DeepSpeed rank each, in one placement group (data parallelism).
+    """N ranks on one :class:`~services.group.ActorGroup`, one DeepSpeed rank each, in one placement group.
 
     Each batch is split into N equal contiguous shards (``RolloutBatch.shard``); results are
     concatenated (log-probs) or averaged over ranks (metrics; counters are rank 0's). Every call
@@ -107,42 +126,29 @@ class LearnerGroup:
         get_timeout_s: float = 900.0,
         omp_threads: int = 1,
     ) -> None:
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        self._ray = ray
         self.world_size = learner.num_ranks
         self.timeout = get_timeout_s
-        bundle = {"CPU": float(learner.num_cpus)}
-        if learner.num_gpus > 0:
-            bundle["GPU"] = float(learner.num_gpus)
-        self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
-        try:
-            ray.get(self.placement_group.ready(), timeout=get_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            ray.util.remove_placement_group(self.placement_group)
-            raise TimeoutError(
-                f"learner placement group of {self.world_size} x {bundle} not ready within "
-                f"{get_timeout_s:.0f} s (available: {ray.available_resources()})"
-            ) from None
         env = {"OMP_NUM_THREADS": str(omp_threads), "TOKENIZERS_PARALLELISM": "false"}
         if learner.num_gpus == 0:
             env["DS_ACCELERATOR"] = "cpu"
-        actor_cls = ray.remote(LearnerWorker)
-        self.actors = [
-            actor_cls.options(
-                num_cpus=float(learner.num_cpus),
-                num_gpus=float(learner.num_gpus),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=r
-                ),
-                runtime_env={"env_vars": env},
-            ).remote(r, self.world_size, get_timeout_s)
-            for r in range(self.world_size)
-        ]
+        # A dead rank loses the group (its peers wait in collectives): no restart, the run resumes
+        # from its last checkpoint.
+        self.group = ActorGroup(
+            "learner group",
+            LearnerWorker,
+            lambda rank: dict(rank=rank, world_size=self.world_size, get_timeout_s=get_timeout_s),
+            num_actors=self.world_size,
+            resources=Resources(
+                num_cpus=learner.num_cpus,
+                num_gpus=learner.num_gpus,
+                env=env,
+                max_restarts=0,
+                placement_group=True,
+            ),
+            get_timeout_s=get_timeout_s,
+        )
         try:
-            nodes = self._get([a.node_and_port.remote() for a in self.actors])
+            nodes = self.group.run_all("node_and_port")
             master_node, master_ip, port = nodes[0]
             # One node (the CPU case): loopback. Several nodes: rank 0's address.
             addr = "127.0.0.1" if all(n == master_node for n, _, _ in nodes) else master_ip
@@ -158,16 +164,17 @@ class LearnerGroup:
                 seed=seed,
                 trust_remote_code=trust_remote_code,
             )
-            self.pids = self._get([a.setup.remote(addr, port, kwargs) for a in self.actors])
+            self.pids = self.group.run_all("setup", addr, port, kwargs)
         except BaseException:
             self.shutdown()
             raise
 
-    def _get(self, refs: Any) -> Any:
-        return self._ray.get(refs, timeout=self.timeout)
+    @property
+    def actors(self) -> list[Any]:
+        return self.group.actors
 
-    def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return self._get([a.call.remote(method, *args, **kwargs) for a in self.actors])
+    def _per_rank(self, method: str, shards: list[Any], *args: Any) -> list[Any]:
+        return self.group.get([self.group.call(r, method, s, *args) for r, s in enumerate(shards)])
 
     def _shards(self, batch: RolloutBatch) -> list[RolloutBatch]:
         return [batch.shard(r, self.world_size) for r in range(self.world_size)]
@@ -182,7 +189,7 @@ class LearnerGroup:
         pad = (-n) % self.world_size
         full = batch.select(list(range(n)) + [i % n for i in range(pad)]) if pad else batch
         width = batch.response_ids.shape[1]
-        parts = self._get([a.compute_logprobs.remote(s, masked) for a, s in zip(self.actors, self._shards(full))])
+        parts = self._per_rank("compute_logprobs", self._shards(full), masked)
         logp = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
         return logp[:n]
 
@@ -193,7 +200,7 @@ class LearnerGroup:
         if len(batch) % self.world_size:
             raise ValueError(f"{len(batch)} rows do not split evenly over {self.world_size} learner ranks")
         coefs = {"gamma": gamma, "eta1": eta1, "eta2": eta2}
-        per_rank = self._get([a.train_step.remote(s, coefs) for a, s in zip(self.actors, self._shards(batch))])
+        per_rank = self._per_rank("train_step", self._shards(batch), coefs)
         out = {k: float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]}
         for k in ("optimizer_steps", "skipped_steps", "total_optimizer_steps", "total_skipped_steps"):
             out[k] = per_rank[0][k]
@@ -207,19 +214,19 @@ class LearnerGroup:
         With ``nccl``/``gloo`` the broadcast is still running when this returns: the receivers'
         calls complete it, then :meth:`wait_weights_sent`.
         """
-        return self._all("publish_weights", version, transport)[0]
+        return self.group.run_all("publish_weights", version, transport)[0]
 
     def weight_group_address(self) -> tuple[str, int]:
         """Where rank 0 hosts the weight group's store: its node's IP and a free port there."""
-        _, ip, port = self._get(self.actors[0].node_and_port.remote())
+        _, ip, port = self.group.get(self.group.call(0, "node_and_port"))
         return ip, port
 
     def join_weight_group(self, group_id: str, host: str, port: int, world_size: int) -> Any:
         """Start rank 0's join (an ObjectRef): every member must be joining at the same time."""
-        return self.actors[0].call.remote("join_weight_group", group_id, host, port, world_size)
+        return self.group.call(0, "join_weight_group", group_id, host, port, world_size)
 
     def wait_weights_sent(self) -> None:
-        self._get(self.actors[0].call.remote("wait_weights_sent", self.timeout))
+        self.group.get(self.group.call(0, "wait_weights_sent", self.timeout))
 
     def save_checkpoint(
         self, path: str | os.PathLike, *, keep_last: int | None = None, extra: dict[str, Any] | None = None
@@ -233,8 +240,8 @@ class LearnerGroup:
         # Absolute here: the actors' working directory need not be the driver's.
         final = Path(path).absolute()
         try:
-            return self._all("save_checkpoint", final, keep_last=keep_last, extra=extra)[0]
-        except self._ray.exceptions.RayActorError as e:
+            return self.group.run_all("save_checkpoint", final, keep_last=keep_last, extra=extra)[0]
+        except ray.exceptions.RayActorError as e:
             raise RuntimeError(
                 f"a learner rank died while saving checkpoint {final}; nothing was written under "
                 f"that name and the earlier checkpoints are intact. The learner group is lost: "
@@ -242,20 +249,16 @@ class LearnerGroup:
             ) from e
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
-        return self._all("load_checkpoint", Path(path).absolute())[0]
+        return self.group.run_all("load_checkpoint", Path(path).absolute())[0]
 
     def peak_rss_mb(self) -> list[float]:
         """Peak resident memory of each rank's process, MiB."""
-        return self._get([a.peak_rss_mb.remote() for a in self.actors])
+        return self.group.run_all("peak_rss_mb")
 
     def param_digests(self) -> list[str]:
-        return self._all("param_digest")
+        return self.group.run_all("param_digest")
 
     def shutdown(self) -> None:
-        ray = self._ray
-        for a in getattr(self, "actors", []):
-            with contextlib.suppress(Exception):
-                ray.kill(a)
-        with contextlib.suppress(Exception):
-            ray.util.remove_placement_group(self.placement_group)
-        self.actors = []
+        """Kill the ranks and free the placement group (idempotent)."""
+        if getattr(self, "group", None) is not None:
+            self.group.shutdown()

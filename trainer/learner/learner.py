@@ -45,18 +45,18 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from trainer.core.algos import papo_loss
+from trainer.core.algos import LossSettings, papo_loss
 from trainer.core.batch import RolloutBatch
 from trainer.core.checkpoint import CHECKPOINT_MARKER, TRAINER_STATE, prune_checkpoints, replace_dir
-from trainer.core.config import AlgoConfig, LearnerConfig, MaskedLogpPlacement
+from trainer.core.config import AlgoConfig, LearnerConfig, MaskedLogpPlacement, MaskedPass
 from trainer.core.modeling import load_model, load_processor, model_inputs, token_logprobs
 from trainer.core.weights import BROADCAST_TRANSPORTS, WeightsHandle, digest, pack_state_dict
-from trainer.learner.engine import GuardedAdamW, LossSettings, ds_config, hf_state_dict, init_distributed, lr_factor
+from trainer.learner.engine import GuardedAdamW, ds_config, hf_state_dict, init_distributed, lr_factor
 from trainer.transport.broadcast import current_weight_group, join_weight_group
 from trainer.transport.cuda_ipc import share_cuda_ipc
 
@@ -81,9 +81,10 @@ class Learner:
     Args:
         model_path: local HF folder of the policy (model + processor).
         learner: optimiser, batch geometry, ZeRO stage, precision.
-        algo: loss coefficients and averaging (:class:`LossSettings` is derived from it).
+        algo: loss coefficients and averaging (the :class:`LossSettings` are built from it once).
         masked_logp: ``perception.masked_logp``; with ``learner_grad`` the masked log-probs are
-            recomputed inside the loss with gradient (from ``masked_images``).
+            recomputed inside the loss with gradient (from ``masked_images``). What a step's loss
+            takes is decided by :attr:`masked_pass` (:meth:`MaskedPass.loss_source`).
         min_pixels, max_pixels: ``model.min_pixels``/``max_pixels`` (image-token counts must match
             the rollout engine's).
         temperature: rollout temperature; every log-prob is of ``softmax(logits / temperature)``.
@@ -113,7 +114,7 @@ class Learner:
 
         self.cfg = learner
         self.loss = algo if isinstance(algo, LossSettings) else LossSettings.from_algo(algo)
-        self.masked_logp = masked_logp
+        self.masked_pass = MaskedPass(placement=masked_logp)
         self.temperature = float(temperature)
         self.total_optimizer_steps = total_optimizer_steps
         self.model_path = str(model_path)
@@ -324,6 +325,18 @@ class Learner:
             group["lr"] = base * factor
         return self.cfg.lr * factor
 
+    def step_settings(
+        self, *, gamma: float | None = None, eta1: float | None = None, eta2: float | None = None
+    ) -> LossSettings:
+        """The loss settings of one step: the configured ones with the given (scheduled) coefficients."""
+        overrides = {k: float(v) for k, v in (("gamma", gamma), ("eta1", eta1), ("eta2", eta2)) if v is not None}
+        return dataclasses.replace(self.loss, **overrides) if overrides else self.loss
+
+    def masked_source(self, loss: LossSettings) -> Literal["batch", "recompute"] | None:
+        """Where a step with ``loss`` takes the masked log-probs from (:meth:`MaskedPass.loss_source`):
+        ``recompute`` (needs the masked images), ``batch`` (needs ``masked_logp``) or None."""
+        return self.masked_pass.loss_source(loss.gamma, loss.eta2)
+
     def _check_inputs(
         self, batch: RolloutBatch, masked_images: Sequence[Sequence[Any]] | None, loss: LossSettings
     ) -> None:
@@ -335,14 +348,13 @@ class Learner:
             )
         if loss.beta != 0.0:
             batch.require("ref_logp")
-        needs_masked = loss.gamma != 0.0 or loss.eta2 != 0.0
-        if needs_masked and self.masked_logp == "learner_grad":
-            if masked_images is None:
-                raise ValueError(
-                    "perception.masked_logp=learner_grad recomputes the masked log-probs in the loss: "
-                    "train_step needs masked_images"
-                )
-        elif needs_masked:
+        source = self.masked_source(loss)
+        if source == "recompute" and masked_images is None:
+            raise ValueError(
+                "perception.masked_logp=learner_grad recomputes the masked log-probs in the loss: "
+                "train_step needs masked_images"
+            )
+        if source == "batch":
             batch.require("masked_logp")
         if len(batch) % self.rows_per_mini_batch:
             raise ValueError(
@@ -375,12 +387,11 @@ class Learner:
         means of the loss statistics, the mean pre-clip ``grad_norm`` of the applied steps,
         ``lr``, ``optimizer_steps``/``skipped_steps`` of this call and their running totals.
         """
-        overrides = {k: float(v) for k, v in (("gamma", gamma), ("eta1", eta1), ("eta2", eta2)) if v is not None}
-        loss_cfg = dataclasses.replace(self.loss, **overrides)
+        loss_cfg = self.step_settings(gamma=gamma, eta1=eta1, eta2=eta2)
         self._check_inputs(batch, masked_images, loss_cfg)
         if len(images) != len(batch) or (masked_images is not None and len(masked_images) != len(batch)):
             raise ValueError("images (and masked_images) need one list per row")
-        recompute_masked = self.masked_logp == "learner_grad" and (loss_cfg.gamma != 0.0 or loss_cfg.eta2 != 0.0)
+        recompute_masked = self.masked_source(loss_cfg) == "recompute"
         t0 = time.perf_counter()
         self.module.train()
         weighted: dict[str, float] = {}  # token-weighted sums of per-micro-batch statistics
@@ -469,21 +480,9 @@ class Learner:
             micro.response_mask.to(dev),
             masked_logp=masked_lp,
             ref_logp=None if micro.ref_logp is None else micro.ref_logp.to(dev),
-            gamma=loss_cfg.gamma,
-            beta=loss_cfg.beta,
-            eta1=loss_cfg.eta1,
-            eta2=loss_cfg.eta2,
-            clip_low=loss_cfg.clip_low,
-            clip_high=loss_cfg.clip_high,
-            clip_dual=loss_cfg.clip_dual,
-            kl_kind=loss_cfg.kl_kind,
-            avg=loss_cfg.avg,
+            settings=loss_cfg,
             grad_accum=1,
             num_tokens=num_tokens,
-            perception_kl_kind=loss_cfg.perception_kl_kind,
-            perception_top_p=loss_cfg.perception_top_p,
-            perception_kl_clip=loss_cfg.perception_kl_clip,
-            perception_kl_masked_grad=loss_cfg.perception_kl_masked_grad,
         )
         if loss_cfg.avg == "token_global":
             # engine.backward divides by grad_accum and the DP reduction averages over ranks;

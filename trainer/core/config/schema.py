@@ -1,21 +1,10 @@
-"""The configuration of a papo job: one pydantic tree, YAML files, dotted CLI overrides, presets.
+"""What a papo job *is*: one pydantic tree with every knob of every pool, validated before anything
+starts; the algorithm presets; the warnings for settings that validate but do nothing.
 
-This module owns what a job *is*: every knob of every pool, validated before anything starts.
-
-Resolution order (lowest to highest priority):
-  1. the field defaults below (the paper's runs, docs/algorithm.md "Defaults");
-  2. the algorithm preset named by ``algo.name`` (``grpo``, ``dapo``, ``papo`` = PAPO-G, ``papo_d``),
-     which fills every ``algo.*`` field the user did not set, then that preset's entry of the
-     top-level ``algo_by_preset`` mapping, if the files or overrides give one (a config's own
-     values per preset: ``algo_by_preset: {papo: {gamma: 0.01}}`` tunes PAPO-G and leaves
-     ``algo.name=grpo`` a plain baseline);
-  3. YAML files, in the order given (later files override earlier ones, dicts merge deeply);
-  4. dotted overrides such as ``algo.gamma=0.01 rollout.n=8`` (values parsed as YAML scalars).
-
-Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`, whose message names
-each offending field with the value given and the allowed range. A baseline (``grpo``/``dapo``)
-with a PAPO term switched on is an error, so a baseline can never silently run PAPO (a known
-defect of the official scripts, docs/algorithm.md).
+Unknown keys, wrong types and out-of-range values fail validation; :mod:`trainer.core.config.loading`
+turns those failures into a :class:`ConfigError` naming each field with the value given and the
+allowed range. A baseline (``grpo``/``dapo``) with a PAPO term switched on is an error, so a
+baseline can never silently run PAPO (a known defect of the official scripts, docs/algorithm.md).
 
 The image pixel limits are ``model.min_pixels`` / ``model.max_pixels``, the one pair of fields
 that the vLLM engine and every HF processor call read, so image-token counts always agree.
@@ -23,19 +12,14 @@ that the vLLM engine and every HF processor call read, so image-token counts alw
 
 from __future__ import annotations
 
-import copy
-import difflib
 import logging
 import typing
-import warnings
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import annotated_types
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from trainer.core.data import PAPO_FORMAT_PROMPT
+from trainer.core.data import PAPO_FORMAT_PROMPT, DataError, load_prompt_template
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +189,93 @@ class PerceptionConfig(_Section):
     num_gpus: float | None = Field(None, ge=0, description="GPUs per perception worker; default logprob.num_gpus")
 
 
+@dataclass(frozen=True)
+class MaskedPass:
+    """The one decision about the masked-image pass: whether it runs, where, and with gradient.
+
+    A job's plan is ``JobConfig.masked_pass`` (:meth:`from_config`); the driver (which pools start,
+    which pass fills ``masked_logp``), the learner group and the learner (what a step's loss takes)
+    ask it rather than reading ``perception.*`` and the coefficients themselves.
+
+    - ``in_loss``: a PAPO term uses the masked log-probs (``algo.gamma``, ``algo.eta2``, or a
+      linear gamma schedule ending above 0: ``AlgoConfig.uses_perception``).
+    - ``diagnostic``: ``perception.diagnostic``: the pass runs under a baseline too, and its KL is
+      logged (no loss term).
+    - ``placement`` (``perception.masked_logp``): ``pool`` (the perception pool, no grad, rollout
+      weights, beside the other log-prob passes), ``learner`` (the learner, no grad, right after
+      ``old_logp``: the official serial order) or ``learner_grad`` (recomputed with gradient inside
+      the loss, during the update: the only placement where the masked entropy term eta2, and
+      ``algo.perception_kl_masked_grad``, act).
+
+    A learner knows only the placement (``MaskedPass(placement)``); what its step does then
+    depends on that step's coefficients (:meth:`loss_source`).
+
+    Raises:
+        ValueError: an unknown placement, or ``diagnostic`` under a baseline with ``learner_grad``
+            (which recomputes only for a PAPO loss); the message names the fields.
+    """
+
+    placement: MaskedLogpPlacement = "pool"
+    in_loss: bool = True
+    diagnostic: bool = False
+
+    def __post_init__(self) -> None:
+        allowed = typing.get_args(MaskedLogpPlacement)
+        if self.placement not in allowed:
+            raise ValueError(
+                f"perception.masked_logp: {self.placement!r} is not a placement; allowed: {', '.join(allowed)}"
+            )
+        if self.diagnostic and not self.in_loss and self.placement == "learner_grad":
+            raise ValueError(
+                "perception.diagnostic=true under a baseline needs a no-grad masked pass: set "
+                "perception.masked_logp to pool or learner (learner_grad recomputes only for a PAPO loss)"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig) -> MaskedPass:
+        return cls(
+            placement=cfg.perception.masked_logp,
+            in_loss=cfg.algo.uses_perception,
+            diagnostic=cfg.perception.diagnostic,
+        )
+
+    @property
+    def runs(self) -> bool:
+        """Masked images are made (the corruption pool starts) and masked log-probs computed."""
+        return self.in_loss or self.diagnostic
+
+    @property
+    def on_pool(self) -> bool:
+        """The perception pool computes ``masked_logp`` (no grad), beside the other log-prob passes."""
+        return self.runs and self.placement == "pool"
+
+    @property
+    def on_learner(self) -> bool:
+        """The learner computes ``masked_logp`` (no grad) right after ``old_logp``."""
+        return self.runs and self.placement == "learner"
+
+    @property
+    def before_update(self) -> bool:
+        """``masked_logp`` arrives in the batch before the update (``pool`` or ``learner``)."""
+        return self.on_pool or self.on_learner
+
+    @property
+    def with_grad(self) -> bool:
+        """The masked log-probs are recomputed with gradient inside the loss (``learner_grad``)."""
+        return self.runs and self.placement == "learner_grad"
+
+    def loss_source(self, gamma: float, eta2: float) -> Literal["batch", "recompute"] | None:
+        """Where a step's loss with these coefficients takes the masked log-probs from.
+
+        ``recompute`` (``learner_grad``: the step needs the masked images), ``batch`` (the batch's
+        no-grad ``masked_logp``, which must be there), or None (gamma = eta2 = 0: no term uses
+        them; a batch's ``masked_logp``, e.g. the diagnostic's, is then only measured).
+        """
+        if not self.runs or (gamma == 0.0 and eta2 == 0.0):
+            return None
+        return "recompute" if self.with_grad else "batch"
+
+
 class CorruptionConfig(_Section):
     """How the masked image is made (docs/algorithm.md "mask")."""
 
@@ -232,7 +303,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Where prompts come from and how they are formatted (``trainer/core/data.py``).
+    """Where prompts come from and how they are formatted (``trainer/core/data/``).
 
     Paths are a parquet/jsonl file or folder, a ``datasets.save_to_disk`` folder, or a hub id
     ``owner/name[@split]``; ``demo://data`` is the demo dataset.
@@ -285,8 +356,6 @@ class DataConfig(_Section):
     @classmethod
     def _template_exists(cls, value: str | None) -> str | None:
         if value is not None:
-            from trainer.core.data import DataError, load_prompt_template
-
             try:
                 load_prompt_template(value)  # resolves, compiles and test-renders it
             except DataError as e:
@@ -484,16 +553,8 @@ class JobConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _diagnostic_has_a_pass(self) -> JobConfig:
-        if (
-            self.perception.diagnostic
-            and not self.algo.uses_perception
-            and self.perception.masked_logp == "learner_grad"
-        ):
-            raise ValueError(
-                "perception.diagnostic=true under a baseline needs a no-grad masked pass: set "
-                "perception.masked_logp to pool or learner (learner_grad recomputes only for a PAPO loss)"
-            )
+    def _masked_pass_is_possible(self) -> JobConfig:
+        MaskedPass.from_config(self)  # raises for a combination that has no masked pass to run
         return self
 
     @model_validator(mode="after")
@@ -506,8 +567,9 @@ class JobConfig(_Section):
         return self
 
     @property
-    def needs_masked_pass(self) -> bool:
-        return self.algo.uses_perception or self.perception.diagnostic
+    def masked_pass(self) -> MaskedPass:
+        """Whether, where and with gradient the masked-image pass runs (:class:`MaskedPass`)."""
+        return MaskedPass.from_config(self)
 
     @property
     def needs_reference(self) -> bool:
@@ -517,13 +579,14 @@ class JobConfig(_Section):
 def config_warnings(cfg: JobConfig) -> list[str]:
     """Settings that validate but have no effect or are known to hurt."""
     out = []
-    if cfg.algo.eta2 > 0 and cfg.perception.masked_logp != "learner_grad":
+    masked_pass = cfg.masked_pass
+    if cfg.algo.eta2 > 0 and not masked_pass.with_grad:
         out.append(
             f"algo.eta2={cfg.algo.eta2} has no effect with perception.masked_logp="
             f"{cfg.perception.masked_logp!r}: the masked log-probs carry no gradient there (as in the official "
             "default); set perception.masked_logp=learner_grad for the masked entropy term to act"
         )
-    if cfg.algo.perception_kl_masked_grad and cfg.perception.masked_logp != "learner_grad":
+    if cfg.algo.perception_kl_masked_grad and masked_pass.placement != "learner_grad":
         out.append(
             "algo.perception_kl_masked_grad=true has no effect unless perception.masked_logp=learner_grad "
             "(elsewhere the masked log-probs carry no gradient)"
@@ -535,207 +598,3 @@ def config_warnings(cfg: JobConfig) -> list[str]:
             f"algo.gamma={cfg.algo.gamma}: the paper reports collapse for gamma >= 0.04 without the double entropy loss"
         )
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Loading: YAML + dotted overrides + preset, with errors that name the field.
-# --------------------------------------------------------------------------------------------
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"algo.gamma=0.01"`` -> (["algo", "gamma"], 0.01); the value is parsed as a YAML scalar."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError([f"override {item!r}: expected dotted.key=value, e.g. algo.gamma=0.01"])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError([f"override {item!r}: value is not valid YAML ({e.__class__.__name__})"]) from None
-    return key.split("."), value
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _set_dotted(tree: dict, path: list[str], value: Any, item: str) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError([f"override {item!r}: {'.'.join(path[: i + 1])} is a value, not a section"])
-        node = child
-    node[path[-1]] = value
-
-
-def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"config file {str(p)!r} does not exist"])
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError([f"config file {str(p)!r} is not valid YAML: {e}"]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"config file {str(p)!r} must hold a mapping at the top, got {type(data).__name__}"])
-    return data
-
-
-def resolve_config(
-    files: list[str | Path] = (), overrides: list[str] = (), *, base: dict | None = None, warn: bool = True
-) -> JobConfig:
-    """Merge ``base`` (a dict), YAML ``files`` and dotted ``overrides``, apply the preset, validate.
-
-    Raises :class:`ConfigError` naming every offending field. Emits :class:`ConfigWarning`s for
-    settings without effect (and logs them), unless ``warn`` is false.
-    """
-    tree: dict = copy.deepcopy(base) if base else {}
-    for f in files:
-        tree = _deep_merge(tree, load_yaml(f))
-    for item in overrides:
-        path, value = parse_override(item)
-        _set_dotted(tree, path, value, item)
-    algo = tree.get("algo", {})
-    if not isinstance(algo, dict):
-        raise ConfigError([f"algo: expected a section (mapping), got {algo!r}"])
-    name = algo.get("name", DEFAULT_ALGO)
-    if name not in PRESETS:
-        raise ConfigError([f"algo.name: {name!r} is not a preset; allowed: {', '.join(PRESETS)}"])
-    by_preset = _check_algo_by_preset(tree.pop("algo_by_preset", {}))
-    tree["algo"] = {**PRESETS[name], **by_preset.get(name, {}), **algo}
-    try:
-        cfg = JobConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_describe_errors(e, tree)) from None
-    if warn:
-        for message in config_warnings(cfg):
-            logger.warning(message)
-            warnings.warn(message, ConfigWarning, stacklevel=2)
-    return cfg
-
-
-def _check_algo_by_preset(by_preset: Any) -> dict[str, dict]:
-    """Validate ``algo_by_preset`` as a whole: preset names as keys, each entry a valid preset + values."""
-    if not isinstance(by_preset, dict):
-        raise ConfigError([f"algo_by_preset: expected a mapping of preset name -> algo values, got {by_preset!r}"])
-    problems = []
-    for preset, values in by_preset.items():
-        where = f"algo_by_preset.{preset}"
-        if preset not in PRESETS:
-            problems.append(f"{where}: {preset!r} is not a preset; allowed: {', '.join(PRESETS)}")
-        elif not isinstance(values, dict):
-            problems.append(f"{where}: expected a mapping of algo values, got {values!r}")
-        elif "name" in values:
-            problems.append(f"{where}.name: an entry applies to its preset; it cannot rename it")
-        else:
-            tree = {"algo": {**PRESETS[preset], **values, "name": preset}}
-            try:
-                JobConfig.model_validate(tree)
-            except ValidationError as e:
-                for m in _describe_errors(e, tree):
-                    m = m.replace("did you mean 'algo.", f"did you mean '{where}.")
-                    problems.append(f"{where}.{m[5:]}" if m.startswith("algo.") else f"{where}: {m}")
-    if problems:
-        raise ConfigError(problems)
-    return by_preset
-
-
-def dump_config(cfg: JobConfig) -> str:
-    """The resolved config as YAML, in field order (what ``papo train --print-config`` prints)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
-
-
-def _field_at(loc: tuple) -> tuple[type[BaseModel] | None, str | None, Any]:
-    """Walk JobConfig's fields along ``loc``: (model owning the last key, last key, FieldInfo or None)."""
-    model: Any = JobConfig
-    for i, part in enumerate(loc):
-        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
-            return (model if isinstance(model, type) and issubclass(model, BaseModel) else None), str(part), None
-        info = model.model_fields[part]
-        if i == len(loc) - 1:
-            return model, str(part), info
-        model = info.annotation
-    return None, None, None
-
-
-def _is_section(ann: Any) -> bool:
-    return isinstance(ann, type) and issubclass(ann, BaseModel)
-
-
-def _allowed(info: Any) -> str:
-    """The allowed values of a field, in words: its Literal choices or numeric bounds."""
-    ann = info.annotation
-    args = typing.get_args(ann)
-    if typing.get_origin(ann) is typing.Union:  # Optional[X]
-        ann = next(a for a in args if a is not type(None))
-        args = typing.get_args(ann)
-    if typing.get_origin(ann) is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    lo = hi = None
-    for m in info.metadata:
-        if isinstance(m, annotated_types.Ge):
-            lo = f"{m.ge} <= "
-        elif isinstance(m, annotated_types.Gt):
-            lo = f"{m.gt} < "
-        elif isinstance(m, annotated_types.Le):
-            hi = f" <= {m.le}"
-        elif isinstance(m, annotated_types.Lt):
-            hi = f" < {m.lt}"
-    if lo or hi:
-        return f"{lo or ''}x{hi or ''}"
-    return getattr(ann, "__name__", str(ann))
-
-
-def _describe_errors(err: ValidationError, tree: dict) -> list[str]:
-    problems = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        dotted = ".".join(str(p) for p in loc)
-        owner, key, info = _field_at(loc)
-        if e["type"] == "extra_forbidden":
-            known = list(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
-            problems.append(f"{dotted}: unknown key{hint} (known keys here: {', '.join(known)})")
-        elif not loc:  # a model-level (cross-field) validator of JobConfig
-            problems.append(e["msg"].removeprefix("Value error, "))
-        elif info is None or _is_section(info.annotation):  # a model-level validator of a section
-            msg = e["msg"].removeprefix("Value error, ")
-            problems.append(msg if msg.startswith(dotted + ".") else f"{dotted}: {msg}")
-        else:
-            allowed = _allowed(info)
-            problems.append(f"{dotted}: {e['msg']} (got {e.get('input')!r}; allowed: {allowed})")
-    return problems
-
-
-def configs_dir() -> Path:
-    """The folder of shipped YAML configs (``configs/`` at the repository root, packaged as ``configs``)."""
-    import configs
-
-    return Path(configs.__file__).parent
-
-
-def shipped_configs() -> list[str]:
-    """Names of the shipped configs: ``demo``, ``paper/qwen2_5_vl_7b``, ... (subfolders included)."""
-    root = configs_dir()
-    return sorted(q.relative_to(root).with_suffix("").as_posix() for q in root.rglob("*.yaml"))
-
-
-def named_config(name: str) -> Path:
-    """``demo`` -> the shipped ``configs/demo.yaml``, ``paper/papo`` -> ``configs/paper/papo.yaml``;
-    a path to a file is returned unchanged."""
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        return p
-    shipped = configs_dir() / f"{name}.yaml"
-    if not shipped.is_file():
-        raise ConfigError(
-            [f"--config {name!r}: no such file, and not a shipped config ({', '.join(shipped_configs())})"]
-        )
-    return shipped
