@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         args.assets,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
-        sizes=DatasetSizes(train=64, validation=8, sft=8),
+        sizes=DatasetSizes(train=64, validation=8, sft=8, sft_eval=8, sft_easy=8),
     )
     rows = [bench_backend(b.strip(), args, assets) for b in args.backends.split(",") if b.strip()]
     by = {r["backend"]: r for r in rows}

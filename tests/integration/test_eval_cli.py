@@ -32,7 +32,9 @@ def run_checkpoint(tmp_path_factory):
     from trainer.demo.dataset import DatasetSizes
 
     root = tmp_path_factory.mktemp("eval")
-    assets = build_demo_assets(root / "assets", seed=0, sizes=DatasetSizes(train=16, validation=16, sft=16))
+    assets = build_demo_assets(
+        root / "assets", seed=0, sizes=DatasetSizes(train=16, validation=16, sft=16, sft_eval=16, sft_easy=16)
+    )
     run = root / "runs" / "evalrun"
     ckpt = run / "checkpoints" / "step_000003"
     shutil.copytree(assets.model_dir, ckpt)

@@ -222,7 +222,9 @@ def small_assets(tmp_path_factory):
     from trainer.demo.dataset import DatasetSizes
 
     assets = build_demo_assets(
-        tmp_path_factory.mktemp("submit") / "assets", seed=0, sizes=DatasetSizes(train=64, validation=16, sft=16)
+        tmp_path_factory.mktemp("submit") / "assets",
+        seed=0,
+        sizes=DatasetSizes(train=64, validation=16, sft=16, sft_eval=16, sft_easy=16),
     )
     return [f"model.path={assets.model_dir}", f"data.train_path={assets.data_dir}", f"data.val_path={assets.data_dir}"]
 

@@ -34,7 +34,9 @@ def small_assets(tmp_path_factory):
     from trainer.demo.dataset import DatasetSizes
 
     assets = build_demo_assets(
-        tmp_path_factory.mktemp("e2e") / "assets", seed=0, sizes=DatasetSizes(train=64, validation=16, sft=16)
+        tmp_path_factory.mktemp("e2e") / "assets",
+        seed=0,
+        sizes=DatasetSizes(train=64, validation=16, sft=16, sft_eval=16, sft_easy=16),
     )
     return [f"model.path={assets.model_dir}", f"data.train_path={assets.data_dir}", f"data.val_path={assets.data_dir}"]
 
@@ -82,3 +84,7 @@ def test_train_runs_the_real_step(ray_cluster, small_assets, tmp_path, algo):
     assert summary["end"]["eval/accuracy"] == rows[-1]["eval/accuracy"]
     # The printed total counts start-up (Ray, engines, pools) as well as the steps.
     assert summary["startup_s"] > 0 and summary["total_s"] >= summary["startup_s"] + summary["wall_s"]
+    # ... and splits it: demo assets, data, Ray, the reward server, the engines and pools.
+    parts = summary["startup"]
+    assert set(parts) == {"assets_s", "data_s", "ray_s", "reward_server_s", "engines_s"}, parts
+    assert 0 < sum(parts.values()) <= summary["startup_s"] + 0.05  # each part rounded to 0.01 s

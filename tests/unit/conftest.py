@@ -13,7 +13,7 @@ from trainer.demo.dataset import TEMPLATES, DatasetSizes
 
 #: Small splits: enough rows per question text for the balance checks, fast to build. All
 #: templates (the demo's default is a subset), so every template's labels get checked.
-TEST_SIZES = DatasetSizes(train=480, validation=120, sft=120)
+TEST_SIZES = DatasetSizes(train=480, validation=120, sft=120, sft_eval=120, sft_easy=120)
 
 
 @pytest.fixture(scope="session")

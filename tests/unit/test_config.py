@@ -143,6 +143,7 @@ def test_baseline_with_diagnostic_is_fine():
         ("learner.omp_threads=0", "learner.omp_threads", "1 <= x"),
         ("learner.weight_broadcast_timeout_s=0", "learner.weight_broadcast_timeout_s", "0 < x"),
         ("learner.vision_lr=-1e-3", "learner.vision_lr", "0 < x"),
+        ("demo.asset_seed=-1", "demo.asset_seed", "0 <= x"),
     ],
 )
 def test_bad_values_name_field_and_range(override, field, allowed):

@@ -29,7 +29,7 @@ from trainer.demo.assets import DemoAssets, build_demo_assets, cli_main
 from trainer.demo.dataset import ANSWER_VOCAB, COLORS, SPLITS, TEMPLATE_ANSWERS, DatasetSizes, write_dataset
 from trainer.demo.model import VISION_TOKEN_IDS, build_processor
 
-TINY = DatasetSizes(train=24, validation=12, sft=12)
+TINY = DatasetSizes(train=24, validation=12, sft=12, sft_eval=12, sft_easy=12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +416,7 @@ def test_answer_not_predictable_from_question_text(demo_assets: DemoAssets) -> N
     # A text-only predictor (majority answer per question, fit on train) stays at chance on the
     # held-out splits.
     majority = {q: c.most_common(1)[0][0] for q, c in _answer_sets_by_question(splits["train"]).items()}
-    held_out = splits["validation"] + splits["sft"]
+    held_out = [r for s in SPLITS[1:] for r in splits[s]]
     hits = sum(majority.get(r["problem"]) == r["answer"] for r in held_out)
     chance = [1 / len(options[r["problem"]]) for r in held_out]
     sigma = math.sqrt(sum(c * (1 - c) for c in chance))
@@ -438,6 +438,25 @@ def test_answer_is_read_off_the_image(demo_assets: DemoAssets, template: str) ->
     assert all(len(c) >= 2 for q, c in by_q.items() if sum(c.values()) >= 6)
 
 
+def test_the_easy_warm_start_split_draws_larger_colour_shapes(demo_assets: DemoAssets) -> None:
+    """``sft_easy`` (the warm start's first steps) is the colour question on larger shapes; ``sft``
+    and the warm start's held-out ``sft_eval`` are drawn like the RL task (train, validation)."""
+
+    def median_area(split: str) -> float:
+        areas = []
+        for r in _rows(demo_assets.data_dir, split):
+            if r["template"] == "color":
+                img = np.asarray(Image.open(demo_assets.data_dir / r["images"][0]).convert("RGB"))
+                areas.append(sum(int(c.sum()) for c in _components(img)))
+        assert len(areas) >= 10, split
+        return float(np.median(areas))
+
+    train, easy = median_area("train"), median_area("sft_easy")
+    assert easy > 2.5 * train, (easy, train)
+    for split in ("validation", "sft", "sft_eval"):
+        assert 0.7 < median_area(split) / train < 1.4, split
+
+
 def test_templates_are_selectable(tmp_path: Path) -> None:
     rows = write_dataset(tmp_path, seed=0, sizes=TINY, templates=("color", "count"))
     assert {r.template for split in rows.values() for r in split} == {"color", "count"}
@@ -446,7 +465,9 @@ def test_templates_are_selectable(tmp_path: Path) -> None:
 
 
 def test_larger_images_keep_their_labels(tmp_path: Path) -> None:
-    rows = write_dataset(tmp_path, seed=1, sizes=DatasetSizes(train=36, validation=0, sft=0), image_size=112)
+    rows = write_dataset(
+        tmp_path, seed=1, sizes=DatasetSizes(train=36, validation=0, sft=0, sft_eval=0, sft_easy=0), image_size=112
+    )
     for r in rows["train"]:
         img = np.asarray(Image.open(tmp_path / r.image))
         assert img.shape == (112, 112, 3)

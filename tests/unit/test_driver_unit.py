@@ -330,12 +330,16 @@ def _startup_trainer():
 
     trainer = Trainer.__new__(Trainer)
     trainer.cfg = resolve_config(overrides=["algo.name=papo", "algo.beta=0.04", "reward.url=http://127.0.0.1:9"])
+    trainer.startup = {}
     return trainer
 
 
 def test_services_start_side_by_side(monkeypatch):
     started, stopped = _startup_doubles(monkeypatch, fail=None)
-    services = _startup_trainer()._start_services()
+    trainer = _startup_trainer()
+    services = trainer._start_services()
+    # The summary's start-up split: the reward server, then the engines and pools side by side.
+    assert set(trainer.startup) == {"reward_server_s", "engines_s"} and min(trainer.startup.values()) >= 0
     assert sorted(started) == ["corruption", "learner", "perception", "reference", "rollout"]
     assert [getattr(services, n).name for n in ("rollout", "learner", "corruption", "perception", "reference")] == [
         "rollout",
@@ -352,3 +356,10 @@ def test_a_pool_that_fails_to_start_leaves_no_other_pool_running(monkeypatch):
     with pytest.raises(RuntimeError, match="learner could not load the model"):
         _startup_trainer()._start_services()
     assert sorted(stopped) == ["corruption", "perception", "reference", "rollout"]
+
+
+def test_the_start_up_line_names_each_part():
+    from trainer.driver import startup_line
+
+    line = startup_line({"assets_s": 31.96, "data_s": 0.4, "ray_s": 4.0, "reward_server_s": 8.0, "engines_s": 20.04})
+    assert line == "demo assets 32.0 s, data 0.4 s, Ray 4.0 s, reward server 8.0 s, engines and pools 20.0 s"

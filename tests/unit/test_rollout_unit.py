@@ -42,7 +42,10 @@ ASSETS_DIR = Path(tempfile.gettempdir()) / "papo-test-assets" / "rollout"
 @pytest.fixture(scope="module")
 def assets():
     return build_demo_assets(
-        ASSETS_DIR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, sizes=DatasetSizes(train=16, validation=4, sft=4)
+        ASSETS_DIR,
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        sizes=DatasetSizes(train=16, validation=4, sft=4, sft_eval=4, sft_easy=4),
     )
 
 

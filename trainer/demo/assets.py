@@ -237,7 +237,13 @@ def cli_main(argv: list[str]) -> int:
         "already holds the same recipe.",
     )
     parser.add_argument("dir", type=Path, help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, tokenizer corpus and data (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="asset seed: weights, tokenizer corpus, data and warm start (default 0; `papo train demo.asset_seed=S` "
+        "uses the same assets)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if DIR holds the same recipe")
     parser.add_argument("--min-pixels", type=int, default=56 * 56, help="image processor min_pixels (default 3136)")
     parser.add_argument("--max-pixels", type=int, default=112 * 112, help="image processor max_pixels (default 12544)")
@@ -248,6 +254,8 @@ def cli_main(argv: list[str]) -> int:
         "stopped at partial held-out accuracy, so RL has a policy that already half-sees)",
     )
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: an asset seed is an integer >= 0")
     # The same task and warm start as `papo train`'s demo:// paths (trainer.driver), so both
     # share one cache entry for the same pixel limits.
     warm_start = None if args.no_warm_start else demo_warm_start(args.min_pixels, args.max_pixels)
@@ -275,7 +283,8 @@ def cli_main(argv: list[str]) -> int:
     elif info:
         print(
             f"  warm start: {info['steps']} steps in {info['seconds']:.0f} s, held-out sft accuracy "
-            f"{info['heldout_accuracy']:.2f} (black images {info['black_accuracy']:.2f})"
+            f"{info['heldout_accuracy']:.2f} (black images {info['black_accuracy']:.2f}), weakest answer's "
+            f"P(correct) {info['coverage']:.2f}; weights sha256 {info['weights_sha256'][:16]}"
         )
     return 0
 

@@ -1,13 +1,15 @@
 """The demo's synthetic, vision-dependent VQA set: images of coloured shapes on a grey noisy
 background and questions whose answers need the image (colour, shape, count, position, size
 comparison, same colour), written in the parquet + image-files layout ``trainer.core.data`` reads,
-with disjoint ``train``, ``validation`` and ``sft`` splits and answers balanced per question text.
+with disjoint ``train``, ``validation``, ``sft``, ``sft_eval`` and ``sft_easy`` splits and answers
+balanced per question text.
 Owns the palette, the question templates, scene rendering and :func:`write_dataset`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 from collections.abc import Callable, Sequence
@@ -23,7 +25,7 @@ from trainer.core.data import IMAGE_PLACEHOLDER
 #: Bump whenever the output of a given set of arguments changes (model, tokenizer, data): the
 #: cache key (``trainer.demo.assets.recipe``) includes it, so stale asset folders are rebuilt
 #: instead of silently reused; the dataset card names it.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 #: Base colours: saturated, far from grey and from each other even after +-25 jitter per channel
 #: (every pair at least 110 apart in RGB; tests/unit/test_demo.py checks the margin). Recipe 1 had
@@ -69,7 +71,11 @@ DEMO_TEMPLATES: tuple[str, ...] = ("color",)
 #: Single-token words of the answer vocabulary (the tokenizer is trained to keep them whole).
 ANSWER_VOCAB = tuple(dict.fromkeys(a for answers in TEMPLATE_ANSWERS.values() for a in answers))
 
-SPLITS = ("train", "validation", "sft")
+#: ``train`` and ``validation`` are the RL task; the warm start trains on ``sft_easy`` (the colour
+#: question on larger shapes, :data:`EASY_COLOR_RADIUS`) and then on ``sft``, and decides when to
+#: stop on ``sft_eval``; those three are drawn like ``train`` except ``sft_easy``. New splits go at
+#: the end: a split's rows come from its position's random stream.
+SPLITS = ("train", "validation", "sft", "sft_eval", "sft_easy")
 #: Row ids are ``split index * SPLIT_ID_STRIDE + position``: unique across splits, and a split's
 #: ids do not move when another split's size changes.
 SPLIT_ID_STRIDE = 1_000_000
@@ -86,6 +92,8 @@ class DatasetSizes:
     train: int = 2048
     validation: int = 256
     sft: int = 4096  # 1024 rows plateau near chance in the warm start; 4096 learn steadily
+    sft_eval: int = 256
+    sft_easy: int = 2048
 
     def as_dict(self) -> dict[str, int]:
         return {split: getattr(self, split) for split in SPLITS}
@@ -175,11 +183,22 @@ def _place(
     raise ValueError(f"cannot place {len(radii)} shapes of half-sides {list(radii)} in a {size}px image")
 
 
-def _template_color(rng: np.random.Generator, labels: _BalancedLabels, size: int) -> tuple[str, str, list[Shape]]:
+#: Half-side of the colour question's shape as a fraction of the image side: the task's ...
+COLOR_RADIUS = (0.14, 0.28)
+#: ... and ``sft_easy``'s: the same question on shapes about twice as large. On the task's shapes
+#: the supervised warm start sits at chance, or answers the colours in two groups, for 230 to more
+#: than 400 steps depending on the seed (docs/demo.md); on large shapes every colour forms at once,
+#: after 35-60 steps on every seed measured, and carries over to the task's shapes.
+EASY_COLOR_RADIUS = (0.30, 0.42)
+
+
+def _template_color(
+    rng: np.random.Generator, labels: _BalancedLabels, size: int, radius: tuple[float, float] = COLOR_RADIUS
+) -> tuple[str, str, list[Shape]]:
     kind = _random_kind(rng)
     question = "What color is the shape?" if rng.integers(2) else f"What color is the {kind}?"
     answer = labels.draw("color", question, TEMPLATE_ANSWERS["color"])
-    r = _radius(rng, size, 0.14, 0.28)
+    r = _radius(rng, size, *radius)
     pos = _place(rng, size, [r])
     return question, answer, [Shape(kind, _jitter(rng, COLORS[answer]), *pos[0], r)]
 
@@ -273,6 +292,8 @@ _TEMPLATE_FNS: dict[str, Callable[[np.random.Generator, _BalancedLabels, int], t
     "larger": _template_larger,
     "same_color": _template_same_color,
 }
+#: The ``sft_easy`` split's templates: the task's, with the colour question on larger shapes.
+_EASY_TEMPLATE_FNS = {**_TEMPLATE_FNS, "color": functools.partial(_template_color, radius=EASY_COLOR_RADIUS)}
 
 
 def render_scene(shapes: Sequence[Shape], size: int, rng: np.random.Generator) -> Image.Image:
@@ -338,7 +359,8 @@ def _generate_split(
         template = template_deck.pop()
         # The template draws the question, its label and the layout once; only the background
         # is redrawn on a duplicate image, so redraws cannot unbalance the labels.
-        question, answer, shapes = _TEMPLATE_FNS[template](rng, labels, image_size)
+        fns = _EASY_TEMPLATE_FNS if split == "sft_easy" else _TEMPLATE_FNS
+        question, answer, shapes = fns[template](rng, labels, image_size)
         for _ in range(1000):
             png = _png_bytes(render_scene(shapes, image_size, rng))
             digest = hashlib.sha256(png).digest()
@@ -376,8 +398,8 @@ def _write_parquet(rows: Sequence[DemoRow], path: Path) -> None:
 
 
 def _dataset_card(sizes: DatasetSizes, templates: Sequence[str], image_size: int, seed: int) -> str:
-    # The YAML header lets `datasets.load_dataset(data_dir)` find all three splits (it would not
-    # guess "sft" from file names alone).
+    # The YAML header lets `datasets.load_dataset(data_dir)` find every split (it would not guess
+    # "sft", "sft_eval" or "sft_easy" from file names alone).
     configs = "\n".join(f"  - split: {s}\n    path: {s}.parquet" for s in SPLITS)
     return (
         f"---\nconfigs:\n- config_name: default\n  data_files:\n{configs}\n---\n"
@@ -386,6 +408,9 @@ def _dataset_card(sizes: DatasetSizes, templates: Sequence[str], image_size: int
         "images of coloured shapes on a grey noisy background.\n"
         f"Templates: {', '.join(templates)}. Rows: "
         + ", ".join(f"{k} {v}" for k, v in sizes.as_dict().items())
+        + f". The `sft_easy` split (the warm start's first steps) draws the colour question's shape with "
+        f"half-sides {EASY_COLOR_RADIUS[0]}-{EASY_COLOR_RADIUS[1]} of the image side, the others "
+        f"{COLOR_RADIUS[0]}-{COLOR_RADIUS[1]}"
         + ".\n\nColumns: `id` (row id, unique across splits), `problem` (question with an `<image>` "
         "placeholder), `answer` (bare ground truth), `images` (paths relative to this folder), "
         "`template`.\n"
@@ -400,7 +425,7 @@ def write_dataset(
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     image_size: int = 56,
 ) -> dict[str, list[DemoRow]]:
-    """Write the ``train``/``validation``/``sft`` parquet files, their PNGs and a dataset card."""
+    """Write every split's parquet file (:data:`SPLITS`), their PNGs and a dataset card."""
     check_templates(templates)
     if not 28 <= image_size <= 448:
         raise ValueError(f"image_size={image_size} outside 28..448")

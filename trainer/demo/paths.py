@@ -17,18 +17,21 @@ logger = logging.getLogger(__name__)
 DEMO_PREFIX = "demo://"
 
 
-def demo_assets_dir() -> Path:
-    return Path(os.environ.get("PAPO_CACHE", Path.home() / ".cache" / "papo")) / "demo-assets"
+def demo_assets_dir(asset_seed: int = 0) -> Path:
+    """The cached assets of one asset seed: ``$PAPO_CACHE/demo-assets/seed-S`` (default cache
+    ``~/.cache/papo``); each seed has its own folder, so switching seeds rebuilds nothing."""
+    cache = Path(os.environ.get("PAPO_CACHE", Path.home() / ".cache" / "papo"))
+    return cache / "demo-assets" / f"seed-{asset_seed}"
 
 
 def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
-    """Replace ``demo://`` paths by the demo assets, building them (cached) when needed."""
+    """Replace ``demo://`` paths by the assets of ``demo.asset_seed``, building them (cached) when needed."""
     paths = [cfg.model.path, cfg.data.train_path, cfg.data.val_path or ""]
     if not any(p.startswith(DEMO_PREFIX) for p in paths):
         return cfg
     assets = build_demo_assets(
-        demo_assets_dir(),
-        seed=0,
+        demo_assets_dir(cfg.demo.asset_seed),
+        seed=cfg.demo.asset_seed,
         min_pixels=cfg.model.min_pixels,
         max_pixels=cfg.model.max_pixels,
         templates=DEMO_TEMPLATES,

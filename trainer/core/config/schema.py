@@ -489,6 +489,17 @@ class ClusterConfig(_Section):
     omp_threads_per_actor: int = Field(1, ge=1)
 
 
+class DemoConfig(_Section):
+    """The embedded demo's assets, used where a path is ``demo://model`` or ``demo://data``."""
+
+    asset_seed: int = Field(
+        0,
+        ge=0,
+        description="seed of the demo assets (random weights, tokenizer corpus, images, warm start); "
+        "each seed is built once and cached apart (`papo demo-assets DIR --seed S` builds the same)",
+    )
+
+
 class TrainerConfig(_Section):
     """Run control: length, logging, evaluation, checkpoints."""
 
@@ -525,6 +536,7 @@ class JobConfig(_Section):
     logprob: LogProbConfig = Field(default_factory=LogProbConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @model_validator(mode="after")
     def _batch_shapes_divide(self) -> JobConfig:
