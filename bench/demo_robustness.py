@@ -17,9 +17,9 @@ worst of the gain and the best accuracy; PAPO and GRPO side by side. Prints the 
 JSON (``--out-dir``/demo_robustness.json, rewritten after every run) and exits 1 when a run
 failed or did not pass.
 
-Sizing: one demo run is 200 steps plus 9 evals, about 8-9 minutes on the quiet 2-core machine,
-so the default matrix (2 asset seeds x 5 seeds x 2 algorithms) is about 3 hours; ``--algos papo``
-halves it.
+Sizing: one demo run (100 steps, 5 evals) is about 6-7 minutes on the quiet 2-core machine, so
+the default matrix (2 asset seeds x 5 seeds x 2 algorithms) is about 2 hours and 15 minutes;
+``--algos papo`` halves it.
 
 Run::
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--asset-seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="run seeds")
     ap.add_argument("--algos", nargs="+", choices=sorted(ALGOS), default=["papo", "grpo"])
-    ap.add_argument("--steps", type=int, default=200, help="training steps per run (default: the demo's 200)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--min-gain", type=float, default=0.25, help="best minus start accuracy a run must reach")
     ap.add_argument("--tiny", action="store_true", help="4 prompts x n=4, 16 eval prompts: checks the script")
@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray-cpus", type=float, default=4)
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results" / "demo_robustness"))
     args = ap.parse_args(argv)
+    if args.steps is None:
+        from trainer.core.config import named_config, resolve_config
+
+        args.steps = resolve_config([named_config(args.config)], args.overrides).trainer.total_steps
     if args.steps < 1 or args.eval_every < 1:
         ap.error("--steps and --eval-every must be >= 1")
     if args.fresh_cache:

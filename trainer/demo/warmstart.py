@@ -4,8 +4,9 @@ Owns :class:`SFTWarmStart`, the :class:`trainer.demo.assets.WarmStart` implement
 :func:`trainer.demo.assets.build_demo_assets` runs on a freshly built asset folder. docs/demo.md
 measured that RL from random weights never produces the answer format (no reward signal), and
 the paper starts RL from an instruction-tuned model; so the demo's policy starts from a short
-supervised run with true labels on the ``sft`` split (disjoint from train/validation by
-construction), stopped once it is well above chance but far from solved.
+supervised run with true labels (the ``sft_easy`` and ``sft`` splits, disjoint from
+train/validation by construction), stopped once it is well above chance, far from solved, and
+gives every answer a real probability.
 
 What it does, in place on ``model_dir``:
 
@@ -16,13 +17,18 @@ What it does, in place on ``model_dir``:
 * loss: mean negative log-likelihood of the response tokens only, through the shared forward
   (:func:`trainer.core.modeling.model_inputs` + :func:`trainer.core.modeling.token_logprobs`), so training
   and RL score tokens identically (explicit m-RoPE positions);
-* plain torch AdamW on CPU in float32, deterministic under ``torch.manual_seed(seed)``;
-* every ``eval_every`` steps: greedy HF ``generate`` on a held-out slice of the ``sft`` split
-  (its last ``eval_size`` rows, never trained on), graded by ``rewards.score("exact", ...)``;
-  stops at the first check inside the target band, or at ``max_steps``;
+* plain torch AdamW on CPU in float32 at a fixed thread count, deterministic under
+  ``torch.manual_seed(seed)``; the first ``easy_steps`` steps on ``sft_easy`` (larger shapes),
+  then ``sft``;
+* every ``eval_every`` steps after that, on the first ``eval_size`` rows of ``sft_eval`` (drawn
+  like the RL task, never trained on): each answer's mean probability given its image (one
+  forward pass) and, once every answer reaches ``min_coverage``, greedy HF ``generate`` graded
+  by ``rewards.score("exact", ...)``; stops at the first check that is covered and at least at
+  the target band's low end, or at ``max_steps``;
 * saves with ``save_pretrained`` (weights and model config only; tokenizer and processor files are
-  not touched) and returns facts for the manifest, including accuracy on fully black images (the
-  model must use the image: that one stays near chance).
+  not touched) and returns facts for the manifest: accuracy and answer probabilities per answer,
+  every check, accuracy on fully black images (the model must use the image: that one stays near
+  chance) and the saved weights' sha256, which differs between machines whose float kernels do.
 """
 
 from __future__ import annotations
@@ -60,9 +66,8 @@ EASY_SPLIT, TRAIN_SPLIT, EVAL_SPLIT = "sft_easy", "sft", "sft_eval"
 class SFTWarmStart:
     """Supervised warm start of the demo's tiny model on the ``sft`` split (a ``WarmStart``).
 
-    Defaults follow docs/demo.md (batch 64, lr 2e-3: chance until ~100 steps, 0.42 at
-    125, 0.81 at 175), so checks every 10 steps land inside the 0.35-0.55 band rather than
-    jumping over it. ``min_pixels``/``max_pixels`` must be the trainer's ``model.min_pixels``/
+    Batch 64 and lr 2e-3 as in docs/demo.md; :func:`demo_warm_start` is the demo's setting of
+    the stopping rule. ``min_pixels``/``max_pixels`` must be the trainer's ``model.min_pixels``/
     ``model.max_pixels`` (the prompts' image-token counts depend on them).
     """
 
