@@ -563,3 +563,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: py
     assert "built" in capsys.readouterr().out
     assert cli_main([str(tmp_path / "bad"), "--min-pixels", "20000"]) == 2
     assert "max_pixels" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([str(tmp_path / "neg"), "--seed", "-1"])
+    assert exit_info.value.code == 2 and "an asset seed is an integer >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "neg").exists()

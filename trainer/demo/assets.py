@@ -282,9 +282,10 @@ def cli_main(argv: list[str]) -> int:
         print(f"  warm start skipped: {info['skipped']}")
     elif info:
         print(
-            f"  warm start: {info['steps']} steps in {info['seconds']:.0f} s, held-out sft accuracy "
-            f"{info['heldout_accuracy']:.2f} (black images {info['black_accuracy']:.2f}), weakest answer's "
-            f"P(correct) {info['coverage']:.2f}; weights sha256 {info['weights_sha256'][:16]}"
+            f"  warm start: {info['steps']} steps in {info['seconds']:.0f} s, held-out sft_eval accuracy "
+            f"{info['heldout_accuracy']:.2f} (black images {info['black_accuracy']:.2f}), coverage "
+            f"{info['coverage']:.2f} (the least likely colour's mean probability of its right answer)\n"
+            f"  weights sha256 {info['weights_sha256']}"
         )
     return 0
 

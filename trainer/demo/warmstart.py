@@ -447,7 +447,7 @@ def _run(cfg: SFTWarmStart, model_dir: Path, data_dir: Path, seed: int) -> dict[
                 )
                 checks.append(check)
                 logger.info(
-                    "warm start step %d: loss %.4f, held-out accuracy %s, weakest answer's P(answer) %.3f",
+                    "warm start step %d: loss %.4f, held-out accuracy %s, coverage %.3f",
                     step,
                     loss_value,
                     "-" if check.accuracy is None else f"{check.accuracy:.3f}",
@@ -471,8 +471,8 @@ def _run(cfg: SFTWarmStart, model_dir: Path, data_dir: Path, seed: int) -> dict[
             if chosen is None:
                 chosen = checks[-1]
                 logger.warning(
-                    "supervised warm start stopped at max_steps=%d with held-out accuracy %.3f and weakest "
-                    "answer's P(answer) %.3f (asked: accuracy >= %.2f, P(answer) >= %.2f)",
+                    "supervised warm start stopped at max_steps=%d with held-out accuracy %.3f and coverage "
+                    "%.3f (asked: accuracy >= %.2f, coverage >= %.2f)",
                     cfg.max_steps,
                     chosen.accuracy,
                     chosen.coverage,
@@ -503,7 +503,7 @@ def _run(cfg: SFTWarmStart, model_dir: Path, data_dir: Path, seed: int) -> dict[
         "coverage": round(final.coverage, 4),
         "recall_by_answer": final.recall,
         "p_answer_by_answer": final.p_answer,
-        "black_answers": _by_key(answers, black),
+        "black_recall_by_answer": _by_key(answers, black),
         "heldout_accuracy_by_template": _by_key(templates, final.correct),
         "black_accuracy_by_template": _by_key(templates, black),
         "in_band": low <= final.accuracy <= high,
