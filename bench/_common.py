@@ -22,7 +22,19 @@ def machine_info() -> dict[str, Any]:
         "loadavg": list(os.getloadavg()),
         "cuda": cuda,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "cpu_model": _cpu_model(),
     }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def warn_if_loaded(when: str, consequence: str) -> str | None:

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    machine = {**machine_info(), "cpu_model": _cpu_model()}
+    machine = machine_info()
     warnings = [w for w in [warn_if_loaded("start", "wall times are inflated")] if w]
     assets: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -242,18 +242,6 @@ def _best_eval(run_dir: Path) -> dict[str, float | None]:
         return {}
     best = max(rows, key=lambda r: (r["eval/accuracy"], -r["step"]))  # the driver keeps the first best
     return {"black": best.get("eval/black_accuracy"), "masked": best.get("eval/masked_accuracy")}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":  # vLLM may start processes with spawn: keep the guard

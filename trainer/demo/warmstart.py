@@ -350,21 +350,29 @@ class _Check:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class _HeldOut:
+    """The rows every check scores, with their taught responses and the answer's place in each."""
+
+    examples: list[_Example]
+    responses: list[list[int]]
+    spans: list[tuple[int, int]]
+
+
 def _check(
     cfg: SFTWarmStart,
     step: int,
     model: Any,
     processor: Any,
     image_processor: Any,
-    held_out: Sequence[_Example],
-    held_out_responses: Sequence[list[int]],
-    spans: Sequence[tuple[int, int]],
+    held: _HeldOut,
     pad_id: int,
     *,
     final: bool = False,
 ) -> _Check:
+    held_out = held.examples
     answers = [e.answer for e in held_out]
-    p = _by_key(answers, _answer_prob(model, image_processor, held_out, held_out_responses, spans, pad_id))
+    p = _by_key(answers, _answer_prob(model, image_processor, held_out, held.responses, held.spans, pad_id))
     if min(p.values(), default=0.0) < cfg.min_coverage and not final:
         # An answer is still too rare to stop here, whatever the accuracy: skip the generation
         # (a forward pass is a fraction of its cost) while the warm start is short of coverage.
@@ -395,8 +403,9 @@ def _run(cfg: SFTWarmStart, model_dir: Path, data_dir: Path, seed: int) -> dict[
         name: (rows, [_response_ids(tok, e.answer) for e in rows])
         for name, rows in ((EASY_SPLIT, easy), (TRAIN_SPLIT, train))
     }
-    held_out_responses = [_response_ids(tok, e.answer) for e in held_out]
-    spans = [_answer_span(tok, e.answer) for e in held_out]
+    held = _HeldOut(
+        held_out, [_response_ids(tok, e.answer) for e in held_out], [_answer_span(tok, e.answer) for e in held_out]
+    )
     pad_id = int(tok.pad_token_id or 0)
     image_processor = _CachedImageProcessor(processor.image_processor)
 
@@ -433,18 +442,7 @@ def _run(cfg: SFTWarmStart, model_dir: Path, data_dir: Path, seed: int) -> dict[
                 loss_value = float(loss.detach())
                 if step <= cfg.easy_steps or (step - cfg.easy_steps) % cfg.eval_every and step < cfg.max_steps:
                     continue
-                check = _check(
-                    cfg,
-                    step,
-                    model,
-                    processor,
-                    image_processor,
-                    held_out,
-                    held_out_responses,
-                    spans,
-                    pad_id,
-                    final=step == cfg.max_steps,
-                )
+                check = _check(cfg, step, model, processor, image_processor, held, pad_id, final=step == cfg.max_steps)
                 checks.append(check)
                 logger.info(
                     "warm start step %d: loss %.4f, held-out accuracy %s, coverage %.3f",
