@@ -41,6 +41,8 @@ class LogProbWorker:
         max_pixels: int = 1280 * 28 * 28,
         temperature: float = 1.0,
         micro_batch_size: int = 8,
+        max_tokens_per_micro_batch: int | None = None,
+        logits_chunk_size: int | None = 1024,
         trust_remote_code: bool = False,
         get_timeout_s: float = 900.0,
     ) -> None:
@@ -48,6 +50,11 @@ class LogProbWorker:
             raise ValueError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        for name, value in (("max_tokens_per_micro_batch", max_tokens_per_micro_batch), ("logits_chunk_size", logits_chunk_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"logprob.{name} must be >= 1 or null, got {value}")
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.logits_chunk_size = logits_chunk_size
         self.role = role
         self.temperature = float(temperature)
         self.micro_batch_size = micro_batch_size
@@ -78,6 +85,8 @@ class LogProbWorker:
             images,
             temperature=self.temperature,
             micro_batch_size=self.micro_batch_size,
+            max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
+            chunk_size=self.logits_chunk_size,
         )
         return logp.float()
 

@@ -363,3 +363,67 @@ def test_cuda_ipc_on_a_cpu_learner_is_refused_clearly(tiny):
     learner = make_learner(tiny[0], zero_stage=0, weight_transport="cuda_ipc", num_gpus=1)  # asked for, not there
     with pytest.raises(RuntimeError, match="weight_transport=cuda_ipc needs the learner on a GPU"):
         learner.publish_weights(version=1)
+
+
+def spy_on_reduced_gradients(learner) -> dict[str, torch.Tensor]:
+    """Fills (at each accumulation boundary, before the step) the full reduced gradient of every
+    trainable parameter, as DeepSpeed's step sees it."""
+    from deepspeed.utils import safe_get_full_grad
+
+    grads: dict[str, torch.Tensor] = {}
+    norm = learner._global_grad_norm
+
+    def spy() -> float:
+        for name, p in learner.module.named_parameters():
+            if p.requires_grad:
+                grads[name] = safe_get_full_grad(p).detach().clone()
+        return norm()
+
+    learner._global_grad_norm = spy
+    return grads
+
+
+@pytest.mark.parametrize("avg,stage", [("token", 0), ("seq", 2), ("token_global", 3)])
+def test_token_budget_micro_batches_give_the_fixed_layouts_step(tiny, avg, stage):
+    """Rows grouped by length (a different number of micro-batches than DeepSpeed's accumulation
+    steps, of uneven sizes) give the fixed micro_batch_size layout's loss, gradient and update."""
+    path, _, batch, images, masked = tiny
+    algo = algo_cfg(loss_avg=avg, gamma=0.01)
+    lengths = (batch.prompt_mask.sum(1) + batch.response_lengths).tolist()
+    budget = 3 * max(lengths)  # three rows of the longest kind, more of the short ones
+    results = []
+    for max_tokens in (None, budget):
+        learner = make_learner(
+            path,
+            algo=algo,
+            zero_stage=stage,
+            mini_batch_size=8,
+            micro_batch_size=2,
+            max_tokens_per_micro_batch=max_tokens,
+        )
+        b = filled(learner, batch, images, masked)
+        if max_tokens is not None:
+            assert len(learner._plan(b, 2)) != learner.grad_accum  # the boundary is ours to set
+        grads = spy_on_reduced_gradients(learner)
+        metrics = learner.train_step(b, images)
+        results.append((metrics, grads))
+    (fixed, g_fixed), (packed, g_packed) = results
+    assert packed["optimizer_steps"] == fixed["optimizer_steps"] == 1
+    assert packed["loss"] == pytest.approx(fixed["loss"], rel=1e-5, abs=1e-7)
+    assert packed["grad_norm"] == pytest.approx(fixed["grad_norm"], rel=1e-5)
+    assert packed["response_pad_frac"] < fixed["response_pad_frac"]
+    assert g_fixed.keys() == g_packed.keys() and g_fixed
+    for name in g_fixed:
+        assert torch.allclose(g_packed[name], g_fixed[name], atol=1e-7, rtol=1e-4), name
+
+
+def test_a_token_budget_below_a_rows_length_names_the_field_and_the_length(tiny):
+    path, _, batch, images, masked = tiny
+    learner = make_learner(path, zero_stage=0, mini_batch_size=8, micro_batch_size=2, max_tokens_per_micro_batch=20)
+    with pytest.raises(ValueError, match=r"learner.max_tokens_per_micro_batch=20 is smaller than row \d+'s length \d+"):
+        learner.compute_logprobs(batch, images)
+    b = batch.select(range(len(batch)))
+    b.advantages = torch.ones(len(b))
+    b.masked_logp = torch.zeros(b.response_ids.shape)
+    with pytest.raises(ValueError, match=r"learner.max_tokens_per_micro_batch=20 is smaller than row \d+'s length"):
+        learner.train_step(b, images)

@@ -6,7 +6,8 @@ is :meth:`LossSettings.from_algo`, which reads an ``AlgoConfig``'s fields by nam
 - KL estimators (``kl_penalty``: k1, k2, abs, k3 / low_var_kl),
 - GRPO outcome advantages (``group_advantages``),
 - the PPO clipped policy loss with clip-higher and dual clip (``clipped_policy_loss``),
-- loss averaging over response tokens (``aggregate``: token / seq / token_global),
+- loss averaging over response tokens (``aggregate``: token / seq / token_global), and the
+  per-row denominators that keep it independent of how rows are packed (``layout_denominators``),
 - the perception-KL top-p token mask (``perception_token_mask``),
 - the hyper-parameters of the objective, validated once (``LossSettings``),
 - the full PAPO objective and its metrics (``papo_loss``),
@@ -55,6 +56,7 @@ or leaves something open, we follow the code:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +76,7 @@ __all__ = [
     "entropy_from_logits",
     "group_advantages",
     "kl_penalty",
+    "layout_denominators",
     "masked_mean",
     "papo_loss",
     "perception_coef",
@@ -247,6 +250,60 @@ def aggregate(
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens!r}")
         denom = max(float(num_tokens), 1.0)
     return masked.sum() / denom
+
+
+def layout_denominators(
+    response_lengths: Tensor,
+    layout: Sequence[Sequence[int]],
+    avg: str = "token",
+    *,
+    num_tokens: int | float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row denominators ``(d_avg, d_tok)`` of a mini-batch's loss under the micro-batch ``layout``.
+
+    ``layout`` is the fixed micro-batch layout that defines the objective (consecutive chunks of
+    ``micro_batch_size`` rows: k micro-batches, micro-batch j with B_j rows and T_j response
+    tokens; row i in micro-batch j(i) with T_i tokens). Then, for every row::
+
+        token:         d_avg_i = k * T_j(i)             d_tok_i = k * T_j(i)
+        seq:           d_avg_i = k * B_j(i) * T_i        d_tok_i = k * T_j(i)
+        token_global:  d_avg_i = num_tokens             d_tok_i = num_tokens
+
+    (each count at least 1) and ``sum_i sum_t m v / d_i`` over the mini-batch's rows equals the sum
+    over its micro-batches of :func:`aggregate` with ``grad_accum = k`` (``tok``: the token mean).
+    Summed over any regrouping of the rows it is the same number, which is what lets the learner
+    pack rows by length (token-budget micro-batches) without changing the loss or its gradient.
+
+    Returns two float64 tensors of shape (rows,).
+    """
+    if avg not in AVG_MODES:
+        raise ValueError(f"unknown avg {avg!r}; allowed: {', '.join(AVG_MODES)}")
+    lengths = response_lengths.detach().to(torch.float64).cpu()
+    rows = sorted(i for micro in layout for i in micro)
+    if rows != list(range(len(lengths))):
+        raise ValueError(f"the layout must hold each of the {len(lengths)} rows exactly once")
+    if avg == "token_global":
+        if num_tokens is None:
+            raise ValueError("num_tokens is required for avg='token_global' (response tokens of the whole mini-batch)")
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens!r}")
+        d = torch.full_like(lengths, max(float(num_tokens), 1.0))
+        return d, d.clone()
+    k = len(layout)
+    d_tok = torch.empty_like(lengths)
+    d_avg = torch.empty_like(lengths)
+    for micro in layout:
+        idx = torch.as_tensor(list(micro), dtype=torch.long)
+        d_tok[idx] = k * lengths[idx].sum().clamp(min=1)
+        d_avg[idx] = d_tok[idx] if avg == "token" else k * len(micro) * lengths[idx].clamp(min=1)
+    return d_avg, d_tok
+
+
+def _row_weighted_sum(values: Tensor, mask: Tensor, denominators: Tensor) -> Tensor:
+    """``sum_i (sum_t m v)_i / d_i``: the loss of rows whose denominators come from their layout."""
+    m = mask.to(torch.bool)
+    per_row = torch.where(m, values, torch.zeros_like(values)).sum(dim=-1)
+    return (per_row / denominators.to(device=values.device, dtype=values.dtype)).sum()
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,6 +501,7 @@ def papo_loss(
     settings: LossSettings | None = None,
     grad_accum: int = 1,
     num_tokens: int | float | Tensor | None = None,
+    row_denominators: tuple[Tensor, Tensor] | None = None,
     **fields: Any,
 ) -> tuple[Tensor, dict[str, float]]:
     """The PAPO objective for one micro-batch, to minimise, and its metrics.
@@ -466,7 +524,11 @@ def papo_loss(
     The hyper-parameters are one :class:`LossSettings`: ``settings=LossSettings(...)`` (what the
     learner passes), or its fields as keywords (``gamma=0.02, beta=0.01, avg="seq", ...``, each
     defaulting as in :class:`LossSettings`), which build one; not both. ``grad_accum`` and
-    ``num_tokens`` describe the micro-batch's place in its mini-batch, not the loss.
+    ``num_tokens`` describe the micro-batch's place in its mini-batch, not the loss; so does
+    ``row_denominators`` ``(d_avg, d_tok)``, each (batch,), from :func:`layout_denominators`,
+    which replaces both: then ``avg(v) = sum_i (sum_t m v)_i / d_avg_i`` and ``tok`` likewise
+    with ``d_tok`` (the rows may come from several micro-batches of the layout that defines the
+    loss, which is how token-budget micro-batches keep the fixed layout's objective).
 
     Gradients (everything else is detached):
 
@@ -522,7 +584,15 @@ def papo_loss(
         _check_same_shape("ref_logp", ref_logp, logp)
     if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
-    if s.avg == "token_global" and num_tokens is None:
+    if row_denominators is not None:
+        if grad_accum != 1 or num_tokens is not None:
+            raise ValueError("row_denominators replace grad_accum and num_tokens: pass grad_accum=1 and no num_tokens")
+        for name, d in zip(("d_avg", "d_tok"), row_denominators):
+            if d.shape != logp.shape[:1]:
+                raise ValueError(
+                    f"row_denominators {name} has shape {tuple(d.shape)}, expected {tuple(logp.shape[:1])}"
+                )
+    elif s.avg == "token_global" and num_tokens is None:
         raise ValueError("num_tokens is required for avg='token_global' (response tokens of the whole mini-batch)")
     if s.beta != 0.0 and ref_logp is None:
         raise ValueError("beta != 0 needs ref_logp (reference-model log-probs)")
@@ -542,9 +612,13 @@ def papo_loss(
         return torch.where(m, x, torch.zeros_like(x))
 
     def avg_(values: Tensor) -> Tensor:
+        if row_denominators is not None:
+            return _row_weighted_sum(values, m, row_denominators[0])
         return aggregate(values, m, s.avg, grad_accum=grad_accum, num_tokens=num_tokens)
 
     def tok_(values: Tensor) -> Tensor:
+        if row_denominators is not None:
+            return _row_weighted_sum(values, m, row_denominators[1])
         mode = "token_global" if s.avg == "token_global" else "token"
         return aggregate(values, m, mode, grad_accum=grad_accum, num_tokens=num_tokens)
 

@@ -8,17 +8,20 @@ This module owns :class:`Learner`, a plain class (no Ray) holding one DeepSpeed 
   atomically (:meth:`Learner.save_checkpoint` / :meth:`Learner.load_checkpoint`).
 
 
-Loss scaling (docs/algorithm.md: "scale once, not twice"). DeepSpeed is configured with
-``gradient_accumulation_steps = micro-batches per rank per mini-batch`` and its
-``engine.backward`` divides every loss by that number; its data-parallel reduction then averages
-over ranks. So ``papo_loss`` is always called with ``grad_accum=1``:
-
-- ``token``/``seq``: each micro-batch's mean / k (DeepSpeed's division) = the official definition;
-  the rank average is the data-parallel mean, as in verl/EasyR1.
-- ``token_global``: ``papo_loss`` returns ``sum / num_tokens`` with ``num_tokens`` the mini-batch's
-  response tokens summed over ranks (an all-reduce per mini-batch); we multiply by
-  ``k * world_size`` before ``engine.backward`` to undo both DeepSpeed divisions, so the gradient
-  is exactly that of the global token mean.
+Loss scaling (docs/algorithm.md: "scale once, not twice"). The objective of a mini-batch is that
+of its fixed layout of ``learner.micro_batch_size``-row micro-batches (k of them per rank): each
+row's tokens are divided by the row's denominator from
+:func:`trainer.core.algos.layout_denominators` (``token``: k x its layout micro-batch's tokens;
+``seq``: k x rows x its own tokens; ``token_global``: the mini-batch's response tokens summed
+over ranks, an all-reduce per mini-batch). The rows that actually run together may differ
+(``learner.max_tokens_per_micro_batch`` groups them by length, and their count may differ from k
+and between mini-batches): the per-row denominators make the sum the same, and the learner sets
+DeepSpeed's accumulation boundary itself. ``engine.backward`` divides every loss by DeepSpeed's
+configured accumulation steps (k), so each loss is multiplied by k first; its data-parallel
+reduction then averages over ranks, the official definition for ``token``/``seq``, which
+``token_global`` undoes with a further factor world_size, so its gradient is exactly that of
+the global token mean. Ranks run the same number of micro-batches (the largest any rank needs):
+ZeRO's forward and backward passes are collectives.
 
 Non-finite gradient norms skip the step (see :mod:`trainer.learner.engine`).
 
@@ -50,11 +53,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from trainer.core.algos import LossSettings, papo_loss
+from trainer.core.algos import LossSettings, layout_denominators, papo_loss
 from trainer.core.batch import RolloutBatch
 from trainer.core.checkpoint import CHECKPOINT_MARKER, TRAINER_STATE, prune_checkpoints, replace_dir
 from trainer.core.config import AlgoConfig, LearnerConfig, MaskedLogpPlacement, MaskedPass
-from trainer.core.modeling import load_model, load_processor, model_inputs, token_logprobs
+from trainer.core.microbatch import fixed_plan, split_to_count
+from trainer.core.modeling import load_model, load_processor, micro_batch_plan, model_inputs, token_logprobs
 from trainer.core.weights import BROADCAST_TRANSPORTS, WeightsHandle, digest, pack_state_dict
 from trainer.learner.engine import GuardedAdamW, ds_config, hf_state_dict, init_distributed, lr_factor
 from trainer.transport.broadcast import current_weight_group, join_weight_group
@@ -206,6 +210,29 @@ class Learner:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t.item())
 
+    def _all_reduce_max(self, value: int) -> int:
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _plan(self, batch: RolloutBatch, micro_batch_size: int) -> list[list[int]]:
+        """This rank's micro-batches of ``batch``: fixed rows, or grouped by length within
+        ``learner.max_tokens_per_micro_batch``; refined to the largest count of any rank (a
+        collective), because ZeRO's forward and backward passes are collectives."""
+        plan = micro_batch_plan(
+            batch,
+            micro_batch_size=micro_batch_size,
+            max_tokens=self.cfg.max_tokens_per_micro_batch,
+            field="learner.max_tokens_per_micro_batch",
+        )
+        if self.cfg.max_tokens_per_micro_batch is None:
+            return plan  # equal shards: every rank has the same count already
+        return split_to_count(plan, self._all_reduce_max(len(plan)))
+
     def _barrier(self) -> None:
         import torch.distributed as dist
 
@@ -224,8 +251,9 @@ class Learner:
     def _logp(
         self, batch: RolloutBatch, images: Sequence[Sequence[Any]], *, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # Forward through the engine (ZeRO-3 gathers parameters in its hooks); the inputs are built
-        # from the bare module because the engine's own ``.config`` is DeepSpeed's.
+        # Forward through the engine (ZeRO-3 gathers parameters in its modules' hooks; the chunked
+        # path calls the backbone and the head modules); the inputs are built from the bare module
+        # because the engine's own ``.config`` is DeepSpeed's.
         return token_logprobs(
             self.engine,
             self._inputs(batch, images),
@@ -233,6 +261,7 @@ class Learner:
             batch.response_mask.to(self.device),
             temperature=self.temperature,
             with_entropy=with_entropy,
+            chunk_size=self.cfg.logits_chunk_size,
         )
 
     # ---- log-probs ---------------------------------------------------------------------------
@@ -249,20 +278,17 @@ class Learner:
         """
         if len(images) != len(batch):
             raise ValueError(f"{len(images)} image lists for {len(batch)} rows")
-        mbs = micro_batch_size or self.cfg.micro_batch_size
+        plan = self._plan(batch, micro_batch_size or self.cfg.micro_batch_size)
         was_training = self.module.training
         self.module.eval()
-        width = batch.response_ids.shape[1]
-        out = []
+        out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
         try:
-            for start in range(0, len(batch), mbs):
-                rows = list(range(start, min(start + mbs, len(batch))))
-                mb = batch.select(rows)
-                lp, _ = self._logp(mb, [images[i] for i in rows])
-                out.append(torch.nn.functional.pad(lp.float().cpu(), (0, width - lp.shape[1])))
+            for rows in plan:
+                lp, _ = self._logp(batch.select(rows), [images[i] for i in rows])
+                out[torch.as_tensor(rows), : lp.shape[1]] = lp.float().cpu()  # select() trims padding columns
         finally:
             self.module.train(was_training)
-        return torch.cat(out) if out else torch.zeros(batch.response_ids.shape)
+        return out
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -396,34 +422,38 @@ class Learner:
         self.module.train()
         weighted: dict[str, float] = {}  # token-weighted sums of per-micro-batch statistics
         objective = {"loss": 0.0, "pg_loss": 0.0}  # sums of the micro-batch terms as they enter backward
-        tokens_total, n_minis, norms, lrs, skipped = 0.0, 0, [], [], 0
-        mbs = self.cfg.micro_batch_size
+        tokens_total, slots, n_minis, norms, lrs, skipped = 0.0, 0, 0, [], [], 0
         for _epoch in range(self.cfg.ppo_epochs):
             for start in range(0, len(batch), self.rows_per_mini_batch):
                 rows = list(range(start, start + self.rows_per_mini_batch))
                 mini = batch.select(rows)
-                num_tokens = self._all_reduce_sum(mini.num_response_tokens) if loss_cfg.avg == "token_global" else None
                 n_minis += 1
-                micro_starts = list(range(0, len(rows), mbs))
-                if len(micro_starts) != self.grad_accum:
+                # The loss is that of the fixed micro_batch_size layout whatever rows run together
+                # (trainer.core.algos.layout_denominators), so token budgets change memory, not math.
+                layout = fixed_plan(len(rows), self.cfg.micro_batch_size)
+                if len(layout) != self.grad_accum:
                     raise RuntimeError(
-                        f"{len(micro_starts)} micro-batches per mini-batch, DeepSpeed expects {self.grad_accum}"
+                        f"{len(layout)} micro-batches per mini-batch, DeepSpeed expects {self.grad_accum}"
                     )
-                for k, ms in enumerate(micro_starts):
-                    sub = list(range(ms, min(ms + mbs, len(rows))))
+                num_tokens = self._all_reduce_sum(mini.num_response_tokens) if loss_cfg.avg == "token_global" else None
+                d_avg, d_tok = layout_denominators(mini.response_lengths, layout, loss_cfg.avg, num_tokens=num_tokens)
+                plan = self._plan(mini, self.cfg.micro_batch_size)
+                for k, sub in enumerate(plan):
                     micro_rows = [rows[i] for i in sub]
-                    boundary = k == len(micro_starts) - 1
-                    if self.engine.is_gradient_accumulation_boundary() != boundary:
-                        raise RuntimeError("DeepSpeed's micro-step counter drifted from the mini-batch layout")
+                    boundary = k == len(plan) - 1
+                    # The plan's length may differ from DeepSpeed's accumulation steps: we own the boundary.
+                    self.engine.set_gradient_accumulation_boundary(boundary)
+                    idx = torch.as_tensor(sub)
                     metrics = self._micro_backward(
                         mini.select(sub),
                         [images[i] for i in micro_rows],
                         [masked_images[i] for i in micro_rows] if recompute_masked else None,
                         loss_cfg,
-                        num_tokens,
+                        (d_avg[idx], d_tok[idx]),
                     )
                     w = metrics.pop("response_tokens")
                     tokens_total += w
+                    slots += metrics.pop("response_slots")
                     for key in objective:
                         objective[key] += metrics.pop(key)
                     for key, v in metrics.items():
@@ -449,6 +479,8 @@ class Learner:
             total_optimizer_steps=self.optimizer_steps,
             total_skipped_steps=self.skipped_steps,
             response_tokens=tokens_total,
+            # Share of the processed response positions that were padding (micro-batch layout).
+            response_pad_frac=1.0 - tokens_total / slots if slots else 0.0,
             step_time_s=time.perf_counter() - t0,
         )
         return out
@@ -459,10 +491,11 @@ class Learner:
         images: Sequence[Sequence[Any]],
         masked_images: Sequence[Sequence[Any]] | None,
         loss_cfg: LossSettings,
-        num_tokens: float | None,
+        denominators: tuple[torch.Tensor, torch.Tensor],
     ) -> dict[str, float]:
         """Forward, ``papo_loss`` and ``engine.backward`` of one micro-batch; returns its metrics.
 
+        ``denominators`` are the rows' (d_avg, d_tok) from the mini-batch's loss layout.
         ``masked_images`` given: the masked log-probs are recomputed here with gradient
         (``learner_grad``); otherwise the batch's no-grad ``masked_logp`` (if any) is used.
         """
@@ -481,25 +514,22 @@ class Learner:
             masked_logp=masked_lp,
             ref_logp=None if micro.ref_logp is None else micro.ref_logp.to(dev),
             settings=loss_cfg,
-            grad_accum=1,
-            num_tokens=num_tokens,
+            row_denominators=denominators,
         )
+        # The denominators already carry the layout's 1/k: undo engine.backward's division by its
+        # accumulation steps. token/seq: the data-parallel average over ranks is the official
+        # definition. token_global: normalised by the global token count, so undo that average too.
+        scale = self.grad_accum * (self.world_size if loss_cfg.avg == "token_global" else 1)
         if loss_cfg.avg == "token_global":
-            # engine.backward divides by grad_accum and the DP reduction averages over ranks;
-            # token_global is already normalised by the mini-batch's global token count.
-            loss = loss * (self.grad_accum * self.world_size)
             # This rank's share of the global objective, times world size: the group's rank mean
             # of the metric is then the mini-batch objective itself.
             metrics["loss"] *= self.world_size
             metrics["pg_loss"] *= self.world_size
-        else:
-            # token/seq: DeepSpeed's division by grad_accum is the official "/ grad_accum".
-            metrics["loss"] /= self.grad_accum
-            metrics["pg_loss"] /= self.grad_accum
-        self.engine.backward(loss)
+        self.engine.backward(loss * scale)
         # Exact entropy of the temperature-scaled distribution, token mean after weighting.
         n_tok = max(metrics["response_tokens"], 1.0)
-        metrics["exact_entropy"] = float(entropy.detach().sum()) / n_tok if entropy is not None else float("nan")
+        metrics["exact_entropy"] = float(entropy.sum()) / n_tok if entropy is not None else float("nan")
+        metrics["response_slots"] = int(micro.response_mask.numel())
         if micro.old_logp is None and micro.rollout_logp is not None:
             # The weights that generated these rollouts scored them here: the engine/learner gap.
             mask = micro.response_mask.to(dev)
