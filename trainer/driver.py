@@ -209,6 +209,8 @@ class Trainer:
                 max_pixels=cfg.model.max_pixels,
                 temperature=cfg.rollout.temperature,
                 micro_batch_size=cfg.logprob.micro_batch_size,
+                max_tokens_per_micro_batch=cfg.logprob.max_tokens_per_micro_batch,
+                logits_chunk_size=cfg.logprob.logits_chunk_size,
                 get_timeout_s=timeout,
                 omp_threads=cfg.cluster.omp_threads_per_actor,
                 trust_remote_code=cfg.model.trust_remote_code,
@@ -441,7 +443,7 @@ class Trainer:
         spec = SamplingSpec.from_config(cfg.rollout, seed=cfg.seed * 1_000_003 + step * 7919)
         kept: list[RolloutBatch] = []
         stats = {"generated_groups": 0, "kept_groups": 0, "filled_groups": 0, "grading_errors": 0, "request_errors": 0}
-        spare: tuple[RolloutBatch, list[torch.Tensor]] | None = None  # the last try's uninformative groups
+        spares: list[RolloutBatch] = []  # every try's uninformative groups (the fill fallback's filler)
         for _ in range(algo.dynamic_sampling_max_tries if algo.dynamic_sampling else 1):
             need = cfg.rollout.batch_size - sum(len(b.groups()) for b in kept)
             if need <= 0:
@@ -473,7 +475,9 @@ class Trainer:
                 low, high = algo.dynamic_sampling_acc_low, algo.dynamic_sampling_acc_high
                 mixed = [low < float(batch.accuracy[g].mean()) < high for g in groups]
                 keep = [g for g, m in zip(groups, mixed) if m][:need]
-                spare = (batch, [g for g, m in zip(groups, mixed) if not m])
+                flat = [g for g, m in zip(groups, mixed) if not m]
+                if flat and algo.dynamic_sampling_exhausted == "fill":
+                    spares.append(batch.select(torch.cat(flat)).renumber_groups())
                 if not keep:
                     continue
                 batch = batch.select(torch.cat(keep))
@@ -487,7 +491,8 @@ class Trainer:
                     f"after algo.dynamic_sampling_max_tries={algo.dynamic_sampling_max_tries} tries: nearly every "
                     "group is all-correct or all-wrong"
                 )
-                if algo.dynamic_sampling_exhausted == "error" or spare is None or len(spare[1]) < short:
+                spare_groups = sum(len(b.groups()) for b in spares)
+                if algo.dynamic_sampling_exhausted == "error" or spare_groups < short:
                     raise RuntimeError(
                         f"{what}; lower rollout.batch_size, raise the tries, or set "
                         "algo.dynamic_sampling_exhausted=fill to train on what there is"
@@ -497,11 +502,19 @@ class Trainer:
                 logger.warning(
                     "%s; filling %d groups with uninformative ones (algo.dynamic_sampling_exhausted=fill)", what, short
                 )
-                filler = spare[0].select(torch.cat(spare[1][:short]))
+                # The latest tries' groups first: they come from the policy closest to this step's.
+                latest_first, offset = [], 0
+                for b in reversed(spares):  # unique group ids before concatenating (each starts at 0)
+                    latest_first.append(b.renumber_groups(start=offset))
+                    offset += len(b.groups())
+                pool = RolloutBatch.concat(latest_first)
+                filler = pool.select(torch.cat(pool.groups()[:short]))
                 kept.append(filler.renumber_groups(start=cfg.rollout.batch_size - short))
                 stats["filled_groups"] = short
         batch = RolloutBatch.concat(kept) if len(kept) > 1 else kept[0]
         stats["kept_groups"] = len(batch.groups())
+        # DAPO's cost: groups generated (and graded) per group trained on.
+        stats["generated_per_kept"] = stats["generated_groups"] / max(stats["kept_groups"], 1)
         if stats["kept_groups"] != cfg.rollout.batch_size:
             raise RuntimeError(
                 f"the rollout pool served {stats['kept_groups']} of {cfg.rollout.batch_size} prompts "

@@ -50,7 +50,8 @@ class LogProbWorker:
             raise ValueError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        for name, value in (("max_tokens_per_micro_batch", max_tokens_per_micro_batch), ("logits_chunk_size", logits_chunk_size)):
+        budgets = {"max_tokens_per_micro_batch": max_tokens_per_micro_batch, "logits_chunk_size": logits_chunk_size}
+        for name, value in budgets.items():
             if value is not None and value < 1:
                 raise ValueError(f"logprob.{name} must be >= 1 or null, got {value}")
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch

@@ -109,14 +109,27 @@ def test_bad_algo_by_preset_names_the_entry(tmp_path, entry, message):
     assert message in str(e.value), str(e.value)
 
 
-def test_dynamic_sampling_generation_round_is_at_least_a_batch():
+def test_dynamic_sampling_chunks_may_be_smaller_than_the_batch():
     base = ["algo.dynamic_sampling=true", "rollout.batch_size=32", "learner.mini_batch_size=160"]
-    cfg = resolve_config(overrides=[*base, "algo.dynamic_sampling_gen_batch_size=96"])
-    assert cfg.algo.dynamic_sampling_gen_batch_size == 96
-    with pytest.raises(ConfigError, match=r"dynamic_sampling_gen_batch_size=16 must be >= rollout.batch_size=32"):
-        resolve_config(overrides=[*base, "algo.dynamic_sampling_gen_batch_size=16"])
+    cfg = resolve_config(overrides=[*base, "algo.dynamic_sampling_gen_batch_size=16"])
+    assert cfg.algo.dynamic_sampling_gen_batch_size == 16
+    with pytest.warns(ConfigWarning, match="no step can fill its batch"):
+        resolve_config(overrides=[*base, "algo.dynamic_sampling_gen_batch_size=8", "algo.dynamic_sampling_max_tries=3"])
     with pytest.warns(ConfigWarning, match="no effect without algo.dynamic_sampling"):
         resolve_config(overrides=[*base[1:], "algo.dynamic_sampling_gen_batch_size=96"])
+    with pytest.raises(ConfigError, match="dynamic_sampling_gen_batch_size"):
+        resolve_config(overrides=[*base, "algo.dynamic_sampling_gen_batch_size=0"])
+
+
+def test_token_budgets_and_chunk_sizes_are_validated_naming_the_field():
+    for field in ("learner.max_tokens_per_micro_batch", "logprob.max_tokens_per_micro_batch"):
+        with pytest.raises(ConfigError, match=rf"{field}=4096 is smaller than the longest row.*max_model_len=8192"):
+            resolve_config(overrides=[f"{field}=4096"])
+        assert resolve_config(overrides=[f"{field}=8192"]) is not None
+    for field in ("learner.logits_chunk_size", "logprob.logits_chunk_size"):
+        with pytest.raises(ConfigError, match=field.split(".")[1]):
+            resolve_config(overrides=[f"{field}=0"])
+        assert resolve_config(overrides=[f"{field}=null"]) is not None
 
 
 def test_baseline_with_diagnostic_is_fine():

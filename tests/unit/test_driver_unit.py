@@ -256,6 +256,33 @@ def test_dynamic_sampling_keeps_only_mixed_groups_in_rounds_of_the_generation_ba
     assert trainer.sampler.take(1) == [(12, 0)]  # every generated prompt was drawn from the sampler once
 
 
+def test_dynamic_sampling_in_chunks_smaller_than_the_batch_counts_tries_in_chunks():
+    trainer = _dapo_trainer(["algo.dynamic_sampling_gen_batch_size=2"])
+    batch, stats = trainer._generate(step=1, timings={})
+    # Chunks of 2 prompts: rows 2, 5, 8, 11 are the mixed ones; the sixth chunk (10, 11) fills the batch.
+    assert trainer.services.rollout.calls == [2] * 6
+    assert sorted(set(batch.row_ids.tolist())) == [2, 5, 8, 11]
+    assert stats["generated_groups"] == 12 and stats["kept_groups"] == 4 and stats["generated_per_kept"] == 3.0
+    trainer = _dapo_trainer(["algo.dynamic_sampling_gen_batch_size=2", "algo.dynamic_sampling_max_tries=5"])
+    with pytest.raises(RuntimeError, match=r"kept 3 of 4 groups after algo.dynamic_sampling_max_tries=5 tries"):
+        trainer._generate(step=1, timings={})
+
+
+def test_the_fill_fallback_draws_on_every_chunks_uninformative_groups():
+    # Chunks of 1 prompt: each try has at most one flat group, fewer than the shortfall of 3.
+    trainer = _dapo_trainer(
+        [
+            "algo.dynamic_sampling_gen_batch_size=1",
+            "algo.dynamic_sampling_max_tries=4",
+            "algo.dynamic_sampling_exhausted=fill",
+        ]
+    )
+    batch, stats = trainer._generate(step=1, timings={})
+    assert stats["kept_groups"] == 4 and stats["filled_groups"] == 3 and stats["generated_groups"] == 4
+    rows = [int(batch.row_ids[g[0]]) for g in batch.groups()]
+    assert rows == [2, 3, 1, 0]  # the mixed group, then the flat ones, latest try first
+
+
 def test_dynamic_sampling_that_finds_no_mixed_group_stops_with_a_clear_error():
     trainer = _dapo_trainer(["algo.dynamic_sampling_max_tries=2"])
     trainer.sampler = PromptSampler(2, seed=0, shuffle=False)  # rows 0 and 1: all right, all wrong

@@ -150,8 +150,9 @@ class AlgoConfig(_Section):
     dynamic_sampling_gen_batch_size: int | None = Field(
         None,
         ge=1,
-        description="prompts generated per round under dynamic sampling (DAPO's gen_batch_size); "
-        "default rollout.batch_size. One large round is cheaper than several small ones",
+        description="prompts drawn per try under dynamic sampling (DAPO's gen_batch_size): tries draw "
+        "chunks of this many prompts and keep their mixed groups until rollout.batch_size groups are kept "
+        "(algo.dynamic_sampling_max_tries counts chunks); default rollout.batch_size",
     )
 
     @model_validator(mode="after")
@@ -419,7 +420,26 @@ class LearnerConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     ppo_epochs: int = Field(1, ge=1)
     mini_batch_size: int = Field(640, ge=1, description="responses per optimiser step (paper: 128 prompts x 5)")
-    micro_batch_size: int = Field(4, ge=1, description="responses per forward/backward on one rank")
+    micro_batch_size: int = Field(
+        4,
+        ge=1,
+        description="responses per forward/backward on one rank; with max_tokens_per_micro_batch it only "
+        "defines the loss's micro-batch layout (the official token/seq averaging is per micro-batch)",
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="token-budget micro-batches: rows grouped by length so that rows x (longest prompt + "
+        "longest response) stays within this many tokens per forward/backward (also the learner's old_logp "
+        "pass); the loss and its gradient are those of the micro_batch_size layout. Default: fixed "
+        "micro_batch_size rows",
+    )
+    logits_chunk_size: int | None = Field(
+        512,
+        ge=1,
+        description="response tokens whose vocabulary logits exist at once (recomputed in the backward); "
+        "null: the whole micro-batch's logits at once",
+    )
     gradient_checkpointing: bool = False
     freeze_vision_tower: bool = False
     freeze_language_model: bool = Field(
@@ -476,7 +496,16 @@ class LearnerConfig(_Section):
 class LogProbConfig(_Section):
     """Forward-only pools: the perception pool (masked images) and the reference pool."""
 
-    micro_batch_size: int = Field(8, ge=1)
+    micro_batch_size: int = Field(8, ge=1, description="responses per forward pass (without a token budget)")
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="token-budget forward passes: rows grouped by length within rows x (longest prompt + "
+        "longest response) tokens; default: fixed micro_batch_size rows",
+    )
+    logits_chunk_size: int | None = Field(
+        1024, ge=1, description="response tokens whose vocabulary logits exist at once; null: the whole pass's"
+    )
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(1.0, ge=0)
     reference_workers: int = Field(1, ge=1)
@@ -555,13 +584,15 @@ class JobConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _gen_rounds_cover_a_batch(self) -> JobConfig:
-        gen = self.algo.dynamic_sampling_gen_batch_size
-        if gen is not None and gen < self.rollout.batch_size:
-            raise ValueError(
-                f"algo.dynamic_sampling_gen_batch_size={gen} must be >= rollout.batch_size="
-                f"{self.rollout.batch_size} (it is how many prompts one generation round draws)"
-            )
+    def _token_budgets_hold_a_row(self) -> JobConfig:
+        longest = self.rollout.max_model_len
+        for name, section in (("learner", self.learner), ("logprob", self.logprob)):
+            budget = section.max_tokens_per_micro_batch
+            if budget is not None and budget < longest:
+                raise ValueError(
+                    f"{name}.max_tokens_per_micro_batch={budget} is smaller than the longest row the engine can "
+                    f"return (rollout.max_model_len={longest}: prompt + response tokens); set it to >= {longest}"
+                )
         return self
 
     @model_validator(mode="after")
@@ -605,6 +636,13 @@ def config_warnings(cfg: JobConfig) -> list[str]:
         )
     if cfg.algo.dynamic_sampling_gen_batch_size is not None and not cfg.algo.dynamic_sampling:
         out.append("algo.dynamic_sampling_gen_batch_size has no effect without algo.dynamic_sampling=true")
+    gen = cfg.algo.dynamic_sampling_gen_batch_size or cfg.rollout.batch_size
+    if cfg.algo.dynamic_sampling and gen * cfg.algo.dynamic_sampling_max_tries < cfg.rollout.batch_size:
+        out.append(
+            f"algo.dynamic_sampling_max_tries={cfg.algo.dynamic_sampling_max_tries} chunks of "
+            f"algo.dynamic_sampling_gen_batch_size={gen} prompts draw fewer than rollout.batch_size="
+            f"{cfg.rollout.batch_size}: no step can fill its batch"
+        )
     if cfg.algo.gamma >= 0.04:
         out.append(
             f"algo.gamma={cfg.algo.gamma}: the paper reports collapse for gamma >= 0.04 without the double entropy loss"
