@@ -184,8 +184,8 @@ class VllmEngine:
             # Built once: a whitelist is vLLM's supported way to forbid tokens before sampling.
             vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
             blocked = set(self.blocked)
-            self._allowed = [t for t in range(vocab) if t not in blocked]
-        allowed = self._allowed
+            self._allowed = [t for t in range(vocab) if t not in blocked] if blocked else []
+        allowed = self._allowed or None  # nothing to block: no whitelist
         request_ids: dict[str, int] = {}
         for i, (text, imgs) in prepared.items():
             params = SamplingParams(

@@ -142,7 +142,7 @@ def test_resources_overlays_differ_only_in_placement() -> None:
     placement = {
         "rollout": {"num_workers", "num_gpus", "gpu_memory_utilization"},
         "learner": {"num_ranks", "num_gpus", "zero_stage", "cpu_offload"},
-        "logprob": {"num_gpus", "micro_batch_size", "reference_workers"},
+        "logprob": {"num_gpus", "micro_batch_size", "max_tokens_per_micro_batch", "reference_workers"},
         "perception": {"num_workers"},
     }
     for gpus in GPUS:
