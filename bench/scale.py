@@ -364,7 +364,7 @@ def run_vllm(args: argparse.Namespace, processor: Any) -> dict[str, Any]:
         worker.shutdown()
     white, free = rows
     white["block_overhead_pct"] = round(100 * (white["seconds"] / free["seconds"] - 1), 2)
-    return {"rows": rows}
+    return {"results": rows}
 
 
 # ---- driver -------------------------------------------------------------------------------------------
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         out = run_pass(args.child[0], args.child[1], args)
-        print(json.dumps(out if "rows" in out else {"rows": [out]}), flush=True)
+        print(json.dumps(out if "results" in out else {"results": [out]}), flush=True)
         return 0
 
     load = warn_if_loaded("before the scale proxy", "times and tokens/s are then not comparable")
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.variants and variant not in args.variants and name != "vllm":
                     continue
                 t0 = time.perf_counter()
-                for row in _child(name, variant, args, model)["rows"]:
+                for row in _child(name, variant, args, model)["results"]:
                     rows.append(row)
                     print(
                         f"  {name:<8} {row['variant']:<10} {row['peak_increase_gb']:>7.3f} GB  "

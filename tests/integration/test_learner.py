@@ -24,12 +24,19 @@ STEPS = 3
 GLOBAL = dict(mini_batch_size=16, loss_avg="token_global")
 
 
-def group(path, stage: int) -> LearnerGroup:
+def group(path, stage: int, max_tokens: int | None = None) -> LearnerGroup:
     mini = GLOBAL["mini_batch_size"] if stage == 0 else 8
     avg = GLOBAL["loss_avg"] if stage == 0 else "token"
     return LearnerGroup(
         str(path),
-        learner_cfg(num_ranks=2, num_cpus=0.5, zero_stage=stage, mini_batch_size=mini, micro_batch_size=2),
+        learner_cfg(
+            num_ranks=2,
+            num_cpus=0.5,
+            zero_stage=stage,
+            mini_batch_size=mini,
+            micro_batch_size=2,
+            max_tokens_per_micro_batch=max_tokens,
+        ),
         algo_cfg(gamma=0.01, loss_avg=avg),
         min_pixels=MIN_PIXELS,
         max_pixels=MAX_PIXELS,
@@ -70,6 +77,15 @@ def runs(ray_cluster, tmp_path_factory):
         finally:
             g.shutdown()
         out[stage] = res
+    # Token-budget micro-batches (rows grouped by length, counts that differ from DeepSpeed's
+    # accumulation steps and between ranks): the same steps as the fixed layout's.
+    budget = 3 * int((batch.prompt_mask.sum(1) + batch.response_lengths).max())
+    for stage in (0, 3):
+        g = group(path, stage, max_tokens=budget)
+        try:
+            out[f"budget-{stage}"] = [g.train_step(out[stage]["batch"]) for _ in range(STEPS)]
+        finally:
+            g.shutdown()
     # Resume the ZeRO-3 run from its checkpoint in a fresh group: the last step must repeat exactly.
     g = group(path, 3)
     try:
@@ -103,6 +119,15 @@ def test_zero2_and_zero3_give_the_same_losses(runs):
     w2, w3 = runs[2]["weights"], runs[3]["weights"]
     assert set(w2) == set(w3)
     assert max(float((w2[k] - w3[k]).abs().max()) for k in w2) < 1e-4
+
+
+def test_token_budget_micro_batches_over_two_ranks_take_the_fixed_layouts_steps(runs):
+    for stage in (0, 3):  # token_global (ZeRO 0) and token (ZeRO 3: collective forwards and backwards)
+        for fixed, packed in zip(runs[stage]["metrics"], runs[f"budget-{stage}"]):
+            assert packed["optimizer_steps"] == fixed["optimizer_steps"]
+            for key in ("loss", "pg_loss", "grad_norm", "perception_kl"):
+                assert packed[key] == pytest.approx(fixed[key], rel=1e-4, abs=1e-6), (stage, key)
+            assert packed["response_pad_frac"] <= fixed["response_pad_frac"]
 
 
 def test_token_global_gradient_over_two_ranks_equals_the_single_process_gradient(runs):

@@ -47,7 +47,7 @@ def token_budget_plan(
 ) -> Plan:
     """Rows grouped by length into micro-batches of at most ``max_tokens`` padded tokens.
 
-    Rows are taken longest first (prompt + response) and appended to the current micro-batch
+    Rows are taken longest response first (then longest prompt) and appended to the current micro-batch
     while its padded size stays within the budget (and its row count within ``max_rows``, if
     given); then a new one starts. Within each micro-batch rows keep their batch order.
 
@@ -66,7 +66,9 @@ def token_budget_plan(
                 f"{field}={max_tokens} is smaller than row {i}'s length {t} "
                 f"(prompt {prompt_lens[i]} + response {response_lens[i]} tokens); raise it to at least {t}"
             )
-    order = sorted(range(len(total)), key=lambda i: (-total[i], i))
+    # Longest responses first (then longest prompts): neighbours in this order pad each other least
+    # where it matters most, the response positions every vocabulary-sized pass is over.
+    order = sorted(range(len(total)), key=lambda i: (-response_lens[i], -prompt_lens[i], i))
     plan: Plan = []
     current: list[int] = []
     max_p = max_r = 0
