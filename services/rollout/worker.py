@@ -324,6 +324,7 @@ class RolloutWorker:
             "start_seconds": self.start_seconds,
             "backend": self.backend,
             "weight_group_ranks": self.weight_group_ranks,
+            "vision_block": self.engine.block_mode,
         }
 
     # ---- lifecycle ---------------------------------------------------------------------------

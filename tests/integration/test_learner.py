@@ -127,7 +127,6 @@ def test_token_budget_micro_batches_over_two_ranks_take_the_fixed_layouts_steps(
             assert packed["optimizer_steps"] == fixed["optimizer_steps"]
             for key in ("loss", "pg_loss", "grad_norm", "perception_kl"):
                 assert packed[key] == pytest.approx(fixed[key], rel=1e-4, abs=1e-6), (stage, key)
-            assert packed["response_pad_frac"] <= fixed["response_pad_frac"]
 
 
 def test_token_global_gradient_over_two_ranks_equals_the_single_process_gradient(runs):

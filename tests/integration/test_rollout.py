@@ -9,6 +9,7 @@ processes or ``/dev/shm/psm_*`` segments after shutdown. Tests run in file order
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import threading
@@ -407,6 +408,38 @@ def test_gloo_broadcast_reaches_the_engine_and_a_restarted_worker_catches_up(ray
         assert parity_error(ray, result.batch, (v2, image_processor), 1.0) < PARITY_TOL
     finally:
         group.close()
+
+
+def test_vision_tokens_are_never_sampled_even_from_a_uniform_policy(ray_cluster, pool_state, examples):
+    """The final norm zeroed: every logit is 0, so an unblocked engine would draw a vision token 4
+    times in 512 (2048 draws without one: p = e^-16). The block leaves the reported log-probs the
+    learner's, over the full vocabulary: log(1 / vocab) for every token."""
+    ray, pool = ray_cluster, pool_state["pool"]
+    assert pool.worker_info()[0]["vision_block"] == "bad_words"  # vLLM: not the vocabulary-sized whitelist
+    uniform = load_model(str(pool.worker_kwargs["model_path"]), dtype="float32").eval()
+    with torch.no_grad():
+        uniform.model.language_model.norm.weight.zero_()
+    blob = pack_state_dict(hf_state_dict(uniform))
+    handle = WeightsHandle(
+        version=3,
+        transport="object_store",
+        num_tensors=len(hf_state_dict(uniform)),
+        num_bytes=len(blob),
+        digest=digest(blob),
+        ref=ray.put(blob),
+    )
+    assert pool.receive_weights(handle) == [3]
+    spec = SamplingSpec(n=8, temperature=1.0, top_p=1.0, max_tokens=64, min_tokens=64, seed=11)
+    batch = pool.generate(make_requests(ray, examples), spec).batch
+    sampled = batch.response_ids[batch.response_mask].tolist()
+    assert len(sampled) == 4 * 8 * 64
+    assert not set(sampled) & set(VISION_TOKEN_IDS), "a vision token was sampled"
+    vocab = uniform.config.text_config.vocab_size
+    logp = batch.rollout_logp[batch.response_mask]
+    assert torch.allclose(logp, torch.full_like(logp, -math.log(vocab)), atol=1e-5), (
+        float(logp.min()),
+        float(logp.max()),
+    )
 
 
 def test_shutdown_stops_engines_and_leaks_no_shared_memory(ray_cluster, pool_state):

@@ -52,17 +52,51 @@ def test_token_budget_respects_a_row_cap_and_refuses_a_row_over_the_budget():
         token_budget_plan([1], [1], 0, field="logprob.max_tokens_per_micro_batch")
 
 
-def test_split_to_count_keeps_rows_and_budget():
+def _partitions(items: list[int]):
+    """Every set partition of ``items`` (Bell(n) of them)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        yield [[first], *part]
+        for k in range(len(part)):
+            yield [*part[:k], [first, *part[k]], *part[k + 1 :]]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_token_budget_plan_is_the_fewest_micro_batches_then_the_least_padding(seed):
+    """Against every way to group 7 rows (one prompt length, so the optimum is a cut in length order)."""
+    rng = random.Random(seed)
+    response = [rng.choice([1, 3, 8, 20, 50, 120]) + rng.randint(0, 5) for _ in range(7)]
+    prompt = [30] * 7
+    budget = rng.randint(1, 4) * max(response) + 30 * rng.randint(1, 4) + 30
+    feasible = (
+        (len(part), sum(padded_tokens(prompt, response, m) for m in part))
+        for part in _partitions(list(range(7)))
+        if all(padded_tokens(prompt, response, m) <= budget for m in part)
+    )
+    plan = token_budget_plan(prompt, response, budget)
+    assert (len(plan), sum(padded_tokens(prompt, response, m) for m in plan)) == min(feasible)
+
+
+def test_split_to_count_keeps_rows_and_budget_and_spends_extra_passes_on_padding():
     prompt, response = _lengths(20, 7)
     plan = token_budget_plan(prompt, response, 4 * max(p + r for p, r in zip(prompt, response)))
-    finer = split_to_count(plan, len(plan) + 3)
+    finer = split_to_count(plan, len(plan) + 3, prompt, response)
     assert len(finer) == len(plan) + 3
     assert sorted(i for m in finer for i in m) == list(range(20))
+    assert all(m == sorted(m) for m in finer)
     assert max(padded_tokens(prompt, response, m) for m in finer) <= max(
         padded_tokens(prompt, response, m) for m in plan
     )
+    assert sum(padded_tokens(prompt, response, m) for m in finer) < sum(
+        padded_tokens(prompt, response, m) for m in plan
+    )
+    # A long and a short row together: the extra pass separates them.
+    assert split_to_count([[0, 1, 2]], 2, [10, 10, 10], [100, 5, 100]) == [[0, 2], [1]]
     with pytest.raises(ValueError, match="cannot refine"):
-        split_to_count(plan, 21)
+        split_to_count(plan, 21, prompt, response)
 
 
 # ---- the loss identity ---------------------------------------------------------------------------

@@ -109,6 +109,27 @@ def test_blocked_tokens_are_the_vision_tokens(worker):
     assert tuple(blocked_token_ids(worker.engine.hf_config())) == VISION_TOKEN_IDS
 
 
+def test_vision_tokens_are_blocked_by_bad_words_only_where_vllm_maps_them_back_exactly(assets):
+    """The vLLM engine's block: bad words where vLLM's own conversion gives exactly the blocked ids
+    (each alone), else None (the engine then uses the whitelist)."""
+    pytest.importorskip("vllm")
+    from vllm.tokenizers.registry import get_tokenizer
+
+    from services.rollout.engines import vllm_bad_words
+
+    tok = get_tokenizer(str(assets.model_dir))
+    assert vllm_bad_words(tok, VISION_TOKEN_IDS) == [
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    assert vllm_bad_words(tok, [100]) == ["~"]  # " ~" is two tokens: vLLM adds no spaced variant
+    # Token 200's text is a byte-level form ("ą") that encodes to two other tokens: no exact block.
+    assert tok.convert_ids_to_tokens([200]) == ["ą"] and len(tok.encode("ą", add_special_tokens=False)) == 2
+    assert vllm_bad_words(tok, [200]) is None and vllm_bad_words(tok, [*VISION_TOKEN_IDS, 200]) is None
+
+
 def test_request_from_example_keeps_ids_and_paths(examples):
     ex = examples[0]
     req = RolloutRequest.from_example(ex, epoch=2)

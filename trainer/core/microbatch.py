@@ -37,6 +37,12 @@ def padded_tokens(prompt_lens: Sequence[int], response_lens: Sequence[int], rows
     return len(rows) * (max(prompt_lens[i] for i in rows) + max(response_lens[i] for i in rows))
 
 
+def _length_order(prompt_lens: Sequence[int], response_lens: Sequence[int], rows: Sequence[int]) -> list[int]:
+    """``rows`` longest response first, then longest prompt (then batch order): the order in which
+    neighbours pad each other least where it matters most, the response positions."""
+    return sorted(rows, key=lambda i: (-response_lens[i], -prompt_lens[i], i))
+
+
 def token_budget_plan(
     prompt_lens: Sequence[int],
     response_lens: Sequence[int],
@@ -47,9 +53,12 @@ def token_budget_plan(
 ) -> Plan:
     """Rows grouped by length into micro-batches of at most ``max_tokens`` padded tokens.
 
-    Rows are taken longest response first (then longest prompt) and appended to the current micro-batch
-    while its padded size stays within the budget (and its row count within ``max_rows``, if
-    given); then a new one starts. Within each micro-batch rows keep their batch order.
+    Rows are put in length order (longest response first, then longest prompt) and cut into
+    consecutive runs, each within the budget (and within ``max_rows`` rows, if given). Of all such
+    cuts the plan takes the fewest micro-batches (each pass has a fixed cost: under ZeRO-3 it
+    gathers every parameter) and, among those, the fewest padded tokens: an exact dynamic program
+    over the cut points, O(rows x rows per micro-batch). Within each micro-batch rows keep their
+    batch order.
 
     Raises:
         ValueError: ``max_tokens < 1``, or a row whose own length exceeds the budget (naming
@@ -59,37 +68,43 @@ def token_budget_plan(
         raise ValueError(f"{field} must be an int >= 1, got {max_tokens!r}")
     if len(prompt_lens) != len(response_lens):
         raise ValueError(f"{len(prompt_lens)} prompt lengths for {len(response_lens)} responses")
-    total = [p + r for p, r in zip(prompt_lens, response_lens)]
-    for i, t in enumerate(total):
-        if t > max_tokens:
+    for i, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+        if p + r > max_tokens:
             raise ValueError(
-                f"{field}={max_tokens} is smaller than row {i}'s length {t} "
-                f"(prompt {prompt_lens[i]} + response {response_lens[i]} tokens); raise it to at least {t}"
+                f"{field}={max_tokens} is smaller than row {i}'s length {p + r} "
+                f"(prompt {p} + response {r} tokens); raise it to at least {p + r}"
             )
-    # Longest responses first (then longest prompts): neighbours in this order pad each other least
-    # where it matters most, the response positions every vocabulary-sized pass is over.
-    order = sorted(range(len(total)), key=lambda i: (-response_lens[i], -prompt_lens[i], i))
+    order = _length_order(prompt_lens, response_lens, range(len(prompt_lens)))
+    n = len(order)
+    # best[j]: (micro-batches, padded tokens) of the best cut of order[:j]; cut[j]: where its last run starts.
+    best: list[tuple[int, int]] = [(0, 0)] + [(n + 1, 0)] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        max_p = max_r = 0
+        for i in range(j - 1, -1, -1):  # the last run is order[i:j]; it only grows as i falls
+            max_p, max_r = max(max_p, prompt_lens[order[i]]), max(max_r, response_lens[order[i]])
+            size = (j - i) * (max_p + max_r)
+            if size > max_tokens or (max_rows is not None and j - i > max_rows):
+                break
+            cand = (best[i][0] + 1, best[i][1] + size)
+            if cand < best[j]:
+                best[j], cut[j] = cand, i
     plan: Plan = []
-    current: list[int] = []
-    max_p = max_r = 0
-    for i in order:
-        p, r = max(max_p, prompt_lens[i]), max(max_r, response_lens[i])
-        full = max_rows is not None and len(current) >= max_rows
-        if current and (full or (len(current) + 1) * (p + r) > max_tokens):
-            plan.append(sorted(current))
-            current, p, r = [], prompt_lens[i], response_lens[i]
-        current.append(i)
-        max_p, max_r = p, r
-    if current:
-        plan.append(sorted(current))
-    return plan
+    j = n
+    while j > 0:
+        plan.append(sorted(order[cut[j] : j]))
+        j = cut[j]
+    return plan[::-1]
 
 
-def split_to_count(plan: Plan, count: int) -> Plan:
-    """``plan`` refined to exactly ``count`` micro-batches by halving the largest ones.
+def split_to_count(plan: Plan, count: int, prompt_lens: Sequence[int], response_lens: Sequence[int]) -> Plan:
+    """``plan`` refined to exactly ``count`` micro-batches, each split where it saves the most padding.
 
     Used to keep data-parallel ranks in lock-step: every rank runs the largest count any rank
-    needs. Splitting a micro-batch never raises its padded size, so budgets still hold.
+    needs, and a rank with fewer spends its extra passes on padding. Each step cuts one
+    micro-batch in two, in length order, at the point (of all micro-batches) that removes the most
+    padded tokens (on a tie, the most even cut). Splitting a micro-batch never raises its padded
+    size, so budgets still hold.
 
     Raises:
         ValueError: ``count`` below the plan's length or above its number of rows.
@@ -97,13 +112,21 @@ def split_to_count(plan: Plan, count: int) -> Plan:
     rows = sum(len(m) for m in plan)
     if count < len(plan) or count > rows:
         raise ValueError(f"cannot refine {len(plan)} micro-batches of {rows} rows into {count}")
-    out = [list(m) for m in plan]
+    out = [_length_order(prompt_lens, response_lens, m) for m in plan]
+
+    def size(m: Sequence[int]) -> int:
+        return padded_tokens(prompt_lens, response_lens, m)
+
     while len(out) < count:
-        k = max(range(len(out)), key=lambda j: len(out[j]))
+        # The most padding removed; on a tie (rows of one length) the most even halves.
+        _, k, at = max(
+            ((size(m) - size(m[:c]) - size(m[c:]), -max(size(m[:c]), size(m[c:]))), k, c)
+            for k, m in enumerate(out)
+            for c in range(1, len(m))
+        )
         big = out.pop(k)
-        half = len(big) // 2
-        out[k:k] = [big[:half], big[half:]]
-    return out
+        out[k:k] = [big[:at], big[at:]]
+    return [sorted(m) for m in out]
 
 
 def response_padding(response_lens: Sequence[int], plan: Plan) -> tuple[int, int]:
