@@ -232,9 +232,7 @@ class Learner:
         if self.cfg.max_tokens_per_micro_batch is None:
             return plan  # equal shards: every rank has the same count already
         prompt_lens = batch.prompt_mask.sum(dim=1).tolist()
-        return split_to_count(
-            plan, self._all_reduce_max(len(plan)), prompt_lens, batch.response_lengths.tolist()
-        )
+        return split_to_count(plan, self._all_reduce_max(len(plan)), prompt_lens, batch.response_lengths.tolist())
 
     def _barrier(self) -> None:
         import torch.distributed as dist
