@@ -804,8 +804,23 @@ def test_top_p_mask_handcrafted():
     # ties at the threshold are kept: top_p 0.5 -> q = 0.5, pos 2 -> threshold exactly 0.3
     keep = perception_token_mask(kl, mask, 0.5)
     assert keep[0].tolist() == [False, True, False, True, True, False]
-    with pytest.raises(ValueError, match="perception_top_p"):
-        perception_token_mask(kl, mask, 1.0)
+    # top_p 1 (which algo.perception_top_p accepts) keeps every response token: the loss without a mask
+    assert torch.equal(perception_token_mask(kl, mask, 1.0), mask.bool())
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"perception_top_p must be in \(0, 1\]"):
+            perception_token_mask(kl, mask, bad)
+    whole = [
+        papo_loss(
+            leaf(lp),
+            lp,
+            torch.ones(3, dtype=F64),
+            mask,
+            masked_logp=masked,
+            settings=LossSettings(gamma=1.0, perception_kl_kind="k1", perception_top_p=top_p),
+        )[0].item()
+        for top_p in (1.0, None)
+    ]
+    assert whole[0] == pytest.approx(whole[1], rel=1e-15)
 
     # in the loss: dropped tokens count 0 but stay in the denominator (official semantics)
     lp_leaf = leaf(lp)
@@ -937,7 +952,7 @@ def test_validation_errors_name_the_argument(kwargs, match):
         (dict(clip_low=1.0), "clip_low"),
         (dict(clip_high=-0.1), "clip_high"),
         (dict(clip_dual=1.0), "clip_dual"),
-        (dict(perception_top_p=1.0), "perception_top_p"),
+        (dict(perception_top_p=1.5), "perception_top_p"),
         (dict(perception_kl_clip=-1.0), "perception_kl_clip"),
     ],
 )

@@ -76,12 +76,12 @@ def test_two_images_follow_placeholder_order(tmp_path: Path, demo_assets: DemoAs
     assert ex.messages[0]["content"] == [
         {"type": "text", "text": "Compare "},
         {"type": "image"},
-        {"type": "text", "text": "with\n"},
+        {"type": "text", "text": " with\n"},
         {"type": "image"},
-        {"type": "text", "text": f"Which is redder? {PAPO_FORMAT_PROMPT}"},
+        {"type": "text", "text": f" Which is redder? {PAPO_FORMAT_PROMPT}"},
     ]
-    # An image-only question still gets the format prompt, after the image.
-    assert image_only.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": PAPO_FORMAT_PROMPT}]
+    # An image-only question still gets the format prompt, after the image (EasyR1: after a space).
+    assert image_only.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": f" {PAPO_FORMAT_PROMPT}"}]
 
     # End to end through the tiny processor: the first vision block holds the first image's tokens.
     processor = AutoProcessor.from_pretrained(demo_assets.model_dir)
@@ -514,13 +514,71 @@ def test_prompt_images_of_bytes(tmp_path: Path) -> None:
     assert data.prompt_masked_images(good, 10**6) is None
 
 
-def test_template_matches_format_prompt_on_demo_rows(demo_assets: DemoAssets) -> None:
-    """The shipped papo_math template is PAPO's prompt: for the demo it builds exactly the
-    messages the historical format_prompt path builds."""
-    legacy = load_split(demo_assets.data_dir, "validation")
-    templated = load_split(demo_assets.data_dir, "validation", prompt_template="papo_math")
-    assert [e.messages for e in templated.examples] == [e.messages for e in legacy.examples]
-    assert templated.examples[0].messages[0]["content"][-1]["text"].endswith(PAPO_FORMAT_PROMPT)
+#: The authors' examples/format_prompt/math_perception.jinja, byte for byte.
+AUTHORS_MATH_PERCEPTION = (
+    "{{ content | trim }}\n\nYou first think through the reasoning process as an internal monologue, "
+    "enclosed within <think> </think> tags. Then, provide your final answer enclosed within \\boxed{}.\n"
+)
+
+
+def test_the_shipped_papo_math_template_is_the_authors_file_byte_for_byte(demo_assets: DemoAssets) -> None:
+    from trainer.core.data import resolve_template_path
+
+    assert resolve_template_path("papo_math").read_bytes() == AUTHORS_MATH_PERCEPTION.encode()
+    (ex, *_) = load_split(demo_assets.data_dir, "validation", prompt_template="papo_math").examples
+    *_, last = ex.messages[0]["content"]
+    question, instruction = last["text"].split("\n\n")
+    assert instruction == PAPO_FORMAT_PROMPT and question == question.strip() and question
+    # papo's earlier prompt (one space, papo style) stays available: the format_prompt path's messages.
+    legacy = load_split(demo_assets.data_dir, "validation", prompt_style="papo")
+    spaced = load_split(demo_assets.data_dir, "validation", prompt_template="papo_math_space", prompt_style="papo")
+    assert [e.messages for e in spaced.examples] == [e.messages for e in legacy.examples]
+    assert spaced.examples[0].messages[0]["content"][-1]["text"].endswith(f"? {PAPO_FORMAT_PROMPT}") or (
+        spaced.examples[0].messages[0]["content"][-1]["text"].endswith(f" {PAPO_FORMAT_PROMPT}")
+    )
+
+
+@pytest.mark.parametrize(
+    "problem,easyr1,papo",
+    [
+        # Whitespace after an image and between images is text EasyR1 keeps.
+        (
+            "<image>\nWhat is shown?",
+            [{"type": "image"}, {"type": "text", "text": "\nWhat is shown? FMT"}],
+            [{"type": "image"}, {"type": "text", "text": "What is shown? FMT"}],
+        ),
+        (
+            "Compare <image> \n <image>  which is larger?  ",
+            [
+                {"type": "text", "text": "Compare "},
+                {"type": "image"},
+                {"type": "text", "text": " \n "},
+                {"type": "image"},
+                {"type": "text", "text": "  which is larger?   FMT"},
+            ],
+            [
+                {"type": "text", "text": "Compare "},
+                {"type": "image"},
+                {"type": "image"},
+                {"type": "text", "text": "which is larger? FMT"},
+            ],
+        ),
+        # An image last: EasyR1 appends the format prompt to the text, after the placeholder.
+        (
+            "How many? <image>",
+            [{"type": "text", "text": "How many? "}, {"type": "image"}, {"type": "text", "text": " FMT"}],
+            [{"type": "text", "text": "How many? "}, {"type": "image"}, {"type": "text", "text": "FMT"}],
+        ),
+    ],
+)
+def test_prompt_styles_build_easyr1s_messages_or_papos_earlier_ones(problem, easyr1, papo) -> None:
+    from trainer.core.data import PromptFormatter
+
+    n = problem.count("<image>")
+    assert PromptFormatter(" FMT\n", style="easyr1").messages(problem, n) == [{"role": "user", "content": easyr1}]
+    assert PromptFormatter("FMT", style="papo").messages(problem, n) == [{"role": "user", "content": papo}]
+    with pytest.raises(ValueError, match="data.prompt_style must be one of easyr1, papo"):
+        PromptFormatter(style="verl")
 
 
 def test_custom_and_broken_templates(tmp_path: Path) -> None:
@@ -532,6 +590,12 @@ def test_custom_and_broken_templates(tmp_path: Path) -> None:
     tpl = tmp_path / "mine.jinja"
     tpl.write_text("Question: {{ content | trim }}\nAnswer briefly.\n")
     (ex,) = load_split(tmp_path, "train", prompt_template=tpl).examples
+    assert ex.messages[0]["content"] == [  # EasyR1: the file stripped, the text kept as rendered
+        {"type": "text", "text": "Question: Look: "},
+        {"type": "image"},
+        {"type": "text", "text": " what?\nAnswer briefly."},
+    ]
+    (ex,) = load_split(tmp_path, "train", prompt_template=tpl, prompt_style="papo").examples
     assert ex.messages[0]["content"] == [
         {"type": "text", "text": "Question: Look: "},
         {"type": "image"},

@@ -372,13 +372,14 @@ def perception_token_mask(kl: Tensor, mask: Tensor, top_p: float) -> Tensor:
     For each sequence, ``threshold = quantile_{1 - top_p}(kl over its response tokens)`` with
     linear interpolation (``torch.nanquantile``); keep response tokens with ``kl >= threshold``.
     About a ``top_p`` fraction of each sequence's tokens is kept (ties at the threshold are all
-    kept); a sequence without response tokens keeps none. No gradient flows through the mask.
+    kept; ``top_p = 1`` keeps every token); a sequence without response tokens keeps none. No
+    gradient flows through the mask.
 
     Raises:
-        ValueError: ``top_p`` not in (0, 1).
+        ValueError: ``top_p`` not in (0, 1] (the range ``algo.perception_top_p`` accepts).
     """
-    if not 0.0 < top_p < 1.0:
-        raise ValueError(f"perception_top_p must be in (0, 1), got {top_p!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"perception_top_p must be in (0, 1], got {top_p!r}")
     m = mask.to(torch.bool)
     vals = kl.detach().to(_compute_dtype(kl))
     vals = torch.where(m, vals, torch.full_like(vals, float("nan")))
@@ -403,7 +404,7 @@ class LossSettings:
     - ``kl_kind``, ``perception_kl_kind``: the :func:`kl_penalty` estimators of the reference and
       the perception KL (one of :data:`KL_KINDS`);
     - ``avg``: the :func:`aggregate` mode (one of :data:`AVG_MODES`);
-    - ``perception_top_p`` (in (0, 1)) and ``perception_kl_clip`` (> 0): the top-p token mask and
+    - ``perception_top_p`` (in (0, 1]) and ``perception_kl_clip`` (> 0): the top-p token mask and
       the clamp of the perception KL, off when None;
     - ``perception_kl_masked_grad``: let the perception KL back-propagate into ``masked_logp``.
 
@@ -441,8 +442,8 @@ class LossSettings:
             raise ValueError(f"clip_high must be >= 0, got {self.clip_high!r}")
         if self.clip_dual <= 1.0:
             raise ValueError(f"clip_dual must be > 1, got {self.clip_dual!r}")
-        if self.perception_top_p is not None and not 0.0 < self.perception_top_p < 1.0:
-            raise ValueError(f"perception_top_p must be in (0, 1), got {self.perception_top_p!r}")
+        if self.perception_top_p is not None and not 0.0 < self.perception_top_p <= 1.0:
+            raise ValueError(f"perception_top_p must be in (0, 1], got {self.perception_top_p!r}")
         if self.perception_kl_clip is not None and self.perception_kl_clip <= 0.0:
             raise ValueError(f"perception_kl_clip must be > 0, got {self.perception_kl_clip!r}")
 

@@ -333,6 +333,12 @@ class DataConfig(_Section):
         description="Jinja prompt template rendered with `content` = the question: a shipped name "
         "(papo_math) or a .jinja file; replaces format_prompt",
     )
+    prompt_style: Literal["easyr1", "papo"] = Field(
+        "easyr1",
+        description="how the question, format prompt or template, and images become the user turn: "
+        "easyr1 = exactly as EasyR1 (the authors' base) builds it; papo = papo's earlier style "
+        "(whitespace-only text dropped, leading spaces after an image stripped)",
+    )
     max_prompt_length: int | None = Field(
         None,
         ge=1,

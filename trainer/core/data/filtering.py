@@ -138,6 +138,7 @@ def load_split_from_config(
         id_key=data.id_key,
         format_prompt=data.format_prompt,
         prompt_template=data.prompt_template,
+        prompt_style=data.prompt_style,
         image_root=data.image_root,
         verify_images=data.verify_images,
     )

@@ -1,5 +1,12 @@
 """Prompt formatting: a question with ``<image>`` placeholders -> chat messages, with PAPO's format
-prompt appended or a Jinja template (EasyR1's ``format_prompt`` files; ``configs/templates``)."""
+prompt appended or a Jinja template (EasyR1's ``format_prompt`` files; ``configs/templates``).
+
+Two styles (``data.prompt_style``): ``easyr1`` builds the messages exactly as EasyR1, the authors'
+base, does (the template file stripped, then rendered; or ``question + " " + format_prompt``; the
+text split around the placeholders and every non-empty piece kept as it is); ``papo`` is papo's
+earlier style (whitespace-only pieces dropped, leading whitespace after an image stripped, one
+space before the format prompt), kept for runs that must reproduce it.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,9 @@ PAPO_FORMAT_PROMPT = (
 
 #: The placeholder marking where an image goes in the question text.
 IMAGE_PLACEHOLDER = "<image>"
+
+#: ``data.prompt_style`` values: how the question, the format prompt and the images become messages.
+PROMPT_STYLES = ("easyr1", "papo")
 
 #: The suffix of prompt-template files; a bare name (``papo_math``) is looked up in ``configs/templates``.
 TEMPLATE_SUFFIX = ".jinja"
@@ -42,7 +52,7 @@ def resolve_template_path(spec: str | Path) -> Path:
 
 
 @functools.lru_cache(maxsize=16)
-def _compile_template(path: str, mtime_ns: int) -> Any:
+def _compile_template(path: str, mtime_ns: int, strip: bool = False) -> Any:
     # Lazy: jinja2 is no declared dependency, and only templated prompts need it.
     from jinja2 import StrictUndefined, TemplateSyntaxError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -51,16 +61,19 @@ def _compile_template(path: str, mtime_ns: int) -> Any:
     # internals. StrictUndefined turns a typo ({{ contnet }}) into an error, not empty text.
     env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
     try:
-        return env.from_string(Path(path).read_text())
+        text = Path(path).read_text(encoding="utf-8")
+        # EasyR1 compiles the file's text stripped (no trailing newline in the rendered prompt).
+        return env.from_string(text.strip() if strip else text)
     except TemplateSyntaxError as e:
         raise DataError(f"prompt template {path}: line {e.lineno}: {e.message}") from None
 
 
-def load_prompt_template(spec: str | Path) -> Any:
-    """The compiled Jinja template named by ``spec`` (a shipped name or a file); validated by
-    rendering a sample question, so a broken template fails before any data is read."""
+def load_prompt_template(spec: str | Path, *, strip: bool = False) -> Any:
+    """The compiled Jinja template named by ``spec`` (a shipped name or a file), of the file's text
+    stripped when ``strip`` (EasyR1's way); validated by rendering a sample question, so a broken
+    template fails before any data is read."""
     path = resolve_template_path(spec)
-    template = _compile_template(str(path.resolve()), path.stat().st_mtime_ns)
+    template = _compile_template(str(path.resolve()), path.stat().st_mtime_ns, strip)
     try:
         template.render(content=f"{IMAGE_PLACEHOLDER}What is shown?")
     except Exception as e:  # jinja raises UndefinedError, TypeError... from user templates
@@ -73,31 +86,66 @@ class PromptFormatter:
 
     With a ``template`` (a Jinja file rendered with ``content`` = the question, EasyR1's
     convention) the rendered text is the whole user turn; otherwise ``format_prompt`` (or
-    nothing, when ``None``) is appended to the question by :func:`build_messages`.
+    nothing, when ``None``) is added to the question. ``style`` is one of :data:`PROMPT_STYLES`
+    (module docstring).
     """
 
-    def __init__(self, format_prompt: str | None = PAPO_FORMAT_PROMPT, template: str | Path | None = None):
+    def __init__(
+        self,
+        format_prompt: str | None = PAPO_FORMAT_PROMPT,
+        template: str | Path | None = None,
+        style: str = "easyr1",
+    ):
+        if style not in PROMPT_STYLES:
+            raise ValueError(f"data.prompt_style must be one of {', '.join(PROMPT_STYLES)}; got {style!r}")
         self.format_prompt = format_prompt
-        self.template = load_prompt_template(template) if template is not None else None
+        self.style = style
+        self.template = load_prompt_template(template, strip=style == "easyr1") if template is not None else None
 
     def messages(self, problem: str, num_images: int) -> list[dict[str, Any]]:
         """Raises ``ValueError`` when the placeholder count differs from ``num_images``."""
-        if self.template is None:
-            return build_messages(problem, num_images, self.format_prompt)
         # Checked before rendering too, so a template that adds text cannot mask a bad row.
         if problem.count(IMAGE_PLACEHOLDER) != num_images:
             raise ValueError(
                 f"{problem.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)"
             )
-        return build_messages(self.template.render(content=problem), num_images, None)
+        if self.style == "papo":
+            if self.template is None:
+                return build_messages(problem, num_images, self.format_prompt)
+            return build_messages(self.template.render(content=problem), num_images, None)
+        if self.template is not None:
+            text = self.template.render(content=problem)
+        elif self.format_prompt:
+            text = f"{problem} {self.format_prompt.strip()}"
+        else:
+            text = problem
+        return easyr1_messages(text, num_images)
+
+
+def easyr1_messages(text: str, num_images: int) -> list[dict[str, Any]]:
+    """EasyR1's user turn: ``text`` split around ``<image>``, an image item between pieces and every
+    non-empty piece kept verbatim (whitespace included).
+
+    Raises ``ValueError`` when the placeholder count differs from ``num_images``.
+    """
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != num_images:
+        raise ValueError(f"{len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)")
+    content: list[dict[str, Any]] = []
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return [{"role": "user", "content": content}]
 
 
 def build_messages(problem: str, num_images: int, format_prompt: str | None) -> list[dict[str, Any]]:
-    """Chat messages for a question whose text marks each image with ``<image>``.
+    """Chat messages for a question whose text marks each image with ``<image>`` (the ``papo`` style).
 
     The text is split around the placeholders, so image items land where the dataset put them;
     empty text pieces are dropped. The format prompt goes after the question's last text,
-    separated by one space (as EasyR1/PAPO's ``{{ content | trim }} <format prompt>``).
+    separated by one space.
     Raises ``ValueError`` when the placeholder count differs from ``num_images``.
     """
     pieces = problem.split(IMAGE_PLACEHOLDER)

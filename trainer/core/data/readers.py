@@ -288,6 +288,7 @@ def load_split(
     id_key: str = "id",
     format_prompt: str | None = PAPO_FORMAT_PROMPT,
     prompt_template: str | Path | None = None,
+    prompt_style: str = "easyr1",
     image_root: str | Path | None = None,
     verify_images: bool = False,
 ) -> LoadedSplit:
@@ -297,7 +298,8 @@ def load_split(
     Relative image paths resolve against ``image_root`` (default: the dataset folder, or the
     file's folder when a file is given; for a hub id, the current directory). ``format_prompt``
     is appended to each question (``None`` leaves questions as they are); ``prompt_template`` (a
-    shipped template name such as ``papo_math`` or a ``.jinja`` file), when given, replaces it. ``id_key``
+    shipped template name such as ``papo_math`` or a ``.jinja`` file), when given, replaces it;
+    ``prompt_style`` is how (``easyr1`` or ``papo``: trainer/core/data/prompts.py). ``id_key``
     names the row-id column; without that column a row's id is its position. ``image_key=None``
     reads a text-only dataset. ``masked_image_key`` names a column of pre-masked images, which
     must then exist (one per image; ``PromptExample.images_masked``).
@@ -313,7 +315,7 @@ def load_split(
     """
     # The template holds the whole user turn, so it replaces the appended format prompt (the
     # job config refuses both set explicitly; see DataConfig).
-    formatter = PromptFormatter(None if prompt_template is not None else format_prompt, prompt_template)
+    formatter = PromptFormatter(None if prompt_template is not None else format_prompt, prompt_template, prompt_style)
     wanted = list(dict.fromkeys(k for k in (prompt_key, answer_key, image_key, masked_image_key, id_key) if k))
     chunks, default_root = _read_chunks(data_dir, split, wanted)
     root = Path(image_root).expanduser().resolve() if image_root is not None else default_root
