@@ -40,8 +40,16 @@ from trainer.core.algos import group_advantages, perception_coefs
 from trainer.core.batch import RolloutBatch
 from trainer.core.checkpoint import TRAINER_STATE
 from trainer.core.config import JobConfig, dump_config
-from trainer.core.data import BadPrompt, DataError, PromptExample, load_split_from_config, prompt_images
+from trainer.core.data import (
+    BadPrompt,
+    DataError,
+    PromptExample,
+    load_split_from_config,
+    prompt_images,
+    prompt_masked_images,
+)
 from trainer.core.metrics import CURVES_FILE, MetricsWriter, StepLine, plot_curves, read_metrics
+from trainer.core.modeling import processor_pixels
 from trainer.core.sampler import PromptSampler
 from trainer.core.weights import BROADCAST_TRANSPORTS
 from trainer.demo.paths import resolve_demo_paths
@@ -201,12 +209,13 @@ class Trainer:
             steps_per_rollout = cfg.learner.ppo_epochs * (
                 cfg.rollout.batch_size * cfg.rollout.n // cfg.learner.mini_batch_size
             )
+            pixels = processor_pixels(cfg.model)  # every processor call's and the engine's limits
             pool_kwargs = dict(
                 num_cpus=cfg.logprob.num_cpus,
                 num_gpus=cfg.logprob.num_gpus,
                 dtype=cfg.model.dtype,
-                min_pixels=cfg.model.min_pixels,
-                max_pixels=cfg.model.max_pixels,
+                min_pixels=pixels[0],
+                max_pixels=pixels[1],
                 temperature=cfg.rollout.temperature,
                 micro_batch_size=cfg.logprob.micro_batch_size,
                 max_tokens_per_micro_batch=cfg.logprob.max_tokens_per_micro_batch,
@@ -224,8 +233,8 @@ class Trainer:
                     cfg.learner,
                     cfg.algo,
                     masked_logp=cfg.perception.masked_logp,
-                    min_pixels=cfg.model.min_pixels,
-                    max_pixels=cfg.model.max_pixels,
+                    min_pixels=pixels[0],
+                    max_pixels=pixels[1],
                     temperature=cfg.rollout.temperature,
                     total_optimizer_steps=cfg.trainer.total_steps * steps_per_rollout,
                     seed=cfg.seed,
@@ -409,7 +418,11 @@ class Trainer:
             index, epoch = picks.pop(0)
             ex: PromptExample = examples[index]
             try:
-                images = prompt_images(ex, self.cfg.data.max_raw_pixels)
+                images = prompt_images(ex, self.cfg.data.max_raw_pixels, self.cfg.model.image_fit())
+                # Pre-masked images are fitted like the originals (the same size is required).
+                masked = ex.images_masked
+                if masked is not None and self.cfg.model.image_fit() is not None:
+                    masked = prompt_masked_images(ex, self.cfg.data.max_raw_pixels, self.cfg.model.image_fit())
             except BadPrompt as e:
                 self.bad_prompts += 1
                 logger.warning("skipping a prompt (%d so far): %s", self.bad_prompts, e)
@@ -423,9 +436,7 @@ class Trainer:
             refs = [ray.put(im) for im in images]
             rollout_reqs.append(RolloutRequest.from_example(ex, images=refs, epoch=epoch))
             mask_reqs.append(
-                MaskRequest(
-                    images=refs, run_seed=self.cfg.seed, row_id=ex.row_id, epoch=epoch, precomputed=ex.images_masked
-                )
+                MaskRequest(images=refs, run_seed=self.cfg.seed, row_id=ex.row_id, epoch=epoch, precomputed=masked)
             )
         return rollout_reqs, mask_reqs
 

@@ -37,7 +37,7 @@ from services.rollout.types import (
 )
 from trainer.core.batch import RolloutBatch
 from trainer.core.config import ModelConfig, RolloutConfig
-from trainer.core.modeling import load_processor
+from trainer.core.modeling import load_processor, processor_pixels
 from trainer.core.weights import BROADCAST_TRANSPORTS, WeightsHandle, digest
 from trainer.transport.object_store import fetch_blob, resolve_image_refs
 
@@ -54,14 +54,16 @@ def worker_kwargs_from_config(
     """:class:`RolloutWorker` arguments from ``RolloutConfig`` and ``ModelConfig``.
 
     ``model_path`` overrides ``model.path`` (e.g. with the resolved ``demo://`` folder). The pixel
-    limits come from ``model`` only: the one source that every processor call shares.
+    limits come from ``model`` only (:func:`~trainer.core.modeling.processor_pixels`): the one
+    source that every processor call shares.
     """
+    pixels = processor_pixels(model, str(model_path or model.path))
     return dict(
         model_path=str(model_path or model.path),
         backend=rollout.backend,
         dtype=model.dtype,
-        min_pixels=model.min_pixels,
-        max_pixels=model.max_pixels,
+        min_pixels=pixels[0],
+        max_pixels=pixels[1],
         max_model_len=rollout.max_model_len,
         max_images_per_prompt=max_images_per_prompt,
         tensor_parallel_size=rollout.tensor_parallel_size,

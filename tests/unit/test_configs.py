@@ -102,7 +102,7 @@ def test_paper_combination_resolves_to_paper_values(model: str, algo: str, gpus:
     assert (d.train_path, d.val_path) == ("PAPOGalaxy/PAPO_ViRL39K_train", "PAPOGalaxy/PAPO_MMK12_test")
     assert looks_like_hub_id(d.train_path) and looks_like_hub_id(d.val_path)
     assert d.prompt_template == "papo_math" and d.format_prompt is None and d.max_prompt_length == 4096
-    assert d.prompt_style == "easyr1"
+    assert d.prompt_style == "easyr1" and cfg.model.image_resize == "easyr1"  # as the authors (EasyR1)
     assert load_prompt_template(d.prompt_template, strip=True).render(content="<image>How many? ") == (
         f"<image>How many?\n\n{PAPER_PROMPT}"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -642,6 +643,56 @@ def test_prompt_lengths_match_the_processor(tmp_path: Path, tiny_processor) -> N
         images = data.prompt_images(ex, 10**7) or None
         actual.append(len(tiny_processor(text=[text], images=images, return_tensors="pt")["input_ids"][0]))
     assert computed == actual and len(set(actual)) == 3
+
+
+def test_easyr1_resize_gives_the_authors_image_token_counts(tmp_path: Path, demo_assets: DemoAssets) -> None:
+    """A 1000 x 1000 image at the paper's limits (256-1280 x 28 x 28 pixels) under Qwen2.5-VL's own
+    processor limits (3136-12845056): EasyR1 keeps it (it fits), the processor rounds it to
+    1008 x 1008 = 1296 tokens; limits handed to the processor instead give 1225 (980 x 980)."""
+    import shutil
+
+    from trainer.core.config import ModelConfig
+    from trainer.core.modeling import load_processor, processor_pixels
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_assets.model_dir, model)
+    proc = json.loads((model / "processor_config.json").read_text())
+    proc["image_processor"]["size"] = {"shortest_edge": 3136, "longest_edge": 12845056}  # Qwen2.5-VL's own
+    (model / "processor_config.json").write_text(json.dumps(proc))
+    _png(tmp_path / "big.png", size=(1000, 1000))
+    _write(tmp_path / "train.parquet", [{"id": 0, "problem": "<image>How many?", "answer": "3", "images": ["big.png"]}])
+    (ex,) = load_split(tmp_path, "train").examples
+    paper = dict(path=str(model), min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
+    counts = {}
+    for mode in ("easyr1", "processor"):
+        cfg = ModelConfig(**paper, image_resize=mode)
+        lo, hi = processor_pixels(cfg)
+        processor = load_processor(str(model), min_pixels=lo, max_pixels=hi)
+        (image,) = data.prompt_images(ex, 10**8, cfg.image_fit())
+        text = processor.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
+        ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        counts[mode] = ids.count(5)  # <|image_pad|>
+        # The length filter's count from the header alone agrees with the processor.
+        (n,) = data.prompt_lengths([ex], processor, min_pixels=lo, max_pixels=hi, fit=cfg.image_fit())
+        assert n == len(ids), mode
+    assert counts == {"easyr1": 1296, "processor": 1225}
+    assert processor_pixels(ModelConfig(**paper, image_resize="easyr1")) == (3136, 12845056)
+    assert processor_pixels(ModelConfig(**paper, image_resize="processor")) == (200704, 1003520)
+
+
+@pytest.mark.parametrize(
+    "size,expected",
+    [
+        ((1000, 1000), (1000, 1000)),  # inside the limits: unchanged
+        ((2000, 1000), (1416, 708)),  # above max_pixels: sqrt(1003520 / 2e6) = 0.70835..., truncated
+        ((300, 200), (548, 365)),  # below min_pixels: sqrt(200704 / 60000) = 1.82896..., truncated
+    ],
+)
+def test_easyr1_size_is_easyr1s_area_resize(size, expected) -> None:
+    assert data.easyr1_size(*size, 256 * 28 * 28, 1280 * 28 * 28) == expected
+    from PIL import Image
+
+    assert data.easyr1_fit(Image.new("RGB", size), 256 * 28 * 28, 1280 * 28 * 28).size == expected
 
 
 def test_overlong_prompts_are_filtered_and_counted(

@@ -356,7 +356,16 @@ def _startup_trainer():
     from trainer.driver import Trainer
 
     trainer = Trainer.__new__(Trainer)
-    trainer.cfg = resolve_config(overrides=["algo.name=papo", "algo.beta=0.04", "reward.url=http://127.0.0.1:9"])
+    # image_resize=processor: the pixel limits come from the config, not from a model folder
+    # (demo://model is not built here).
+    trainer.cfg = resolve_config(
+        overrides=[
+            "algo.name=papo",
+            "algo.beta=0.04",
+            "reward.url=http://127.0.0.1:9",
+            "model.image_resize=processor",
+        ]
+    )
     trainer.startup = {}
     return trainer
 

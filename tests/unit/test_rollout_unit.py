@@ -219,7 +219,7 @@ def test_cpu_gemm_patch_reads_the_live_weight():
     assert torch.allclose(after - layer.bias, 2 * (before - layer.bias), atol=1e-5)
 
 
-def test_worker_kwargs_come_from_the_config_models():
+def test_worker_kwargs_come_from_the_config_models(assets):
     rollout = RolloutConfig(
         backend="hf",
         max_model_len=1024,
@@ -228,7 +228,9 @@ def test_worker_kwargs_come_from_the_config_models():
         enforce_eager=True,
         cpu_kvcache_space_gb=3,
     )
-    model = ModelConfig(path="/models/x", dtype="float32", min_pixels=28 * 28, max_pixels=64 * 28 * 28)
+    model = ModelConfig(
+        path="/models/x", dtype="float32", min_pixels=28 * 28, max_pixels=64 * 28 * 28, image_resize="processor"
+    )
     kw = worker_kwargs_from_config(rollout, model, seed=5, initial_version=2, model_path="/resolved")
     assert kw == dict(
         model_path="/resolved",
@@ -247,3 +249,8 @@ def test_worker_kwargs_come_from_the_config_models():
         trust_remote_code=False,
     )
     assert worker_kwargs_from_config(rollout, model)["model_path"] == "/models/x"
+    # image_resize=easyr1: images are fitted into model.min/max_pixels beforehand and the engine
+    # keeps the model's own processor limits (the demo model's: 56 x 56 to 112 x 112).
+    easyr1 = ModelConfig(path=str(assets.model_dir), min_pixels=28 * 28, max_pixels=64 * 28 * 28)
+    kw = worker_kwargs_from_config(rollout, easyr1)
+    assert (kw["min_pixels"], kw["max_pixels"]) == (MIN_PIXELS, MAX_PIXELS) == (56 * 56, 112 * 112)

@@ -1,6 +1,7 @@
 """The policy forward pass that every log-prob consumer shares.
 
-Owns: loading a vision-language model and its processor with the job's pixel limits, turning a
+Owns: loading a vision-language model and its processor with the job's pixel limits
+(:func:`processor_pixels`), turning a
 prompt's images into pixel inputs, and the (temperature-scaled) log-probs and exact entropies of
 a :class:`~trainer.core.batch.RolloutBatch`'s response tokens under given images. The learner
 (``old_logp`` and the loss's ``logp``), the perception pool (``masked_logp``: same token ids,
@@ -18,6 +19,7 @@ No Ray here: callers resolve image ObjectRefs to PIL images first.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -35,6 +37,32 @@ def load_model(path: str, *, dtype: str = "bfloat16", trust_remote_code: bool = 
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+
+
+@functools.lru_cache(maxsize=8)
+def _own_pixel_limits(path: str, trust_remote_code: bool) -> tuple[int, int]:
+    from transformers import AutoImageProcessor
+
+    ip = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    size = dict(getattr(ip, "size", None) or {})
+    lo = size.get("shortest_edge", getattr(ip, "min_pixels", None))
+    hi = size.get("longest_edge", getattr(ip, "max_pixels", None))
+    if lo is None or hi is None:
+        raise ValueError(
+            f"model.image_resize=easyr1 needs the image processor's own pixel limits, but {path}'s "
+            f"{type(ip).__name__} has none (size={size}); set model.image_resize=processor"
+        )
+    return int(lo), int(hi)
+
+
+def processor_pixels(model: Any, path: str | None = None) -> tuple[int, int]:
+    """The ``(min_pixels, max_pixels)`` every processor call and the vLLM engine get, from a job's
+    ``ModelConfig``: ``model.min_pixels``/``max_pixels`` under ``image_resize=processor``; under
+    ``easyr1`` (images already fitted into those limits) the model's own processor limits, as
+    EasyR1 leaves them (read once per model folder; ``path`` overrides ``model.path``)."""
+    if model.image_resize == "processor":
+        return int(model.min_pixels), int(model.max_pixels)
+    return _own_pixel_limits(str(path or model.path), bool(model.trust_remote_code))
 
 
 def load_processor(path: str, *, min_pixels: int, max_pixels: int, trust_remote_code: bool = False) -> Any:

@@ -104,7 +104,7 @@ class Evaluator:
         assert self.corruption is not None
         precomputed = None
         if self.settings.corruption_strategy == "precomputed":
-            precomputed = prompt_masked_images(example, self.settings.max_raw_pixels)
+            precomputed = prompt_masked_images(example, self.settings.max_raw_pixels, self.settings.image_fit)
         return self.corruption.mask_prompt(
             list(images), run_seed=self.settings.seed, row_id=example.row_id, epoch=0, precomputed=precomputed
         )
@@ -146,7 +146,7 @@ class Evaluator:
             for index in range(start, min(n, start + s.chunk_size)):
                 example = examples[index]
                 try:
-                    prompts.append(_Prompt(index, example, prompt_images(example, s.max_raw_pixels)))
+                    prompts.append(_Prompt(index, example, prompt_images(example, s.max_raw_pixels, s.image_fit)))
                 except BadPrompt as e:
                     bad += 1
                     logger.warning("evaluation: prompt %d of %s is unusable and counts as wrong: %s", index, name, e)

@@ -47,6 +47,7 @@ class EvalSettings(BaseModel):
     prob: float = Field(0.6, ge=0, le=1)
     noise_std: float = Field(0.25, ge=0)
     max_raw_pixels: int = Field(8192 * 8192, ge=1)
+    image_fit: tuple[int, int] | None = Field(None, description="model.image_fit(): EasyR1's resize, or None")
     chunk_size: int = Field(256, ge=1, description="prompts decoded and generated at a time (bounds memory)")
 
     @classmethod
@@ -66,6 +67,7 @@ class EvalSettings(BaseModel):
             prob=c.prob,
             noise_std=c.noise_std,
             max_raw_pixels=cfg.data.max_raw_pixels,
+            image_fit=cfg.model.image_fit(),
         )
 
     def greedy_spec(self) -> SamplingSpec:

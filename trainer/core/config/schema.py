@@ -6,8 +6,9 @@ turns those failures into a :class:`ConfigError` naming each field with the valu
 allowed range. A baseline (``grpo``/``dapo``) with a PAPO term switched on is an error, so a
 baseline can never silently run PAPO (a known defect of the official scripts, docs/algorithm.md).
 
-The image pixel limits are ``model.min_pixels`` / ``model.max_pixels``, the one pair of fields
-that the vLLM engine and every HF processor call read, so image-token counts always agree.
+The image pixel limits are ``model.min_pixels`` / ``model.max_pixels`` with ``model.image_resize``:
+the vLLM engine and every HF processor call get the one pair
+``trainer.core.modeling.processor_pixels(model)``, so image-token counts always agree.
 """
 
 from __future__ import annotations
@@ -292,9 +293,19 @@ class ModelConfig(_Section):
     path: str = Field("demo://model", min_length=1, description="local folder or hub id; demo:// = the demo assets")
     ref_path: str | None = Field(None, description="reference model; default: model.path")
     dtype: DType = "bfloat16"
-    min_pixels: int = Field(56 * 56, ge=28 * 28, description="image pixel floor, for vLLM and every HF processor")
-    max_pixels: int = Field(1280 * 28 * 28, ge=28 * 28, description="image pixel cap, for vLLM and every HF processor")
+    min_pixels: int = Field(56 * 56, ge=28 * 28, description="image pixel floor (see image_resize)")
+    max_pixels: int = Field(1280 * 28 * 28, ge=28 * 28, description="image pixel cap (see image_resize)")
+    image_resize: Literal["easyr1", "processor"] = Field(
+        "easyr1",
+        description="easyr1 = as the authors' EasyR1: images scaled by area into [min_pixels, "
+        "max_pixels], then rounded by the processor with the model's own limits; processor = "
+        "min_pixels/max_pixels are the processor's (and vLLM's) limits, no resize before",
+    )
     trust_remote_code: bool = False
+
+    def image_fit(self) -> tuple[int, int] | None:
+        """``(min_pixels, max_pixels)`` to resize decoded images into, or None (``image_resize=processor``)."""
+        return (self.min_pixels, self.max_pixels) if self.image_resize == "easyr1" else None
 
     @model_validator(mode="after")
     def _pixels_ordered(self) -> ModelConfig:

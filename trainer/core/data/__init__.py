@@ -28,7 +28,16 @@ from trainer.core.data.examples import (
     PromptExample,
 )
 from trainer.core.data.filtering import filter_overlong, image_token_count, load_split_from_config, prompt_lengths
-from trainer.core.data.images import BadPrompt, decode_images, load_image, prompt_images, prompt_masked_images
+from trainer.core.data.images import (
+    BadPrompt,
+    Fit,
+    decode_images,
+    easyr1_fit,
+    easyr1_size,
+    load_image,
+    prompt_images,
+    prompt_masked_images,
+)
 from trainer.core.data.prompts import (
     IMAGE_PLACEHOLDER,
     PAPO_FORMAT_PROMPT,
@@ -52,6 +61,7 @@ from trainer.core.data.readers import (
 __all__ = [
     "BadPrompt",
     "DataError",
+    "Fit",
     "IMAGE_PLACEHOLDER",
     "ImageItem",
     "LoadedSplit",
@@ -74,7 +84,9 @@ __all__ = [
     "TEMPLATE_SUFFIX",
     "build_messages",
     "decode_images",
+    "easyr1_fit",
     "easyr1_messages",
+    "easyr1_size",
     "filter_overlong",
     "image_token_count",
     "is_saved_dataset",

@@ -19,7 +19,7 @@ from trainer.core.data.examples import (
     PromptExample,
     skip_summary,
 )
-from trainer.core.data.images import open_image
+from trainer.core.data.images import Fit, easyr1_size, open_image
 from trainer.core.data.readers import load_split
 
 logger = logging.getLogger(__name__)
@@ -47,10 +47,18 @@ def image_token_count(image_processor: Any, height: int, width: int, *, min_pixe
 
 
 def prompt_lengths(
-    examples: Sequence[PromptExample], processor: Any, *, min_pixels: int, max_pixels: int, batch_size: int = 256
+    examples: Sequence[PromptExample],
+    processor: Any,
+    *,
+    min_pixels: int,
+    max_pixels: int,
+    fit: Fit = None,
+    batch_size: int = 256,
 ) -> list[int | None]:
     """Prompt tokens of each example after image expansion, as the engine will see them
-    (chat template with the generation prompt); ``None`` when an image header cannot be read."""
+    (chat template with the generation prompt; each image first fitted as ``fit`` says, then
+    rounded within the processor's ``min_pixels``/``max_pixels``); ``None`` when an image header
+    cannot be read."""
     tokenizer = getattr(processor, "tokenizer", processor)
     image_processor = getattr(processor, "image_processor", None)
     pad_token = getattr(processor, "image_token", None)
@@ -66,6 +74,8 @@ def prompt_lengths(
                 for item in ex.images:
                     with open_image(item) as im:
                         w, h = im.size
+                    if fit is not None:
+                        w, h = easyr1_size(w, h, *fit)
                     extra += image_token_count(image_processor, h, w, min_pixels=min_pixels, max_pixels=max_pixels)
             except (OSError, SyntaxError, ValueError):
                 out.append(None)
@@ -77,12 +87,18 @@ def prompt_lengths(
 
 
 def filter_overlong(
-    split: LoadedSplit, processor: Any, max_prompt_length: int, *, min_pixels: int, max_pixels: int
+    split: LoadedSplit,
+    processor: Any,
+    max_prompt_length: int,
+    *,
+    min_pixels: int,
+    max_pixels: int,
+    fit: Fit = None,
 ) -> LoadedSplit:
     """``split`` without the prompts longer than ``max_prompt_length`` tokens after image
     expansion (EasyR1's ``filter_overlong_prompts``), counted as ``overlong_prompt``; a prompt
     whose image header became unreadable since loading is counted as ``unreadable_image``."""
-    lengths = prompt_lengths(split.examples, processor, min_pixels=min_pixels, max_pixels=max_pixels)
+    lengths = prompt_lengths(split.examples, processor, min_pixels=min_pixels, max_pixels=max_pixels, fit=fit)
     kept: list[PromptExample] = []
     skipped = Counter(split.skipped)
     ids = {k: list(v) for k, v in split.skipped_row_ids.items()}
@@ -146,10 +162,11 @@ def load_split_from_config(
         return loaded
     if model is None:
         raise ValueError("data.max_prompt_length needs the model's processor: pass model= (the job's model section)")
+    from trainer.core.modeling import processor_pixels  # torch/transformers: only when filtering
+
+    lo, hi = processor_pixels(model)
     if processor is None:
-        processor = _cached_processor(
-            str(model.path), model.min_pixels, model.max_pixels, bool(getattr(model, "trust_remote_code", False))
-        )
+        processor = _cached_processor(str(model.path), lo, hi, bool(model.trust_remote_code))
     return filter_overlong(
-        loaded, processor, data.max_prompt_length, min_pixels=model.min_pixels, max_pixels=model.max_pixels
+        loaded, processor, data.max_prompt_length, min_pixels=lo, max_pixels=hi, fit=model.image_fit()
     )

@@ -1,9 +1,15 @@
 """A prompt's images: the item kinds a dataset may hold (file path, encoded bytes, HF ``Image`` dict),
-header checks at load time and decoding (:func:`prompt_images`) when a rollout needs the pixels."""
+header checks at load time and decoding (:func:`prompt_images`) when a rollout needs the pixels.
+
+With ``model.image_resize=easyr1`` a decoded image is first scaled by area into the job's
+``[min_pixels, max_pixels]`` as EasyR1 (the authors' base) does (:func:`easyr1_fit`); the processor
+then rounds it with its own limits (trainer.core.modeling.processor_pixels).
+"""
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +17,26 @@ from typing import Any
 from PIL import Image
 
 from trainer.core.data.examples import SKIP_MISSING_IMAGE, SKIP_UNREADABLE_IMAGE, ImageItem, PromptExample
+
+#: ``(min_pixels, max_pixels)`` to fit decoded images into (EasyR1's resize), or None to keep them.
+Fit = tuple[int, int] | None
+
+
+def easyr1_size(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The (width, height) EasyR1's ``process_image`` gives a ``width x height`` image: above
+    ``max_pixels`` (then below ``min_pixels``) scaled by ``sqrt(limit / area)``, each side truncated
+    to an int (at least 1)."""
+    for limit, outside in ((max_pixels, width * height > max_pixels), (min_pixels, width * height < min_pixels)):
+        if outside:
+            factor = math.sqrt(limit / (width * height))
+            width, height = max(1, int(width * factor)), max(1, int(height * factor))
+    return width, height
+
+
+def easyr1_fit(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """``image`` resized to :func:`easyr1_size` (PIL's default filter, as EasyR1), or itself when it fits."""
+    size = easyr1_size(image.width, image.height, min_pixels, max_pixels)
+    return image if size == image.size else image.resize(size)
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -34,9 +60,10 @@ class BadPrompt(ValueError):
     """A prompt whose images cannot be used (missing, unreadable, above data.max_raw_pixels)."""
 
 
-def decode_images(items: Sequence[ImageItem], row_id: int, max_raw_pixels: int) -> list[Image.Image]:
+def decode_images(items: Sequence[ImageItem], row_id: int, max_raw_pixels: int, fit: Fit = None) -> list[Image.Image]:
     """Decode images (paths or encoded bytes) as RGB, checking each header against
-    ``max_raw_pixels`` before decoding; raises :class:`BadPrompt` naming the row and image."""
+    ``max_raw_pixels`` before decoding, and resized by :func:`easyr1_fit` when ``fit`` is given
+    (before the RGB conversion, in EasyR1's order); raises :class:`BadPrompt` naming the row and image."""
     images = []
     for index, item in enumerate(items):
         what = _describe(item, index)
@@ -45,7 +72,7 @@ def decode_images(items: Sequence[ImageItem], row_id: int, max_raw_pixels: int) 
                 w, h = im.size
                 if w * h > max_raw_pixels:
                     raise BadPrompt(f"row {row_id}: {what} has {w}x{h} pixels > data.max_raw_pixels={max_raw_pixels}")
-                images.append(im.convert("RGB"))
+                images.append((im if fit is None else easyr1_fit(im, *fit)).convert("RGB"))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             if isinstance(e, BadPrompt):
                 raise
@@ -53,17 +80,19 @@ def decode_images(items: Sequence[ImageItem], row_id: int, max_raw_pixels: int) 
     return images
 
 
-def prompt_images(example: PromptExample, max_raw_pixels: int) -> list[Image.Image]:
+def prompt_images(example: PromptExample, max_raw_pixels: int, fit: Fit = None) -> list[Image.Image]:
     """Decode a prompt's images (files or bytes), checking each header against ``max_raw_pixels``
-    before decoding. Raises :class:`BadPrompt` for a missing file or undecodable data."""
-    return decode_images(example.images, example.row_id, max_raw_pixels)
+    before decoding, fitted as ``fit`` says. Raises :class:`BadPrompt` for a missing file or
+    undecodable data."""
+    return decode_images(example.images, example.row_id, max_raw_pixels, fit)
 
 
-def prompt_masked_images(example: PromptExample, max_raw_pixels: int) -> list[Image.Image] | None:
-    """The decoded pre-masked images of a prompt, or ``None`` when the dataset has none."""
+def prompt_masked_images(example: PromptExample, max_raw_pixels: int, fit: Fit = None) -> list[Image.Image] | None:
+    """The decoded pre-masked images of a prompt (fitted like the originals), or ``None`` when the
+    dataset has none."""
     if example.images_masked is None:
         return None
-    return decode_images(example.images_masked, example.row_id, max_raw_pixels)
+    return decode_images(example.images_masked, example.row_id, max_raw_pixels, fit)
 
 
 def check_image(item: ImageItem, verify: bool) -> str | tuple[int, int]:
