@@ -48,6 +48,7 @@ from trainer.core.data import (
     prompt_images,
     prompt_masked_images,
 )
+from trainer.core.families import UnsupportedModel
 from trainer.core.metrics import CURVES_FILE, MetricsWriter, StepLine, plot_curves, read_metrics
 from trainer.core.modeling import processor_pixels
 from trainer.core.sampler import PromptSampler
@@ -777,7 +778,13 @@ def train(cfg: JobConfig, resume: str | os.PathLike | None = None) -> int:
         install()
         try:
             trainer = Trainer(cfg, resume=resume, on_ray_init=install)
-        except (FileNotFoundError, DataError, ResumeError, RunDirInUse) as e:  # named: bad paths, a busy run folder
+        except (
+            FileNotFoundError,
+            DataError,
+            ResumeError,
+            RunDirInUse,
+            UnsupportedModel,
+        ) as e:  # named: bad paths, a busy run folder
             print(f"papo train: {e}", file=sys.stderr, flush=True)
             return 2
         trainer.run()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trainer.core.checkpoint import CHECKPOINT_MARKER, TRAINER_STATE
 from trainer.core.config import JobConfig
+from trainer.core.families import UnsupportedModel, family_of_folder
 from trainer.demo.paths import DEMO_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def check_model_paths(cfg: JobConfig) -> None:
-    """Fail before any Ray work when a model path is neither a model folder nor a hub id.
+    """Fail before any Ray work when a model path is neither a model folder nor a hub id, or is a
+    folder of a model type no family adapter supports (trainer/core/families.py).
 
     ``demo://`` paths pass: the demo fixture builds them. Checked before they are built, so a typo'd
     path fails at once instead of after the demo's first-run build (minutes on an empty cache).
@@ -36,6 +38,10 @@ def check_model_paths(cfg: JobConfig) -> None:
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(f"{field}={value}: the folder has no config.json (not a model folder)")
+            try:
+                family_of_folder(path)
+            except UnsupportedModel as e:
+                raise UnsupportedModel(f"{field}={value}: {e}") from None
         elif path.exists():
             raise FileNotFoundError(f"{field}={value}: is a file, not a model folder")
         elif not _HUB_ID.match(value) or Path(value.split("/")[0]).is_dir():

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from trainer.core.batch import RolloutBatch
+from trainer.core.families import family_of
 
 Backend = Literal["vllm", "hf"]
 
@@ -173,15 +174,8 @@ def classify_engine_error(exc: BaseException) -> str:
 
 
 def blocked_token_ids(model_config: Any) -> list[int]:
-    """Vision special tokens of a Qwen2-VL-family config: they must never be sampled."""
-    ids = []
-    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        value = getattr(model_config, name, None)
-        if value is None and hasattr(model_config, "text_config"):
-            value = getattr(model_config.text_config, name, None)
-        if value is not None:
-            ids.append(int(value))
-    return sorted(set(ids))
+    """The model family's vision special tokens (trainer/core/families.py): never sampled."""
+    return family_of(model_config).vision_token_ids(model_config)
 
 
 def load_images(images: Sequence[Any]) -> list[Image.Image]:

@@ -89,7 +89,7 @@ def test_check_model_paths_accepts_model_folders_and_hub_ids(tmp_path):
     from trainer.rundir import check_model_paths
 
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
     (tmp_path / "empty").mkdir()
 
     def check(path: str) -> None:

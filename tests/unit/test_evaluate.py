@@ -238,7 +238,7 @@ def test_report_table_json_and_mean(tmp_path):
 
 def fake_model_folder(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
     (folder / "model.safetensors").write_bytes(b"")
     return folder
 
@@ -258,6 +258,11 @@ def test_checkpoint_checks_name_the_path(tmp_path):
     with pytest.raises(EvalError, match="no weights"):
         check_checkpoint(tmp_path / "empty")
     assert check_checkpoint(ckpt) == ckpt.resolve()
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "config.json").write_text('{"model_type": "llava"}')
+    (tmp_path / "llava" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(EvalError, match="model_type 'llava' is not a supported model family"):
+        check_checkpoint(tmp_path / "llava")
     assert find_run_config(ckpt) is None
     (run / "config.yaml").write_text("seed: 1\n")
     assert find_run_config(ckpt) == run / "config.yaml"

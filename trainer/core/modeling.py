@@ -8,10 +8,10 @@ a :class:`~trainer.core.batch.RolloutBatch`'s response tokens under given images
 attention mask and positions, only the pixels differ) and the reference pool all call
 :func:`response_logprobs`, so the three can never disagree about how a token is scored.
 
-Qwen2.5-VL's m-RoPE positions are computed here explicitly with the model's own
-``get_rope_index``: transformers 5 computes them inside ``forward`` only when it is handed
-``mm_token_type_ids`` and otherwise silently falls back to 1-D positions, and it caches
-``rope_deltas`` on the module between calls. Passing ``position_ids`` avoids both traps.
+What differs between model families (token ids, merge size, m-RoPE positions) comes from the
+model's adapter (trainer/core/families.py). Positions are passed explicitly: transformers 5
+computes m-RoPE positions inside ``forward`` only when it is handed ``mm_token_type_ids`` and
+otherwise silently falls back to 1-D positions, and it caches ``rope_deltas`` between calls.
 
 No Ray here: callers resolve image ObjectRefs to PIL images first.
 """
@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from trainer.core.batch import RolloutBatch
+from trainer.core.families import family_of
 from trainer.core.microbatch import fixed_plan, token_budget_plan
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,9 +84,9 @@ def load_processor(path: str, *, min_pixels: int, max_pixels: int, trust_remote_
 
 
 def image_token_ids(model: Any) -> tuple[int, int]:
-    """(image pad id, video pad id) of a Qwen2-VL-family model."""
-    cfg = model.config
-    return int(cfg.image_token_id), int(cfg.video_token_id)
+    """(image pad id, video pad id) of the model (its family's, trainer/core/families.py)."""
+    family = family_of(model)
+    return family.image_token_id(model.config), family.video_token_id(model.config)
 
 
 def pixel_inputs(
@@ -126,8 +127,9 @@ def model_inputs(
     """
     if len(images) != len(batch):
         raise ValueError(f"{len(images)} image lists for {len(batch)} rows")
-    image_id, video_id = image_token_ids(model)
-    merge = int(getattr(model.config.vision_config, "spatial_merge_size", 2))
+    family = family_of(model)
+    image_id = family.image_token_id(model.config)
+    merge = family.merge_size(model.config)
     pixel_values, grid, counts = pixel_inputs(image_processor, images, merge_size=merge)
     in_prompt = (batch.prompt_ids == image_id).sum(dim=1).tolist()
     for row, (have, want) in enumerate(zip(in_prompt, counts)):
@@ -140,10 +142,7 @@ def model_inputs(
     input_ids, attention_mask = batch.input_ids, batch.attention_mask
     kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if len(grid):
-        token_type = (input_ids == image_id).int() + 2 * (input_ids == video_id).int()
-        position_ids, _ = model.model.get_rope_index(
-            input_ids, mm_token_type_ids=token_type, image_grid_thw=grid, attention_mask=attention_mask
-        )
+        position_ids = family.position_ids(model, input_ids, attention_mask, grid)
         kwargs.update(position_ids=position_ids, pixel_values=pixel_values, image_grid_thw=grid)
     return kwargs
 

@@ -17,6 +17,7 @@ from rewards.registry import register_user_functions, reward_name
 from services.rollout.worker import RolloutWorker
 from trainer.core.config import JobConfig, named_config, resolve_config
 from trainer.core.data import DataError, PromptExample, load_split_from_config, looks_like_hub_id
+from trainer.core.families import UnsupportedModel, family_of_folder
 from trainer.demo.paths import resolve_demo_paths
 from trainer.evaluate.evaluator import Evaluator
 from trainer.evaluate.report import EvalError, EvalReport, EvalSettings
@@ -57,6 +58,10 @@ def check_checkpoint(path: str | Path) -> Path:
         raise EvalError(f"checkpoint {folder} is not a model folder: it has no config.json{hint}")
     if not any((folder / f).is_file() for f in _WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
         raise EvalError(f"checkpoint {folder} is not a model folder: no weights ({', '.join(_WEIGHT_FILES)}){hint}")
+    try:
+        family_of_folder(folder)
+    except (UnsupportedModel, ValueError) as e:  # ValueError: config.json is not JSON
+        raise EvalError(f"checkpoint {folder}: {e}") from None
     return folder.resolve()
 
 

@@ -57,6 +57,7 @@ from trainer.core.algos import LossSettings, layout_denominators, papo_loss
 from trainer.core.batch import RolloutBatch
 from trainer.core.checkpoint import CHECKPOINT_MARKER, TRAINER_STATE, prune_checkpoints, replace_dir
 from trainer.core.config import AlgoConfig, LearnerConfig, MaskedLogpPlacement, MaskedPass
+from trainer.core.families import family_of
 from trainer.core.microbatch import fixed_plan, split_to_count
 from trainer.core.modeling import load_model, load_processor, micro_batch_plan, model_inputs, token_logprobs
 from trainer.core.weights import BROADCAST_TRANSPORTS, WeightsHandle, digest, pack_state_dict
@@ -133,10 +134,10 @@ class Learner:
             self.model_path, min_pixels=min_pixels, max_pixels=max_pixels, trust_remote_code=trust_remote_code
         )
         if learner.freeze_vision_tower:
-            for p in model.model.visual.parameters():
+            for p in family_of(model).vision_tower(model).parameters():
                 p.requires_grad_(False)
         if learner.freeze_language_model:
-            visual = {id(p) for p in model.model.visual.parameters()}
+            visual = {id(p) for p in family_of(model).vision_tower(model).parameters()}
             for p in model.parameters():
                 if id(p) not in visual:
                     p.requires_grad_(False)
@@ -330,7 +331,7 @@ class Learner:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if learner.vision_lr is None or learner.vision_lr == learner.lr:
             return [{"params": trainable, "lr": learner.lr}]
-        visual = {id(p) for p in model.model.visual.parameters()}
+        visual = {id(p) for p in family_of(model).vision_tower(model).parameters()}
         groups = [
             {"params": [p for p in trainable if id(p) not in visual], "lr": learner.lr},
             {"params": [p for p in trainable if id(p) in visual], "lr": learner.vision_lr},
