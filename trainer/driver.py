@@ -48,7 +48,7 @@ from trainer.core.data import (
     prompt_images,
     prompt_masked_images,
 )
-from trainer.core.families import UnsupportedModel
+from trainer.core.families import UnsupportedModel, mask_patch_size
 from trainer.core.metrics import CURVES_FILE, MetricsWriter, StepLine, plot_curves, read_metrics
 from trainer.core.modeling import processor_pixels
 from trainer.core.sampler import PromptSampler
@@ -248,7 +248,7 @@ class Trainer:
                 c = cfg.corruption
                 build["corruption"] = lambda: CorruptionPool(
                     strategy=c.strategy,
-                    patch_size=c.patch_size,
+                    patch_size=mask_patch_size(c.patch_size, cfg.model),
                     prob=c.prob,
                     max_pixels=cfg.data.max_raw_pixels,
                     noise_std=c.noise_std,

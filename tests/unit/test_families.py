@@ -134,3 +134,21 @@ def test_a_qwen3_vl_prompt_is_scored_as_the_models_own_forward_scores_it():
         flat = torch.log_softmax(model(**plain).logits.float()[:, -width - 1 : -1], dim=-1)
     flat = torch.where(batch.response_mask, flat.gather(-1, batch.response_ids.unsqueeze(-1))[..., 0], 0.0)
     assert (flat - ref).abs().max() > 1e-4
+
+
+def test_mask_cells_are_the_authors_14_px_unless_auto_takes_the_models_patch(tmp_path):
+    from trainer.core.config import ConfigError, resolve_config
+    from trainer.core.families import mask_patch_size
+
+    qwen3 = tmp_path / "qwen3"
+    _tiny_qwen3_vl().config.save_pretrained(qwen3)
+    qwen25 = tmp_path / "qwen25"
+    transformers.Qwen2_5_VLConfig().save_pretrained(qwen25)
+    for folder, patch in ((qwen3, 16), (qwen25, 14)):
+        cfg = resolve_config(overrides=[f"model.path={folder}"])
+        assert cfg.corruption.patch_size == 14 and mask_patch_size(cfg.corruption.patch_size, cfg.model) == 14
+        cfg = resolve_config(overrides=[f"model.path={folder}", "corruption.patch_size=auto"])
+        assert mask_patch_size(cfg.corruption.patch_size, cfg.model) == patch
+    for bad in ("0", "big"):
+        with pytest.raises(ConfigError, match="corruption.patch_size"):
+            resolve_config(overrides=[f"corruption.patch_size={bad}"])

@@ -107,6 +107,17 @@ def family_of(config_or_model: Any) -> QwenVLFamily:
     return family_for_type(getattr(config, "model_type", None))
 
 
+def mask_patch_size(patch_size: int | str, model: Any) -> int:
+    """``corruption.patch_size`` in pixels: an int as given (the authors mask 14-px cells for every
+    family), or ``auto``: the vision patch of the job's model (``model``: its ``ModelConfig``)."""
+    if patch_size != "auto":
+        return int(patch_size)
+    from transformers import AutoConfig  # lazy: only for auto
+
+    config = AutoConfig.from_pretrained(str(model.path), trust_remote_code=bool(model.trust_remote_code))
+    return family_of(config).patch_size(config)
+
+
 def family_of_folder(path: str | Path) -> QwenVLFamily:
     """The adapter of a local model folder, from its ``config.json`` alone (no transformers import)."""
     return family_for_type(json.loads((Path(path) / "config.json").read_text()).get("model_type"))

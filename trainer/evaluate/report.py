@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from services.rollout.types import SamplingSpec
 from trainer.core.config import JobConfig
+from trainer.core.families import mask_patch_size
 
 __all__ = [
     "EvalError",
@@ -63,7 +64,7 @@ class EvalSettings(BaseModel):
             max_tokens=cfg.rollout.max_tokens,
             seed=cfg.seed,
             corruption_strategy=c.strategy,
-            patch_size=c.patch_size,
+            patch_size=mask_patch_size(c.patch_size, cfg.model),
             prob=c.prob,
             noise_std=c.noise_std,
             max_raw_pixels=cfg.data.max_raw_pixels,

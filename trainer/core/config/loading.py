@@ -166,7 +166,10 @@ def _is_section(ann: Any) -> bool:
 
 
 def _allowed(info: Any) -> str:
-    """The allowed values of a field, in words: its Literal choices or numeric bounds."""
+    """The allowed values of a field, in words: its ``allowed`` schema note, Literal choices or numeric bounds."""
+    extra = info.json_schema_extra
+    if isinstance(extra, dict) and "allowed" in extra:
+        return str(extra["allowed"])
     ann = info.annotation
     args = typing.get_args(ann)
     if typing.get_origin(ann) is typing.Union:  # Optional[X]
@@ -207,7 +210,8 @@ def _describe_errors(err: ValidationError, tree: dict) -> list[str]:
             problems.append(msg if msg.startswith(dotted + ".") else f"{dotted}: {msg}")
         else:
             allowed = _allowed(info)
-            problems.append(f"{dotted}: {e['msg']} (got {e.get('input')!r}; allowed: {allowed})")
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{dotted}: {msg} (got {e.get('input')!r}; allowed: {allowed})")
     return problems
 
 

@@ -282,8 +282,20 @@ class CorruptionConfig(_Section):
     """How the masked image is made (docs/algorithm.md "mask")."""
 
     strategy: CorruptionStrategy = "patch_blackening"
-    patch_size: int = Field(14, ge=1, description="cell size in raw-image pixels")
+    patch_size: int | str = Field(
+        14,
+        description="cell size in raw-image pixels, >= 1: 14 (the authors' cells, for every family), or auto = "
+        "the model's vision patch (Qwen2/2.5-VL 14, Qwen3-VL and Qwen3.5 16)",
+        json_schema_extra={"allowed": "1 <= x or 'auto'"},
+    )
     prob: float = Field(0.6, ge=0, le=1, description="probability that a cell is blackened")
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_size(cls, value: int | str) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be a number of pixels >= 1 or 'auto'")
     noise_std: float = Field(0.25, ge=0, description="std of the noise strategy, as a fraction of the intensity range")
     num_workers: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, gt=0, description="Ray CPUs per corruption worker")
