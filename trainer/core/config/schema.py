@@ -296,6 +296,7 @@ class CorruptionConfig(_Section):
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             return value
         raise ValueError("must be a number of pixels >= 1 or 'auto'")
+
     noise_std: float = Field(0.25, ge=0, description="std of the noise strategy, as a fraction of the intensity range")
     num_workers: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, gt=0, description="Ray CPUs per corruption worker")
