@@ -497,6 +497,29 @@ def test_cache_reuse_force_and_recipe_change(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["a"]  # no temp folders
 
 
+def test_demo_families_build_their_own_tiny_model(tmp_path: Path) -> None:
+    """demo.family=qwen3_vl: a Qwen3-VL folder (16-px patches) under its own cache key; the default
+    family keeps the key it had before families existed; an unknown family is refused."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from trainer.demo.paths import demo_assets_dir
+
+    qwen25 = build_demo_assets(tmp_path / "a", sizes=TINY)
+    qwen3 = build_demo_assets(tmp_path / "b", sizes=TINY, family="qwen3_vl")
+    assert "family" not in qwen25.recipe and qwen3.recipe["family"] == "qwen3_vl"
+    assert qwen3.recipe_hash != qwen25.recipe_hash
+    config = AutoConfig.from_pretrained(qwen3.model_dir)
+    processor = AutoProcessor.from_pretrained(qwen3.model_dir)
+    assert config.model_type == "qwen3_vl" and type(processor).__name__ == "Qwen3VLProcessor"
+    assert processor.image_processor.patch_size == 16
+    # 56 x 56 rounds to 64 x 64 at 32 px per image token: 4 image tokens, as for Qwen2.5-VL's 56 x 56.
+    out = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[Image.new("RGB", (56, 56))])
+    assert out["input_ids"][0].count(VISION_TOKEN_IDS[2]) == 4
+    assert demo_assets_dir(3).name == "seed-3" and demo_assets_dir(3, "qwen3_vl").name == "seed-3-qwen3_vl"
+    with pytest.raises(ValueError, match="demo family 'llava': the demo builds qwen2_5_vl, qwen3_vl"):
+        build_demo_assets(tmp_path / "c", sizes=TINY, family="llava")
+
+
 class _RecordingWarmStart:
     """Test double for the warm-start extension point (records what it is given)."""
 

