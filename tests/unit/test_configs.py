@@ -13,7 +13,12 @@ import pytest
 from trainer.core.config import ConfigError, ConfigWarning, configs_dir, named_config, resolve_config, shipped_configs
 from trainer.core.data import load_prompt_template, looks_like_hub_id
 
-MODELS = {"qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
+MODELS = {
+    "qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen3_vl_2b": "Qwen/Qwen3-VL-2B-Instruct",  # untested on GPUs (the files say so)
+    "qwen3_vl_8b": "Qwen/Qwen3-VL-8B-Instruct",
+}
 ALGOS = ("grpo", "papo", "dapo", "papo_d")
 GPUS = (2, 4, 8)
 
@@ -46,7 +51,11 @@ def _resolve(*names: str, overrides: tuple[str, ...] = ()):
 def test_every_shipped_file_resolves_on_its_own() -> None:
     names = shipped_configs()
     assert "demo" in names and {f"paper/{m}" for m in MODELS} <= set(names)
-    assert len(names) == 1 + 2 + 4 + 6  # demo, 2 model files, 4 algorithm and 6 GPU overlays
+    assert len(names) == 1 + 4 + 4 + 12  # demo, 4 model files, 4 algorithm and 12 GPU overlays
+    for model in MODELS:
+        if model.startswith("qwen3_vl"):
+            for suffix in ("", "_gpus2", "_gpus4", "_gpus8"):
+                assert named_config(f"paper/{model}{suffix}").read_text().startswith("# UNTESTED on GPUs")
     for name in names:
         cfg, warned = _resolve(name)
         assert all(ALLOWED_WARNING in w for w in warned), (name, warned)
