@@ -27,8 +27,8 @@ CORPUS = [
 ] * 20
 
 
-def write_model(path: Path, seed: int = 0) -> Path:
-    write_tiny_model(path, seed=seed, corpus=CORPUS, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+def write_model(path: Path, seed: int = 0, family: str = "qwen2_5_vl") -> Path:
+    write_tiny_model(path, seed=seed, corpus=CORPUS, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, family=family)
     return path
 
 
@@ -100,12 +100,12 @@ def algo_cfg(**kw: Any) -> AlgoConfig:
     return AlgoConfig(**base)
 
 
-def tiny_setup(folder: Path) -> tuple[Path, Any, RolloutBatch, list, list]:
-    """The tiny model written to ``folder/model``, its processor and a :func:`make_batch` batch:
-    ``(path, processor, batch, images, masked)``."""
+def tiny_setup(folder: Path, family: str = "qwen2_5_vl") -> tuple[Path, Any, RolloutBatch, list, list]:
+    """The tiny model of ``family`` written to ``folder/model``, its processor and a
+    :func:`make_batch` batch: ``(path, processor, batch, images, masked)``."""
     from trainer.core.modeling import load_processor
 
-    path = write_model(folder / "model")
+    path = write_model(folder / "model", family=family)
     processor = load_processor(str(path), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     batch, images, masked = make_batch(processor)
     return path, processor, batch, images, masked

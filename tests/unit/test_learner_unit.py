@@ -479,10 +479,18 @@ def test_learner_grad_gradients_equal_a_float64_reference_of_the_objective(tiny,
         assert torch.allclose(grads[name].double(), g, rtol=1e-4, atol=1e-6 * scale), name
 
 
-def test_every_papo_term_reaches_the_gradient(tiny):
-    """gamma (perception KL), eta1 and eta2 (the double entropy, eta2 through the masked branch
-    under learner_grad) each change the update; each change is the float64 reference's."""
-    path, _, batch, images, masked = tiny
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def tiny_family(request, tmp_path_factory):
+    """The tiny model of each demo family (trainer/demo/model.py DEMO_FAMILIES)."""
+    if request.param == "qwen2_5_vl":
+        return request.getfixturevalue("tiny")
+    return tiny_setup(tmp_path_factory.mktemp(f"learner-{request.param}"), family=request.param)
+
+
+def test_every_papo_term_reaches_the_gradient(tiny_family):
+    """Per model family: gamma (perception KL), eta1 and eta2 (the double entropy, eta2 through the
+    masked branch under learner_grad) each change the update; each change is the float64 reference's."""
+    path, _, batch, images, masked = tiny_family
     base = dict(gamma=0.0, eta1=0.0, eta2=0.0)
     runs = {}
     for term in ("none", "gamma", "eta1", "eta2"):
