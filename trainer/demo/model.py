@@ -3,8 +3,8 @@ trained on the task's own text, the processor and :func:`write_tiny_model`, whic
 random-weight folder that ``AutoModelForImageTextToText``, ``AutoProcessor`` and vLLM-CPU all load.
 
 One tiny model per family of :data:`DEMO_FAMILIES` (``demo.family``): Qwen2.5-VL (the default, 14-px
-patches) and Qwen3-VL (16-px patches, interleaved m-RoPE, deepstack vision features), both with the
-same tokenizer, chat template and about the same size.
+patches), Qwen3-VL (16-px patches, interleaved m-RoPE, deepstack vision features) and Qwen3-VL-MoE
+(the same with 4 experts per layer), all with the same tokenizer, chat template and about the same size.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ VISION_TOKEN_IDS = tuple(SPECIAL_TOKENS.index(t) for t in (VISION_START, VISION_
 
 VOCAB_SIZE = 512
 #: The families the demo can build a tiny model of (``demo.family``, ``papo demo-assets --family``).
-DEMO_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+DEMO_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 #: Each family's vision patch in pixels.
-PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16}
+PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16}
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 #: Qwen2-VL's chat template (images/videos as vision_start + pad + vision_end; default system
@@ -106,13 +106,18 @@ def tiny_qwen25vl_config() -> Any:
     )
 
 
-def tiny_qwen3vl_config() -> Any:
-    """A tiny Qwen3-VL config of the Qwen2.5-VL one's sizes (16-px patches, deepstack at layer 0)."""
-    from transformers import Qwen3VLConfig
+def tiny_qwen3vl_config(moe: bool = False) -> Any:
+    """A tiny Qwen3-VL config of the Qwen2.5-VL one's sizes (16-px patches, deepstack at layer 0);
+    ``moe``: Qwen3-VL-MoE, 4 experts of which 2 per token in every layer."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
     ids = _special_ids()
-    return Qwen3VLConfig(
+    # norm_topk_prob: vLLM reads it (the real checkpoints carry it; transformers always normalises).
+    experts = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "norm_topk_prob": True}
+    experts = experts if moe else {}
+    return (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(
         text_config={
+            **experts,
             "vocab_size": VOCAB_SIZE,
             "hidden_size": 128,
             "intermediate_size": 256,
@@ -252,18 +257,23 @@ def write_tiny_model(
     family: str = "qwen2_5_vl",
 ) -> None:
     """Write the random-weight tiny model of ``family``, its tokenizer and processor into ``model_dir``."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeForConditionalGeneration,
+    )
 
     check_family(family)
     model_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(corpus)
     processor = build_processor(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels, family=family)
 
-    config, model_cls = (
-        (tiny_qwen25vl_config(), Qwen2_5_VLForConditionalGeneration)
-        if family == "qwen2_5_vl"
-        else (tiny_qwen3vl_config(), Qwen3VLForConditionalGeneration)
-    )
+    config, model_cls = {
+        "qwen2_5_vl": lambda: (tiny_qwen25vl_config(), Qwen2_5_VLForConditionalGeneration),
+        "qwen3_vl": lambda: (tiny_qwen3vl_config(), Qwen3VLForConditionalGeneration),
+        "qwen3_vl_moe": lambda: (tiny_qwen3vl_config(moe=True), Qwen3VLMoeForConditionalGeneration),
+    }[family]()
     # Seeded CPU init is deterministic; fork_rng keeps the caller's global RNG state untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
