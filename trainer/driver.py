@@ -415,15 +415,16 @@ class Trainer:
         examples = examples or self.train_set.examples
         rollout_reqs, mask_reqs = [], []
         picks = list(picks)
+        fit = self.cfg.model.image_fit()
         while picks:
             index, epoch = picks.pop(0)
             ex: PromptExample = examples[index]
             try:
-                images = prompt_images(ex, self.cfg.data.max_raw_pixels, self.cfg.model.image_fit())
+                images = prompt_images(ex, self.cfg.data.max_raw_pixels, fit)
                 # Pre-masked images are fitted like the originals (the same size is required).
                 masked = ex.images_masked
-                if masked is not None and self.cfg.model.image_fit() is not None:
-                    masked = prompt_masked_images(ex, self.cfg.data.max_raw_pixels, self.cfg.model.image_fit())
+                if masked is not None and fit is not None:
+                    masked = prompt_masked_images(ex, self.cfg.data.max_raw_pixels, fit)
             except BadPrompt as e:
                 self.bad_prompts += 1
                 logger.warning("skipping a prompt (%d so far): %s", self.bad_prompts, e)

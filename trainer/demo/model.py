@@ -66,6 +66,40 @@ CHAT_TEMPLATE = (
 )
 
 
+def _text_config(**extra: Any) -> dict[str, Any]:
+    """The tiny language model every demo family shares (128 wide, 2 layers, tied embeddings)."""
+    return {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "bos_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
+        "eos_token_id": SPECIAL_TOKENS.index(EOS_TOKEN),
+        "pad_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
+        "tie_word_embeddings": True,
+        "dtype": "float32",
+        **extra,
+    }
+
+
+def _vision_config(family: str, **extra: Any) -> dict[str, Any]:
+    """The tiny vision tower every demo family shares, with the family's patch."""
+    return {
+        "depth": 2,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_heads": 2,
+        "out_hidden_size": 128,
+        "patch_size": PATCH_SIZE[family],
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        **extra,
+    }
+
+
 def tiny_qwen25vl_config() -> Any:
     """The tiny Qwen2.5-VL config of docs/cpu-stack.md (about 1.2 M parameters)."""
     # Lazy here and below: transformers takes about a second to import, and the demo's dataset half,
@@ -73,33 +107,10 @@ def tiny_qwen25vl_config() -> Any:
     from transformers import Qwen2_5_VLConfig
 
     return Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": VOCAB_SIZE,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 2048,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
-            "bos_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
-            "eos_token_id": SPECIAL_TOKENS.index(EOS_TOKEN),
-            "pad_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
-            "tie_word_embeddings": True,
-            "dtype": "float32",
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_heads": 2,
-            "out_hidden_size": 128,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [1],
-        },
+        text_config=_text_config(
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}
+        ),
+        vision_config=_vision_config("qwen2_5_vl", window_size=112, fullatt_block_indexes=[1]),
         tie_word_embeddings=True,
         dtype="float32",
         **_special_ids(),
@@ -111,43 +122,20 @@ def tiny_qwen3vl_config(moe: bool = False) -> Any:
     ``moe``: Qwen3-VL-MoE, 4 experts of which 2 per token in every layer."""
     from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
-    ids = _special_ids()
     # norm_topk_prob: vLLM reads it (the real checkpoints carry it; transformers always normalises).
     experts = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "norm_topk_prob": True}
-    experts = experts if moe else {}
     return (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(
-        text_config={
-            **experts,
-            "vocab_size": VOCAB_SIZE,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "head_dim": 64,
-            "max_position_embeddings": 2048,
-            "rope_scaling": {"rope_type": "default", "mrope_section": [8, 12, 12], "mrope_interleaved": True},
-            "bos_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
-            "eos_token_id": SPECIAL_TOKENS.index(EOS_TOKEN),
-            "pad_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
-            "tie_word_embeddings": True,
-            "dtype": "float32",
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_heads": 2,
-            "out_hidden_size": 128,
-            "patch_size": PATCH_SIZE["qwen3_vl"],
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [0],
-        },
+        text_config=_text_config(
+            **(experts if moe else {}),
+            head_dim=64,
+            rope_scaling={"rope_type": "default", "mrope_section": [8, 12, 12], "mrope_interleaved": True},
+        ),
+        vision_config=_vision_config(
+            "qwen3_vl_moe" if moe else "qwen3_vl", num_position_embeddings=64, deepstack_visual_indexes=[0]
+        ),
         tie_word_embeddings=True,
         dtype="float32",
-        **ids,
+        **_special_ids(),
     )
 
 

@@ -148,15 +148,8 @@ def build_messages(problem: str, num_images: int, format_prompt: str | None) -> 
     separated by one space.
     Raises ``ValueError`` when the placeholder count differs from ``num_images``.
     """
-    pieces = problem.split(IMAGE_PLACEHOLDER)
-    if len(pieces) - 1 != num_images:
-        raise ValueError(f"{len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)")
-    content: list[dict[str, Any]] = []
-    for i, piece in enumerate(pieces):
-        if i > 0:
-            content.append({"type": "image"})
-        if piece.strip():
-            content.append({"type": "text", "text": piece})
+    (turn,) = easyr1_messages(problem, num_images)
+    content = [c for c in turn["content"] if c["type"] == "image" or c["text"].strip()]
     if format_prompt:
         if content and content[-1]["type"] == "text":
             last = content[-1]["text"].rstrip()
