@@ -83,12 +83,6 @@ def load_processor(path: str, *, min_pixels: int, max_pixels: int, trust_remote_
     return processor
 
 
-def image_token_ids(model: Any) -> tuple[int, int]:
-    """(image pad id, video pad id) of the model (its family's, trainer/core/families.py)."""
-    family = family_of(model)
-    return family.image_token_id(model.config), family.video_token_id(model.config)
-
-
 def pixel_inputs(
     image_processor: Any, images: Sequence[Sequence[Image.Image]], merge_size: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
