@@ -51,6 +51,7 @@ from services.rollout.types import (
     blocked_token_ids,
     classify_engine_error,
 )
+from trainer.core.families import family_of
 from trainer.core.modeling import load_model
 from trainer.core.weights import (
     BROADCAST_TRANSPORTS,
@@ -182,6 +183,10 @@ class VllmEngine:
             # with CUDA-only set_offset. Whole-prompt prefills never discard a sample, which also
             # keeps seeded sampling independent of how requests are batched.
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
+            if family_of(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)).recurrent_layers:
+                # vLLM caches recurrent state per prefix only with chunked prefill ("Chunked prefill
+                # is required for mamba cache mode 'align'"): the n samples of a prompt prefill apart.
+                kwargs.update(enable_prefix_caching=False)
         else:
             kwargs.update(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
         self.llm: Any = LLM(**kwargs)

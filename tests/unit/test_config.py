@@ -157,7 +157,7 @@ def test_baseline_with_diagnostic_is_fine():
         ("learner.weight_broadcast_timeout_s=0", "learner.weight_broadcast_timeout_s", "0 < x"),
         ("learner.vision_lr=-1e-3", "learner.vision_lr", "0 < x"),
         ("demo.asset_seed=-1", "demo.asset_seed", "0 <= x"),
-        ("demo.family=llava", "demo.family", "'qwen2_5_vl', 'qwen3_vl', 'qwen3_vl_moe'"),
+        ("demo.family=llava", "demo.family", "'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl', 'qwen3_vl_moe' or 'qwen3_5'"),
         ("model.image_resize=bilinear", "model.image_resize", "'easyr1', 'processor'"),
         ("data.prompt_style=verl", "data.prompt_style", "'easyr1', 'papo'"),
         ("corruption.patch_size=big", "corruption.patch_size", "1 <= x or 'auto'"),

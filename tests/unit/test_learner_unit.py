@@ -481,7 +481,7 @@ def test_learner_grad_gradients_equal_a_float64_reference_of_the_objective(tiny,
         assert torch.allclose(grads[name].double(), g, rtol=1e-4, atol=1e-6 * scale), name
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
 def tiny_family(request, tmp_path_factory):
     """The tiny model of each demo family (trainer/demo/model.py DEMO_FAMILIES)."""
     if request.param == "qwen2_5_vl":

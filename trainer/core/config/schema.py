@@ -557,7 +557,7 @@ class DemoConfig(_Section):
         description="seed of the demo assets (random weights, tokenizer corpus, images, warm start); "
         "each seed is built once and cached apart (`papo demo-assets DIR --seed S` builds the same)",
     )
-    family: Literal["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"] = Field(
+    family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"] = Field(
         "qwen2_5_vl",
         description="model family of the demo's tiny model (trainer/demo/model.py DEMO_FAMILIES); "
         "`papo demo-assets DIR --family NAME` builds the same",
